@@ -1,0 +1,43 @@
+"""The ``convlens`` command line. Thin: parse, call the core, print."""
+
+from __future__ import annotations
+
+import click
+
+from convlens import __version__
+
+from .base import ConvlensGroup, set_debug, setup_registry
+from .filters import apply_filter
+from .plugin_commands import info, install, list_components, plugins, uninstall
+
+
+@click.group(cls=ConvlensGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="convlens")
+@click.option(
+    "--plugin",
+    "plugin_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    callback=setup_registry,
+    expose_value=False,
+    is_eager=True,
+    help="Load a one-off local plugin from a Python file (repeatable).",
+)
+@click.option(
+    "--debug", is_flag=True, callback=set_debug, expose_value=False, is_eager=True,
+    help="Show full tracebacks instead of one-line errors.",
+)
+def cli() -> None:
+    """convlens: mechanistic interpretability for convolutional networks.
+
+    Every model, activation filter, sparse autoencoder and visualizer is a plugin; `convlens list` shows
+    them and `convlens info KIND NAME` describes one.
+    """
+
+
+for command in (plugins, list_components, info, install, uninstall, apply_filter):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="convlens")

@@ -1,0 +1,99 @@
+"""What a model, a filter and a visualizer object must provide (the SAE base lives in ``core.sae``).
+
+This module imports no torch at load time, so plugin modules can subclass these bases and still be listed
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ContractError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """A network plus everything needed to feed it images."""
+
+    module: nn.Module
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_layer: str
+    class_names: tuple[str, ...] | None = None
+
+    def named_layers(self) -> dict[str, nn.Module]:
+        """Every named sub-module, by its dotted name."""
+        return {name: module for name, module in self.module.named_modules() if name}
+
+
+@dataclasses.dataclass
+class FilterContext:
+    """What a filter may need beyond the activations. Every field is optional."""
+
+    model: ModelBundle | None = None
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    layer: str | None = None
+
+
+class ActivationFilter(abc.ABC):
+    """Maps activations ``A[N, C, H, W]`` to non-negative patch weights ``W[N, H, W]``.
+
+    Subclasses implement :meth:`weights`; calling the filter checks the input and the output shape and
+    sign, so a broken third-party filter fails with its name rather than corrupting a sampling run.
+    """
+
+    name: str = "filter"
+
+    def __init__(self, params: Any = None):
+        self.params = params
+
+    @abc.abstractmethod
+    def weights(self, activations: torch.Tensor, context: FilterContext) -> torch.Tensor:
+        """Patch weights ``W[N, H, W]`` for activations ``A[N, C, H, W]``."""
+
+    def __call__(self, activations: torch.Tensor, context: FilterContext | None = None) -> torch.Tensor:
+        if activations.ndim != 4:
+            raise ContractError(
+                f"filter '{self.name}' expects activations of shape [N, C, H, W], got {tuple(activations.shape)}"
+            )
+        result = self.weights(activations, context or FilterContext())
+        expected = (activations.shape[0], activations.shape[2], activations.shape[3])
+        if tuple(result.shape) != expected:
+            raise ContractError(
+                f"filter '{self.name}' returned weights of shape {tuple(result.shape)}, expected {expected}"
+            )
+        if bool((result < 0).any()):
+            raise ContractError(f"filter '{self.name}' returned negative weights")
+        return result
+
+
+@dataclasses.dataclass
+class VisualTarget:
+    """What a visualizer looks at: units of one layer of a model, optionally through an SAE."""
+
+    model: ModelBundle
+    layer: str
+    units: tuple[int, ...] = ()
+    sae: Any = None
+
+
+class Visualizer(abc.ABC):
+    """Writes PNG images and a JSON record about a :class:`VisualTarget` into a folder."""
+
+    name: str = "visualizer"
+
+    def __init__(self, params: Any = None):
+        self.params = params
+
+    @abc.abstractmethod
+    def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
+        """Write the artifacts into ``out_dir`` and return the JSON record that was written."""

@@ -1,0 +1,66 @@
+"""Shared test helpers: README plugin extraction and plugin packages built in temporary folders."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def readme_plugin_files() -> dict[str, str]:
+    """The files the README's 'Writing a plugin' section shows, by their ``<!-- file: ... -->`` marker."""
+    section = readme_section("Writing a plugin")
+    pattern = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)```", re.S)
+    return {m["path"]: m["body"] for m in pattern.finditer(section)}
+
+
+def write_package(root: Path, dist: str, module: str, body: str) -> Path:
+    """A minimal installable package ``dist`` whose module ``module`` holds ``body``."""
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            [build-system]
+            requires = ["setuptools>=68"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "{dist}"
+            version = "1.2.3"
+
+            [project.entry-points.convlens]
+            {dist} = "{module}"
+            """
+        )
+    )
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    return root
+
+
+def child_environment(path: Path) -> Path:
+    """A virtual environment layered on the test interpreter's packages; installs land in it alone.
+
+    Returns its python. Its site-packages processes the parent's site-packages (so convlens, torch, pip and
+    the parent's .pth files are visible), while pip installs and uninstalls inside the child.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    child_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    parent_site = sysconfig.get_paths()["purelib"]
+    Path(child_site, "_convlens_parent.pth").write_text(f"import site; site.addsitedir({parent_site!r})\n")
+    return python
