@@ -79,13 +79,18 @@ def test_broken_and_conflicting_plugins(child, tmp_path):
         """
     first = write_package(tmp_path / "one", "convlens-peak-one", "convlens_peak_one", conflict)
     second = write_package(tmp_path / "two", "convlens-peak-two", "convlens_peak_two", conflict)
-    convlens(child, "install", str(broken), str(first), str(second))
+    installed = convlens(child, "install", str(broken), str(second), "-e", str(first))
+    assert "installed plugin convlens-peak-one 1.2.3: ok (1 filter)" in installed.stdout
+    assert "installed plugin convlens-broken 1.2.3: error" in installed.stdout
 
     result = convlens(child, "plugins")
     assert result.returncode == 0
     assert "errors:\n  convlens-broken: convlens_broken: ImportError: this plugin is broken on purpose" in result.stdout
     rows = plugin_rows(child)
     assert rows["convlens-broken"]["status"] == "error"
+    with_requirements = convlens(child, "plugins", "--all", "--requirements").stdout
+    assert with_requirements.splitlines()[0].split()[-1] == "REQUIREMENTS"
+    assert "torch>=" in with_requirements
     listing = convlens(child, "list", "filter").stdout
     for name in ("magnitude", "active-count", "median", "max", "uniform"):
         assert f"filter  {name}" in listing
