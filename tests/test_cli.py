@@ -35,7 +35,8 @@ def test_list_filters_with_distribution(run):
     rows = [line.split()[:3] for line in result.output.splitlines()[1:]]
     assert rows == [["filter", n, "convlens"] for n in ("active-count", "magnitude", "max", "median", "uniform")]
     data = json.loads(run("list", "--json").output)
-    assert {d["name"] for d in data} == {"active-count", "magnitude", "max", "median", "uniform"}
+    assert {d["name"] for d in data if d["kind"] == "filter"} == {"active-count", "magnitude", "max", "median", "uniform"}
+    assert {d["name"] for d in data if d["kind"] == "model"} == {"torchvision", "resnet18-smooth", "tiny-cnn", "python"}
 
 
 def test_info_shows_parameters(run):

@@ -48,7 +48,8 @@ def test_fallback_module_list_matches_pyproject_entry_points():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["convlens"]
     assert sorted(declared.values()) == sorted(plugin_loading.BUILTIN_MODULES)
     for module in plugin_loading.BUILTIN_MODULES:
-        assert hasattr(importlib.import_module(module), "register_filters")
+        module = importlib.import_module(module)
+        assert any(hasattr(module, f"register_{kind}s") for kind in ("model", "filter", "sae", "visualizer"))
 
 
 def test_fallback_loads_builtins_without_metadata(monkeypatch):

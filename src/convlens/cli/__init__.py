@@ -8,6 +8,7 @@ from convlens import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
 from .filters import apply_filter
+from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
 
 
@@ -35,7 +36,7 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter):
+for command in (plugins, list_components, info, install, uninstall, apply_filter, layers):
     cli.add_command(command)
 
 

@@ -33,6 +33,10 @@ BUILTIN_MODULES = (
     "convlens.plugins.filters.median",
     "convlens.plugins.filters.maximum",
     "convlens.plugins.filters.uniform",
+    "convlens.plugins.models.torchvision_models",
+    "convlens.plugins.models.resnet18_smooth",
+    "convlens.plugins.models.tiny_cnn",
+    "convlens.plugins.models.python_model",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"

@@ -1,0 +1,150 @@
+"""Named layers of a model and hook-safe capture of their activations and gradients.
+
+Hooks live only inside :func:`hooked_outputs`; they are removed when it exits, also on an exception, and no
+autograd graph is kept after :func:`capture` returns (design.md sec. 7: leaked hooks slow later calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnknownComponentError, suggest
+
+
+def resolve_layer(module: nn.Module, name: str, model_name: str = "model") -> nn.Module:
+    """The sub-module called ``name``; an unknown name is one error naming the closest valid names."""
+    layers = {n: m for n, m in module.named_modules() if n}
+    if name in layers:
+        return layers[name]
+    close = suggest(name, layers, n=5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise UnknownComponentError(
+        f"{model_name} has no layer '{name}'{hint} (run 'convlens layers' to list them)"
+    )
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """A module's output tensor (the first one when it returns a tuple or list)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+@contextlib.contextmanager
+def hooked_outputs(module: nn.Module, layers: Sequence[str], model_name: str = "model") -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``layers`` during forward passes made inside the block."""
+    targets = {name: resolve_layer(module, name, model_name) for name in layers}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name, layer in targets.items():
+            def hook(_module, _inputs, output, name=name):
+                outputs[name] = first_tensor(output)
+
+            handles.append(layer.register_forward_hook(hook))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclasses.dataclass
+class Capture:
+    """Detached activations (and gradients of the target) per layer, plus the model's output."""
+
+    activations: dict[str, torch.Tensor]
+    gradients: dict[str, torch.Tensor]
+    logits: torch.Tensor | None
+
+
+Target = Callable[[torch.Tensor], torch.Tensor]
+
+
+def class_logit_target(classes: torch.Tensor | Sequence[int]) -> Target:
+    """Target: per image, the logit of its class."""
+    def target(logits: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(classes, device=logits.device).long().view(-1, 1)
+        return logits.gather(1, index).squeeze(1)
+
+    return target
+
+
+def capture(
+    module: nn.Module,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    target: Target | None = None,
+    model_name: str = "model",
+) -> Capture:
+    """Run ``module`` on ``images`` and record the outputs of ``layers``.
+
+    With ``target`` (a function of the model output giving one value per image, e.g.
+    :func:`class_logit_target`), also the gradient of ``target(output).sum()`` with respect to each
+    recorded activation. Gradients flow only from the output back to the layers, not into the weights.
+    """
+    layers = list(dict.fromkeys(layers))
+    with hooked_outputs(module, layers, model_name) as outputs:
+        if target is None:
+            with torch.no_grad():
+                logits = module(images)
+            return Capture({k: v.detach() for k, v in outputs.items()}, {}, first_tensor(logits))
+        with torch.enable_grad():
+            logits = module(images)
+            missing = [name for name in layers if outputs.get(name) is None or not outputs[name].requires_grad]
+            if missing:
+                raise UnknownComponentError(
+                    f"no gradient can reach layer(s) {', '.join(missing)} of {model_name} from its output"
+                )
+            objective = target(first_tensor(logits)).sum()
+            grads = torch.autograd.grad(objective, [outputs[name] for name in layers])
+    return Capture(
+        {k: v.detach() for k, v in outputs.items()},
+        {name: g.detach() for name, g in zip(layers, grads)},
+        first_tensor(logits).detach(),
+    )
+
+
+def count_hooks(module: nn.Module) -> int:
+    """Forward, pre-forward and backward hooks registered on ``module`` and its children."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in module.modules()
+    )
+
+
+def layer_table(module: nn.Module, input_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Every named module with its type, output shape for one image of ``input_size`` and own parameters."""
+    names = [n for n, _ in module.named_modules() if n]
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    shapes: dict[str, list[int] | None] = {}
+    with hooked_outputs(module, names) as outputs, torch.no_grad():
+        was_training = module.training
+        module.eval()
+        try:
+            module(torch.zeros(1, 3, *input_size, device=device))
+        finally:
+            module.train(was_training)
+        for name in names:
+            tensor = outputs.get(name)
+            shapes[name] = list(tensor.shape[1:]) if tensor is not None else None
+    layers = dict(module.named_modules())
+    return [
+        {
+            "name": name,
+            "type": type(layers[name]).__name__,
+            "output_shape": shapes[name],
+            "params": sum(p.numel() for p in layers[name].parameters(recurse=False)),
+        }
+        for name in names
+    ]
