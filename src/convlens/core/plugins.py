@@ -59,6 +59,7 @@ class PluginSource:
     load: Callable[[], Any]
     builtin: bool = False
     requirements: tuple[str, ...] = ()
+    local: bool = False
 
 
 @dataclasses.dataclass
@@ -152,7 +153,7 @@ def _local_source(path: Path) -> PluginSource:
             raise
         return module
 
-    return PluginSource(dist=path.stem, version="local", label=str(path), load=load)
+    return PluginSource(dist=path.stem, version="local", label=str(path), load=load, local=True)
 
 
 def installed_plugin_dists() -> dict[str, str]:
@@ -186,8 +187,7 @@ def load_sources(
                 source.dist, source.version, builtin=source.builtin, requirements=source.requirements
             )
         info.modules.append(source.label)
-        is_local = source.version == "local"
-        if key in disabled or (allowed is not None and not source.builtin and not is_local and key not in allowed):
+        if key in disabled or (allowed is not None and not (source.builtin or source.local) and key not in allowed):
             info.status = "disabled"
             continue
         try:

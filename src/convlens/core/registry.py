@@ -166,7 +166,7 @@ class Registry:
         """Register a plugin object (a module or a class/instance with hookimpls) directly."""
         self.load()
         label = getattr(plugin, "__name__", type(plugin).__name__)
-        source = plugin_loading.PluginSource(dist, version, label, lambda: plugin)
+        source = plugin_loading.PluginSource(dist, version, label, lambda: plugin, local=True)
         info = self._infos.setdefault(
             plugin_loading.canonical_dist(dist), plugin_loading.PluginInfo(dist, version)
         )
