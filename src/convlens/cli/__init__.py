@@ -7,9 +7,11 @@ import click
 from convlens import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
+from .data import data
 from .filters import apply_filter
 from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
+from .training import train_model_command
 
 
 @click.group(cls=ConvlensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +38,7 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter, layers):
+for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command):
     cli.add_command(command)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import sys
+import warnings
 from typing import Any, Callable
 
 import click
 
 from convlens.core.errors import ConvlensError, PluginLoadError
-from convlens.core.params import click_options, values_from_click
+from convlens.core.params import click_parameters, values_from_click
 from convlens.core.registry import Registry, default_registry, set_default_registry
 
 DEBUG_KEY = "convlens.debug"
@@ -33,6 +35,19 @@ def reraise_as_click(ctx: click.Context, exc: Exception) -> None:
     ) from exc
 
 
+def _show_warning(fallback: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any,
+                  **kwargs: Any) -> None:
+    """convlens's own warnings as one 'warning: ...' line on stderr, printed around any progress bar."""
+    from convlens.core.images import SkippedImageWarning
+
+    if issubclass(category, SkippedImageWarning):
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        fallback(message, category, *args, **kwargs)
+
+
 class ConvlensGroup(click.Group):
     """Built-in commands are found without loading plugins; plugin commands load on demand."""
 
@@ -42,7 +57,9 @@ class ConvlensGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -108,8 +125,7 @@ class ComponentGroup(click.Group):
             help=component.spec.summary,
             short_help=component.spec.summary,
         )
-        for option in click_options(component.spec.params, reserved=reserved, prefix=self.kind):
-            option(command)
+        command.params.extend(click_parameters(component.spec.params, reserved=reserved, prefix=self.kind))
         return command
 
     def _invoke_component(self, component: Any, **kwargs: Any) -> Any:

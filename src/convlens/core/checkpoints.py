@@ -45,6 +45,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (empty for other formats or unreadable files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
+def class_names_of(path: str | Path) -> tuple[str, ...] | None:
+    """The class names a training run stored in a checkpoint's metadata, if any."""
+    import json
+
+    names = checkpoint_metadata(path).get("class_names")
+    try:
+        return tuple(json.loads(names)) if names else None
+    except (ValueError, TypeError):
+        return None
+
+
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load ``path`` into ``module``; missing, unexpected or mis-shaped keys are one error naming them."""
     state = load_state_dict(path)

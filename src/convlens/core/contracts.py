@@ -28,6 +28,7 @@ class ModelBundle:
     std: tuple[float, float, float]
     default_layer: str
     class_names: tuple[str, ...] | None = None
+    crop_fraction: float = 1.0  # eval transform: resize the shorter side to size / crop_fraction, crop the centre
 
     def named_layers(self) -> dict[str, nn.Module]:
         """Every named sub-module, by its dotted name."""

@@ -150,13 +150,16 @@ def parameter_specs(params_cls: type) -> list[ParameterSpec]:
         if not f.init:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        choices = f.metadata.get("choices")
+        if choices is None and typing.get_origin(_strip_optional(hints[f.name])) is typing.Literal:
+            choices = tuple(typing.get_args(_strip_optional(hints[f.name])))
         specs.append(
             ParameterSpec(
                 name=f.name,
                 annotation=hints[f.name],
                 default=default,
                 help=f.metadata.get("help", ""),
-                choices=f.metadata.get("choices"),
+                choices=choices,
                 min=f.metadata.get("min"),
                 max=f.metadata.get("max"),
             )
@@ -325,14 +328,17 @@ def _to_float(value: Any) -> float:
     return result
 
 
-def click_options(params_cls: type, *, reserved: typing.Collection[str] = (), prefix: str = "") -> list[Any]:
-    """click options for every parameter of ``params_cls``.
+def click_parameters(
+    params_cls: type, *, reserved: typing.Collection[str] = (), prefix: str = "", dest_prefix: str = "param__"
+) -> list[Any]:
+    """``click.Option`` objects for every parameter of ``params_cls``.
 
     Values arrive as the strings the user typed and go through :func:`coerce`, so the CLI validates exactly
     like the Python API. An option left out is not passed, keeping the dataclass default. A parameter whose
     option name collides with one of ``reserved`` (the command's own options) is offered as
-    ``--{prefix}-{name}``. The click parameter names are ``param__<field>`` so that
-    :func:`values_from_click` can pick them out of a callback's keyword arguments.
+    ``--{prefix}-{name}``. The click parameter names are ``<dest_prefix><field>`` so that
+    :func:`values_from_click` can pick them out of a callback's keyword arguments; a command offering the
+    parameters of two dataclasses gives each its own ``dest_prefix``.
     """
     import click
 
@@ -341,7 +347,7 @@ def click_options(params_cls: type, *, reserved: typing.Collection[str] = (), pr
         flag = spec.name.replace("_", "-")
         if flag in reserved:
             flag = f"{prefix}-{flag}" if prefix else f"param-{flag}"
-        dest = f"param__{spec.name}"
+        dest = f"{dest_prefix}{spec.name}"
         details = [f"default: {_format_default(spec.default)}"]
         if spec.choices is not None:
             details.append("one of: " + ", ".join(str(c) for c in spec.choices))
@@ -351,22 +357,22 @@ def click_options(params_cls: type, *, reserved: typing.Collection[str] = (), pr
             details.append(f"range: {low}..{high}")
         text = (spec.help + "  " if spec.help else "") + "[" + "; ".join(details) + "]"
         if spec.is_flag:
-            options.append(click.option(f"--{flag}/--no-{flag}", dest, default=None, help=text))
+            options.append(click.Option([f"--{flag}/--no-{flag}", dest], default=None, help=text))
         else:
             metavar = spec.type_name().upper().replace(" ", "_")
             if spec.choices is not None:
                 metavar = "[" + "|".join(str(c) for c in spec.choices) + "]"
-            options.append(click.option(f"--{flag}", dest, default=None, metavar=metavar, help=text))
+            options.append(click.Option([f"--{flag}", dest], default=None, metavar=metavar, help=text))
     return options
 
 
-def values_from_click(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the options made by :func:`click_options` out of ``kwargs``; only those the user gave."""
+def values_from_click(kwargs: dict[str, Any], dest_prefix: str = "param__") -> dict[str, Any]:
+    """Pop the options made by :func:`click_parameters` out of ``kwargs``; only those the user gave."""
     values = {}
-    for key in [k for k in kwargs if k.startswith("param__")]:
+    for key in [k for k in kwargs if k.startswith(dest_prefix)]:
         value = kwargs.pop(key)
         if value is not None:
-            values[key[len("param__"):]] = value
+            values[key[len(dest_prefix):]] = value
     return values
 
 

@@ -40,10 +40,17 @@ def save_tensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[str,
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def apply_filter_to_file(

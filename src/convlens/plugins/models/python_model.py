@@ -26,7 +26,7 @@ def build_python_model(params: PythonModelParams):
     from torch import nn
 
     from convlens import ModelBundle
-    from convlens.core.checkpoints import load_weights
+    from convlens.core.checkpoints import class_names_of, load_weights
     from convlens.core.errors import ConvlensError
     from convlens.core.layers import resolve_layer
 
@@ -64,6 +64,7 @@ def build_python_model(params: PythonModelParams):
         bundle.default_layer = params.default_layer
     if params.checkpoint:
         load_weights(bundle.module, params.checkpoint)
+        bundle.class_names = class_names_of(params.checkpoint) or bundle.class_names
     bundle.module.eval()
     return bundle
 

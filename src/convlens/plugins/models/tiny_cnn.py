@@ -11,7 +11,7 @@ from convlens import ModelSpec, Params, hookimpl, param
 class TinyCNNParams(Params):
     num_classes: int = param(8, help="number of classes (shapes has 8)", min=1)
     width: int = param(16, help="channels of the first block; each block doubles them", min=1)
-    blocks: int = param(4, help="conv blocks, each halving the resolution", min=1, max=8)
+    blocks: int = param(5, help="conv blocks; all but the last halve the resolution", min=1, max=8)
     input_size: int = param(64, help="square input size in pixels", min=8)
     smooth: bool = param(False, help="average pooling and LeakyReLU instead of max pooling and ReLU")
     slope: float = param(0.01, help="LeakyReLU negative slope when smooth", min=0.0, max=1.0)
@@ -26,7 +26,7 @@ def build_tiny_cnn(params: TinyCNNParams):
     from torch import nn
 
     from convlens import ModelBundle
-    from convlens.core.checkpoints import load_weights
+    from convlens.core.checkpoints import class_names_of, load_weights
 
     torch.manual_seed(params.seed)
     layers: dict[str, nn.Module] = {}
@@ -48,10 +48,13 @@ def build_tiny_cnn(params: TinyCNNParams):
         from .smooth import smooth_network
 
         smooth_network(module, params.slope)
+    class_names = None
     if params.weights.lower() != "none":
         load_weights(module, params.weights)
+        class_names = class_names_of(params.weights)
     return ModelBundle(
-        module.eval(), (params.input_size,) * 2, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), f"block{params.blocks}"
+        module.eval(), (params.input_size,) * 2, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), f"block{params.blocks}",
+        class_names=class_names,
     )
 
 

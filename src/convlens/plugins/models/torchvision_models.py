@@ -70,7 +70,7 @@ def build_torchvision(params: TorchvisionParams):
     from torch import nn
 
     from convlens import ModelBundle
-    from convlens.core.checkpoints import load_weights
+    from convlens.core.checkpoints import class_names_of, load_weights
 
     architectures = torchvision.models.list_models(module=torchvision.models)
     if params.arch not in architectures:
@@ -96,7 +96,9 @@ def build_torchvision(params: TorchvisionParams):
         smooth_network(module, params.slope)
     convs = [name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     default_layer = "layer4" if hasattr(module, "layer4") else convs[-1]
-    return ModelBundle(module.eval(), (params.input_size,) * 2, IMAGENET_MEAN, IMAGENET_STD, default_layer)
+    class_names = class_names_of(params.weights) if local else None
+    return ModelBundle(module.eval(), (params.input_size,) * 2, IMAGENET_MEAN, IMAGENET_STD, default_layer,
+                       class_names=class_names, crop_fraction=0.875)
 
 
 def replace_head(module, num_classes: int) -> None:
