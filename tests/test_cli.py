@@ -33,9 +33,10 @@ def test_list_filters_with_distribution(run):
     result = run("list", "filter")
     assert result.exit_code == 0
     rows = [line.split()[:3] for line in result.output.splitlines()[1:]]
-    assert rows == [["filter", n, "convlens"] for n in ("active-count", "magnitude", "max", "median", "uniform")]
+    names = ("active-count", "gradcam", "magnitude", "max", "median", "uniform")
+    assert rows == [["filter", n, "convlens"] for n in names]
     data = json.loads(run("list", "--json").output)
-    assert {d["name"] for d in data if d["kind"] == "filter"} == {"active-count", "magnitude", "max", "median", "uniform"}
+    assert {d["name"] for d in data if d["kind"] == "filter"} == set(names)
     assert {d["name"] for d in data if d["kind"] == "model"} == {"torchvision", "resnet18-smooth", "tiny-cnn", "python"}
 
 

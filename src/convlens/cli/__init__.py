@@ -8,6 +8,7 @@ from convlens import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
 from .data import data
+from .extract import extract
 from .filters import apply_filter
 from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
@@ -38,7 +39,7 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command):
+for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract):
     cli.add_command(command)
 
 

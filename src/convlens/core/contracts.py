@@ -43,6 +43,7 @@ class FilterContext:
     images: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     layer: str | None = None
+    gradients: torch.Tensor | None = None  # d target / d activations, when the filter needs_gradients
 
 
 class ActivationFilter(abc.ABC):
@@ -53,9 +54,17 @@ class ActivationFilter(abc.ABC):
     """
 
     name: str = "filter"
+    #: A filter that needs the gradient of a target with respect to the activations sets this and implements
+    #: :meth:`gradient_target`; the extraction pipeline then computes both in one pass and passes
+    #: ``context.gradients``.
+    needs_gradients: bool = False
 
     def __init__(self, params: Any = None):
         self.params = params
+
+    def gradient_target(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Per image, the value whose gradient the filter needs (only when :attr:`needs_gradients`)."""
+        raise ContractError(f"filter '{self.name}' sets needs_gradients but does not define gradient_target")
 
     @abc.abstractmethod
     def weights(self, activations: torch.Tensor, context: FilterContext) -> torch.Tensor:

@@ -51,6 +51,15 @@ class ImageIndex:
         labels = tuple(self.labels[i] for i in positions) if self.labels is not None else None
         return dataclasses.replace(self, paths=tuple(self.paths[i] for i in positions), labels=labels, ignored=())
 
+    def fingerprint(self) -> str:
+        """A short hash of the relative paths, labels and file sizes: it changes when the data does."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels or [-1] * len(self)):
+            digest.update(f"{self.relative(path)}\0{label}\0{path.stat().st_size}\n".encode())
+        return digest.hexdigest()[:16]
+
     def relative(self, path: Path) -> str:
         try:
             return path.relative_to(self.root).as_posix()

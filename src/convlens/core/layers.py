@@ -148,3 +148,65 @@ def layer_table(module: nn.Module, input_size: tuple[int, int]) -> list[dict[str
         }
         for name in names
     ]
+
+
+class _ReachedLayer(Exception):
+    def __init__(self, output: torch.Tensor):
+        super().__init__("forward stopped at the requested layer")
+        self.output = output
+
+
+def activations_at(
+    module: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    target: Target | None = None,
+    model_name: str = "model",
+) -> Capture:
+    """The output of one layer for ``images``, computed with no more work than it needs.
+
+    Without ``target`` the forward pass stops at the layer (later layers never run). With ``target``, the
+    layer's output is detached and made the only tensor that requires a gradient, with the weights frozen for
+    the call: the layers before it build no graph and the backward pass runs from the output to the layer
+    only, never into the weights or down to the input.
+    """
+    layer_module = resolve_layer(module, layer, model_name)
+    if target is None:
+
+        def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            raise _ReachedLayer(first_tensor(output))
+
+        handle = layer_module.register_forward_hook(stop)
+        try:
+            with torch.no_grad():
+                module(images)
+        except _ReachedLayer as reached:
+            return Capture({layer: reached.output.detach()}, {}, None)
+        finally:
+            handle.remove()
+        raise UnknownComponentError(f"layer '{layer}' of {model_name} did not run in the forward pass")
+
+    recorded: dict[str, torch.Tensor] = {}
+
+    def make_leaf(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        tensor = first_tensor(output)
+        if not isinstance(output, torch.Tensor) or tensor is None:
+            raise UnknownComponentError(f"layer '{layer}' of {model_name} does not return a single tensor")
+        recorded[layer] = output.detach().requires_grad_(True)
+        return recorded[layer]
+
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    handle = layer_module.register_forward_hook(make_leaf)
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        with torch.enable_grad():
+            logits = first_tensor(module(images))
+            if layer not in recorded:
+                raise UnknownComponentError(f"layer '{layer}' of {model_name} did not run in the forward pass")
+            (gradient,) = torch.autograd.grad(target(logits).sum(), [recorded[layer]])
+    finally:
+        handle.remove()
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    return Capture({layer: recorded[layer].detach()}, {layer: gradient.detach()}, logits.detach())

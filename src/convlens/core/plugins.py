@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "convlens.plugins.filters.median",
     "convlens.plugins.filters.maximum",
     "convlens.plugins.filters.uniform",
+    "convlens.plugins.filters.gradcam",
     "convlens.plugins.models.torchvision_models",
     "convlens.plugins.models.resnet18_smooth",
     "convlens.plugins.models.tiny_cnn",

@@ -158,16 +158,6 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
-def _fingerprint(index: ImageIndex) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path, label in zip(index.paths, index.labels or [-1] * len(index)):
-        stat = path.stat()
-        digest.update(f"{index.relative(path)}\0{label}\0{stat.st_size}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def _make_optimizer(module: torch.nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
     import torch
 
@@ -380,7 +370,7 @@ def train_model(
         "command": "train-model",
         "model": model,
         "data": {"root": str(data.index.root), "classes": list(class_names), "train_images": len(data.train),
-                 "val_images": len(data.val), "fingerprint": _fingerprint(data.index),
+                 "val_images": len(data.val), "fingerprint": data.index.fingerprint(),
                  "val_root": str(data.val_index.root) if data.val_index else None},
         "training": params.to_dict(),
         "preprocessing": dataclasses.asdict(preprocessing),

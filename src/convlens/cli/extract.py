@@ -1,0 +1,135 @@
+"""``convlens extract``: sample a layer's activations by a filter into an activation store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from convlens.core.errors import ConvlensError
+from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
+from convlens.core.registry import default_registry
+
+from .output import echo_json
+
+MODEL_PREFIX, FILTER_PREFIX = "model__", "filter__"
+
+
+def _peek(args: list[str], option: str) -> str | None:
+    for position, arg in enumerate(args):
+        if arg == option and position + 1 < len(args):
+            return args[position + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolve_model_argument(value: str) -> tuple[str, dict[str, Any]]:
+    """A model plugin name, or a `train-model` run folder (its model with the trained weights)."""
+    run = Path(value)
+    if run.is_dir():
+        config_file, weights = run / "config.json", run / "model.safetensors"
+        if not (config_file.is_file() and weights.is_file()):
+            raise ConvlensError(f"{run} is not a finished train-model run (needs config.json and model.safetensors)")
+        model = json.loads(config_file.read_text())["model"]
+        params = dict(model.get("params", {}))
+        fields = {spec.name for spec in parameter_specs(default_registry().get("model", model["name"]).spec.params)}
+        params["checkpoint" if "checkpoint" in fields and "weights" not in fields else "weights"] = str(weights)
+        return model["name"], params
+    return value, {}
+
+
+class PluginOptionsCommand(click.Command):
+    """A command whose ``--model NAME`` and ``--filter NAME`` add that plugin's own options when parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        self.params = [p for p in self.params if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX))]
+        reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
+        try:
+            model = _peek(args, "--model")
+            if model:
+                name, _ = resolve_model_argument(model)
+                spec = default_registry().get("model", name).spec.params
+                every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
+                self.params += click_parameters(spec, reserved=every | reserved, prefix="model",
+                                                dest_prefix=MODEL_PREFIX)
+            filter_name = _peek(args, "--filter")
+            if filter_name:
+                spec = default_registry().get("filter", filter_name).spec.params
+                self.params += click_parameters(spec, reserved=reserved, prefix="filter", dest_prefix=FILTER_PREFIX)
+        except ConvlensError as exc:
+            raise click.UsageError(str(exc), ctx) from exc
+        return super().parse_args(ctx, args)
+
+
+@click.command("extract", cls=PluginOptionsCommand)
+@click.option("--model", "model_name", required=True,
+              help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.")
+@click.option("--layer", default=None, help="Layer to sample (default: the model's default layer).")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Image folder.")
+@click.option("--filter", "filter_name", default="magnitude", show_default=True,
+              help="Activation filter; its own options follow (see --filter NAME --help).")
+@click.option("--per-image", type=click.IntRange(min=1), default=None,
+              help="Samples per image, drawn with replacement (default: H x W of the layer).")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Store folder (default: runs/activations-LAYER-FILTER).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of images whose samples form the validation split.")
+@click.option("--images-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--save-maps", is_flag=True, help="Also store every image's full filter map.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--json", "as_json", is_flag=True, help="Output the summary as JSON.")
+def extract(model_name: str, layer: str | None, data: str, filter_name: str, per_image: int | None, out: str | None,
+            val_fraction: float, images_per_shard: int, batch_size: int, workers: int, dtype: str, save_maps: bool,
+            seed: int, device: str | None, as_json: bool, **options: Any) -> None:
+    """Sample a layer's activation vectors, weighted by an activation filter, into an activation store.
+
+    Runs data-parallel under torchrun (e.g. `torchrun --nproc-per-node 2 -m convlens extract ...`); re-running
+    the same command after an interruption completes the store without duplicating or losing samples.
+    """
+    from convlens.core.device import resolve_device
+    from convlens.core.extraction import ExtractionSettings, extract as run_extraction
+    from convlens.core.images import scan_images
+
+    registry = default_registry()
+    name, model_params = resolve_model_argument(model_name)
+    model_params.update(values_from_click(options, MODEL_PREFIX))
+    filter_params = values_from_click(options, FILTER_PREFIX)
+    bundle = registry.create("model", name, **model_params)
+    filter_ = registry.create("filter", filter_name, **filter_params)
+    component = registry.get("filter", filter_name)
+    layer = layer or bundle.default_layer
+    index = scan_images(data)
+    model_spec = registry.get("model", name)
+    typed_params = {key: value for key, value in coerce(model_spec.spec.params, model_params).to_dict().items()
+                    if key in {k.replace("-", "_") for k in model_params}}
+    settings = ExtractionSettings(
+        model={"name": model_spec.qualified_name, "params": typed_params}, layer=layer,
+        filter={"name": component.qualified_name, "params": filter_.params.to_dict() if filter_.params else {}},
+        per_image=per_image, seed=seed, val_fraction=val_fraction, images_per_shard=images_per_shard,
+        batch_size=batch_size, save_maps=save_maps, dtype=dtype)
+    out = out or f"runs/activations-{layer}-{component.name}"
+    summary = run_extraction(bundle, filter_, index, out, settings, device=resolve_device(device), workers=workers,
+                             dataset={"root": str(index.root), "fingerprint": index.fingerprint()})
+    manifest = summary.pop("manifest")
+    if summary["rank"] != 0:
+        return
+    if as_json:
+        echo_json({**summary, "total_samples": manifest["samples"], "total_fallbacks": manifest["fallbacks"],
+                   "skipped_files": manifest["skipped"]})
+        return
+    rate = f", {summary['images_per_second']:.0f} images/s" if summary["images_per_second"] else ""
+    click.echo(f"extracted {summary['samples']} samples of {layer} ({manifest['channels']} channels) from "
+               f"{summary['images']} images with filter '{component.name}' in {summary['seconds']:.1f} s{rate}; "
+               f"{summary['fallbacks']} uniform fallbacks; {summary['chunks_reused']} shards reused; store {out} "
+               f"holds {manifest['samples']} samples of {manifest['images_used']} images")
+    if manifest["skipped"]:
+        items = ", ".join(f"{s['path']} ({s['reason']})" for s in manifest["skipped"][:5])
+        more = f" and {len(manifest['skipped']) - 5} more" if len(manifest["skipped"]) > 5 else ""
+        click.echo(f"skipped {len(manifest['skipped'])} unreadable files: {items}{more}")

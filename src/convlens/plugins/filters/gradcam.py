@@ -1,0 +1,83 @@
+"""Grad-CAM (Selvaraju et al. 2017; paper 001 sec. 7.2.5) as an activation filter.
+
+alpha_k = spatial mean of d y_c / d A_k, map = ReLU(sum_k alpha_k A_k), scaled per image to [0, 1] as
+(map - min) / (max + 1e-7). The target class c is the image's label, the predicted class when the image has
+no label, or one class chosen for every image. The Grad-CAM visualizer reuses :func:`gradcam_maps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from convlens import ActivationFilter, FilterSpec, Params, hookimpl, param
+from convlens.core.errors import ContractError
+
+NORMALISE_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class GradCAMParams(Params):
+    class_index: Optional[int] = param(
+        None, help="explain this class for every image (default: the label, or the predicted class)", min=0)
+
+
+def target_classes(logits, labels, class_index: int | None):
+    """Per image, the class to explain: ``class_index``, else the label, else (label -1 or none) the prediction."""
+    import torch
+
+    predicted = logits.argmax(dim=1)
+    if class_index is not None:
+        if class_index >= logits.shape[1]:
+            raise ContractError(f"class_index {class_index} is out of range for a model with {logits.shape[1]} classes")
+        return torch.full_like(predicted, class_index)
+    if labels is None:
+        return predicted
+    labels = labels.to(predicted.device)
+    return torch.where(labels >= 0, labels, predicted)
+
+
+def gradcam_maps(activations, gradients):
+    """Grad-CAM maps ``[N, H, W]`` in [0, 1] from activations and gradients ``[N, C, H, W]``."""
+    alpha = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = (alpha * activations).sum(dim=1).clamp_min(0)
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    cam = cam - low
+    return cam / (cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+
+
+class GradCAMFilter(ActivationFilter):
+    needs_gradients = True
+
+    def gradient_target(self, logits, labels):
+        classes = target_classes(logits, labels, self.params.class_index)
+        return logits.gather(1, classes[:, None]).squeeze(1)
+
+    def weights(self, activations, context):
+        gradients = context.gradients
+        if gradients is None:
+            if context.model is None or context.images is None or context.layer is None:
+                raise ContractError(
+                    "filter 'gradcam' needs the model, the images and the layer (or precomputed gradients); "
+                    "use it through `convlens extract`, or pass FilterContext(model=..., images=..., layer=...)")
+            from convlens.core.layers import activations_at
+
+            captured = activations_at(context.model.module, context.images, context.layer,
+                                      target=lambda logits: self.gradient_target(logits, context.labels))
+            activations, gradients = captured.activations[context.layer], captured.gradients[context.layer]
+        if gradients.shape != activations.shape:
+            raise ContractError(f"gradients {tuple(gradients.shape)} do not match activations {tuple(activations.shape)}")
+        return gradcam_maps(activations, gradients)
+
+
+@hookimpl
+def register_filters(register):
+    register(
+        FilterSpec(
+            name="gradcam",
+            factory=GradCAMFilter,
+            params=GradCAMParams,
+            summary="Grad-CAM map of the true (or predicted) class at the layer (paper sec. 7.2.5)",
+            aliases=("grad-cam",),
+        )
+    )
