@@ -7,6 +7,7 @@ import click
 from convlens import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
+from .compare_filters import compare_filters_command
 from .data import data
 from .extract import extract
 from .filters import apply_filter
@@ -39,7 +40,8 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract):
+for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract,
+                compare_filters_command):
     cli.add_command(command)
 
 

@@ -2,67 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
 
-from convlens.core.errors import ConvlensError
-from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
+from convlens.core.params import values_from_click
 from convlens.core.registry import default_registry
 
 from .output import echo_json
-
-MODEL_PREFIX, FILTER_PREFIX = "model__", "filter__"
-
-
-def _peek(args: list[str], option: str) -> str | None:
-    for position, arg in enumerate(args):
-        if arg == option and position + 1 < len(args):
-            return args[position + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def resolve_model_argument(value: str) -> tuple[str, dict[str, Any]]:
-    """A model plugin name, or a `train-model` run folder (its model with the trained weights)."""
-    run = Path(value)
-    if run.is_dir():
-        config_file, weights = run / "config.json", run / "model.safetensors"
-        if not (config_file.is_file() and weights.is_file()):
-            raise ConvlensError(f"{run} is not a finished train-model run (needs config.json and model.safetensors)")
-        model = json.loads(config_file.read_text())["model"]
-        params = dict(model.get("params", {}))
-        fields = {spec.name for spec in parameter_specs(default_registry().get("model", model["name"]).spec.params)}
-        params["checkpoint" if "checkpoint" in fields and "weights" not in fields else "weights"] = str(weights)
-        return model["name"], params
-    return value, {}
-
-
-class PluginOptionsCommand(click.Command):
-    """A command whose ``--model NAME`` and ``--filter NAME`` add that plugin's own options when parsing."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        self.params = [p for p in self.params if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX))]
-        reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
-        try:
-            model = _peek(args, "--model")
-            if model:
-                name, _ = resolve_model_argument(model)
-                spec = default_registry().get("model", name).spec.params
-                every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
-                self.params += click_parameters(spec, reserved=every | reserved, prefix="model",
-                                                dest_prefix=MODEL_PREFIX)
-            filter_name = _peek(args, "--filter")
-            if filter_name:
-                spec = default_registry().get("filter", filter_name).spec.params
-                self.params += click_parameters(spec, reserved=reserved, prefix="filter", dest_prefix=FILTER_PREFIX)
-        except ConvlensError as exc:
-            raise click.UsageError(str(exc), ctx) from exc
-        return super().parse_args(ctx, args)
-
+from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
 
 @click.command("extract", cls=PluginOptionsCommand)
 @click.option("--model", "model_name", required=True,
@@ -98,19 +46,14 @@ def extract(model_name: str, layer: str | None, data: str, filter_name: str, per
     from convlens.core.images import scan_images
 
     registry = default_registry()
-    name, model_params = resolve_model_argument(model_name)
-    model_params.update(values_from_click(options, MODEL_PREFIX))
+    bundle, model_record = load_model(model_name, options)
     filter_params = values_from_click(options, FILTER_PREFIX)
-    bundle = registry.create("model", name, **model_params)
     filter_ = registry.create("filter", filter_name, **filter_params)
     component = registry.get("filter", filter_name)
     layer = layer or bundle.default_layer
     index = scan_images(data)
-    model_spec = registry.get("model", name)
-    typed_params = {key: value for key, value in coerce(model_spec.spec.params, model_params).to_dict().items()
-                    if key in {k.replace("-", "_") for k in model_params}}
     settings = ExtractionSettings(
-        model={"name": model_spec.qualified_name, "params": typed_params}, layer=layer,
+        model=model_record, layer=layer,
         filter={"name": component.qualified_name, "params": filter_.params.to_dict() if filter_.params else {}},
         per_image=per_image, seed=seed, val_fraction=val_fraction, images_per_shard=images_per_shard,
         batch_size=batch_size, save_maps=save_maps, dtype=dtype)

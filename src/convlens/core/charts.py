@@ -131,3 +131,50 @@ def side_by_side(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
         canvas.paste(image, (x, 0))
         x += image.width + gap
     return canvas
+
+
+def _diverging(value: float, low: float, high: float) -> tuple[int, int, int]:
+    """Blue (low) through white (the middle) to red (high)."""
+    if not math.isfinite(value):
+        return (200, 200, 200)
+    middle = (low + high) / 2
+    if value >= middle:
+        t = min((value - middle) / ((high - middle) or 1.0), 1.0)
+        return (255, round(255 - t * (255 - 60)), round(255 - t * (255 - 50)))
+    t = min((middle - value) / ((middle - low) or 1.0), 1.0)
+    return (round(255 - t * (255 - 50)), round(255 - t * (255 - 110)), 255)
+
+
+def heatmap(
+    matrix: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    *,
+    title: str,
+    low: float = -1.0,
+    high: float = 1.0,
+    cell: int = 56,
+) -> Image.Image:
+    """A square matrix as coloured cells with their values printed; undefined (non-finite) cells read n/a."""
+    small, medium = _font(11), _font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = int(max([probe.textlength(label, font=small) for label in labels] + [20])) + 12
+    count = len(labels)
+    left, top = label_width, 34
+    width = max(left + cell * count + 12, int(probe.textlength(title, font=medium)) + 20)
+    height = top + cell * count + label_width
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((width / 2, 8), title, fill=INK, font=medium, anchor="mt")
+    for row, values in enumerate(matrix):
+        for column, value in enumerate(values):
+            x, y = left + column * cell, top + row * cell
+            draw.rectangle([x, y, x + cell, y + cell], fill=_diverging(value, low, high), outline="white")
+            text = f"{value:.2f}" if math.isfinite(value) else "n/a"
+            draw.text((x + cell / 2, y + cell / 2), text, fill=INK, font=small, anchor="mm")
+    for number, label in enumerate(labels):
+        draw.text((left - 6, top + number * cell + cell / 2), label, fill=INK, font=small, anchor="rm")
+        label_layer = Image.new("RGBA", (label_width, 16), (255, 255, 255, 0))
+        ImageDraw.Draw(label_layer).text((label_width - 6, 8), label, fill=INK, font=small, anchor="rm")
+        rotated = label_layer.rotate(90, expand=True)
+        image.paste(rotated, (left + number * cell + cell // 2 - 8, top + cell * count + 4), rotated)
+    return image

@@ -25,7 +25,8 @@ from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batc
 from .layers import activations_at
 from .sampling import sample_activations
 from .seeding import torch_generator
-from .store import FORMAT, finished_chunks, write_json_atomic, write_shard
+from .runs import write_json_atomic
+from .store import FORMAT, finished_chunks, write_shard
 
 if TYPE_CHECKING:
     from .contracts import ModelBundle

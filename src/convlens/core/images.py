@@ -171,13 +171,19 @@ class Preprocessing:
 
     def eval_transform(self, image: Image.Image, index: int = 0) -> torch.Tensor:
         """Resize the shorter side to ``size / crop_fraction``, crop the centre, normalise: ``[3, H, W]``."""
+        from torchvision.transforms import functional as F
+
+        return self.normalize(F.pil_to_tensor(self.eval_geometry(image)))
+
+    def eval_geometry(self, image: Image.Image) -> Image.Image:
+        """The resize and centre crop of :meth:`eval_transform` alone (also for masks aligned with the image)."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
         height, width = self.input_size
         shorter = round(max(height, width) / self.crop_fraction)
         image = F.resize(image, shorter, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        return self.normalize(F.pil_to_tensor(F.center_crop(image, [height, width])))
+        return F.center_crop(image, [height, width])
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float images (``[3, H, W]`` or ``[N, 3, H, W]``) to the model's input scale."""

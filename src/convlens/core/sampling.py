@@ -36,6 +36,15 @@ def sampling_probabilities(weights: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return probabilities, fallback
 
 
+def draw_positions(probabilities: torch.Tensor, image_index: torch.Tensor, *, per_image: int, seed: int) -> torch.Tensor:
+    """``[B, per_image]`` flat positions drawn with replacement, each image from its own (seed, index) generator."""
+    return torch.stack([
+        torch.multinomial(probabilities[row], per_image, replacement=True,
+                          generator=torch_generator(seed, "sample", int(image_index[row])))
+        for row in range(probabilities.shape[0])
+    ])
+
+
 def sample_activations(
     activations: torch.Tensor,
     weights: torch.Tensor,
@@ -47,11 +56,7 @@ def sample_activations(
     """Draw ``per_image`` positions per image from ``weights [B, H, W]`` and gather ``activations [B, C, H, W]``."""
     batch, channels, height, width = activations.shape
     probabilities, fallback = sampling_probabilities(weights.cpu())
-    picks = torch.stack([
-        torch.multinomial(probabilities[row], per_image, replacement=True,
-                          generator=torch_generator(seed, "sample", int(image_index[row])))
-        for row in range(batch)
-    ])  # [B, per_image] flat positions
+    picks = draw_positions(probabilities, image_index, per_image=per_image, seed=seed)
     flat_activations = activations.flatten(2)  # [B, C, H*W]
     gathered = flat_activations.gather(2, picks.to(activations.device)[:, None, :].expand(-1, channels, -1))
     vectors = gathered.permute(0, 2, 1).reshape(batch * per_image, channels)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from .errors import ConvlensError
+from .runs import write_json_atomic
 from .seeding import torch_generator
 from .tensor_files import save_tensors_atomic
 
@@ -43,12 +43,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
 
 
 def write_shard(store: Path, chunk: int, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from .errors import ConvlensError
 from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, scan_images
 from .params import Params, param
+from .runs import versions, write_json_atomic
 from .seeding import derive_seed, torch_generator
 
 if TYPE_CHECKING:
@@ -211,12 +211,6 @@ def _load_train_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return optimizer_state, {key: json.loads(value) for key, value in metadata.items()}
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def _write_lines_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -384,7 +378,7 @@ def train_model(
     elif state_path.exists() or (out / "metrics.jsonl").exists():
         raise ConvlensError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     checkpoints.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "config.json", {**config, "versions": _versions(), "device": str(device)})
+    write_json_atomic(out / "config.json", {**config, "versions": versions(), "device": str(device)})
 
     module.to(device)
     _optimizer_to(optimizer, device)
@@ -451,7 +445,7 @@ def train_model(
         if val_tally.confusion is not None:
             analysis = {"epoch": params.epochs, **error_analysis(val_tally.confusion, class_names)}
     if analysis is not None:
-        _write_json_atomic(out / "error-analysis.json", analysis)
+        write_json_atomic(out / "error-analysis.json", analysis)
         _draw_error_analysis(analysis, out / "error-analysis.png")
     save_weights(module, out / "model.safetensors", {"model": json.dumps(model),
                                                    "class_names": json.dumps(list(class_names)),
@@ -465,7 +459,7 @@ def train_model(
         "seconds": round(time.perf_counter() - started, 2), "skipped": skip_log.as_json(),
         "skipped_summary": skip_log.summary(),
     }
-    _write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -536,13 +530,3 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, device: Any) -> None:
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and key != "step":
                 values[key] = value.to(device)
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import torchvision
-
-    from convlens import __version__
-
-    return {"convlens": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}

@@ -1,0 +1,74 @@
+"""Options shared by commands that take a model (plugin name or run folder) and filters with their own options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from convlens.core.errors import ConvlensError
+from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
+from convlens.core.registry import default_registry
+
+MODEL_PREFIX, FILTER_PREFIX = "model__", "filter__"
+
+
+def _peek(args: list[str], option: str) -> str | None:
+    for position, arg in enumerate(args):
+        if arg == option and position + 1 < len(args):
+            return args[position + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolve_model_argument(value: str) -> tuple[str, dict[str, Any]]:
+    """A model plugin name, or a `train-model` run folder (its model with the trained weights)."""
+    run = Path(value)
+    if run.is_dir():
+        config_file, weights = run / "config.json", run / "model.safetensors"
+        if not (config_file.is_file() and weights.is_file()):
+            raise ConvlensError(f"{run} is not a finished train-model run (needs config.json and model.safetensors)")
+        model = json.loads(config_file.read_text())["model"]
+        params = dict(model.get("params", {}))
+        fields = {spec.name for spec in parameter_specs(default_registry().get("model", model["name"]).spec.params)}
+        params["checkpoint" if "checkpoint" in fields and "weights" not in fields else "weights"] = str(weights)
+        return model["name"], params
+    return value, {}
+
+
+class PluginOptionsCommand(click.Command):
+    """A command whose ``--model NAME`` and ``--filter NAME`` add that plugin's own options when parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        self.params = [p for p in self.params if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX))]
+        reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
+        try:
+            model = _peek(args, "--model")
+            if model:
+                name, _ = resolve_model_argument(model)
+                spec = default_registry().get("model", name).spec.params
+                every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
+                self.params += click_parameters(spec, reserved=every | reserved, prefix="model",
+                                                dest_prefix=MODEL_PREFIX)
+            filter_name = _peek(args, "--filter")
+            if filter_name:
+                spec = default_registry().get("filter", filter_name).spec.params
+                self.params += click_parameters(spec, reserved=reserved, prefix="filter", dest_prefix=FILTER_PREFIX)
+        except ConvlensError as exc:
+            raise click.UsageError(str(exc), ctx) from exc
+        return super().parse_args(ctx, args)
+
+
+def load_model(model_argument: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The model bundle for ``--model`` and its ``--model-*`` options, and the record runs keep of it."""
+    registry = default_registry()
+    name, model_params = resolve_model_argument(model_argument)
+    model_params.update(values_from_click(options, MODEL_PREFIX))
+    bundle = registry.create("model", name, **model_params)
+    spec = registry.get("model", name)
+    given = {key.replace("-", "_") for key in model_params}
+    typed = {key: value for key, value in coerce(spec.spec.params, model_params).to_dict().items() if key in given}
+    return bundle, {"name": spec.qualified_name, "params": typed}

@@ -1,0 +1,372 @@
+"""Comparing activation filters on the same images (001 sec. 7.3, Figures 8 and 9), with a ground-truth check.
+
+Per image, every pair of filters is compared by the cosine similarity and the Spearman rank correlation of
+their patch weights; both are averaged over the images (Figure 9). Each filter's weights are drawn over the
+image with the rank of every patch (Figure 8). With foreground masks (a dataset with ``concepts.json``, such
+as ``shapes``), each filter's foreground precision, the share of its sampled patches that lie mostly on the
+object, is set beside uniform sampling's: the check the paper could only make by eye.
+
+Filters are compared on the weights they return, NaN read as zero, as the sampler reads them. A pair is left
+out for an image where one of its maps has no direction (all zero: cosine) or no order (constant: Spearman);
+the JSON gives the number of images behind every mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .charts import bar_chart, heatmap, side_by_side
+from .contracts import ActivationFilter, FilterContext
+from .errors import ConvlensError
+from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, save_png
+from .layers import activations_at
+from .runs import versions, write_json_atomic
+from .sampling import draw_positions, sampling_probabilities
+from .seeding import torch_generator
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .concepts import ConceptSet
+    from .contracts import ModelBundle
+
+Z_95 = 1.959964  # two-sided 95 % normal quantile
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonSettings:
+    layer: str
+    per_image: int | None = None  # None: H x W samples per image, as extraction draws them
+    seed: int = 0
+    batch_size: int = 64
+    max_images: int | None = None  # None: every image; otherwise a seeded random subset
+    overlays: int = 4
+    foreground_threshold: float = 0.5  # a patch counts as foreground when this share of its pixels is
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of each row of ``values [B, P]``, ties sharing their average rank (float64)."""
+    values = values.double().contiguous()
+    ordered = values.sort(dim=1).values
+    below = torch.searchsorted(ordered, values, right=False)
+    up_to = torch.searchsorted(ordered, values, right=True)
+    return (below + up_to + 1).double() / 2
+
+
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of matching rows of ``[B, P]`` tensors (float64); NaN where a row is all zero."""
+    a, b = a.double(), b.double()
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(norms > 0, (a * b).sum(dim=1) / norms.clamp_min(torch.finfo(torch.float64).tiny),
+                       torch.full_like(norms, math.nan))
+
+
+def rowwise_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of matching rows (Pearson correlation of average ranks); NaN for a constant row."""
+    ranks_a, ranks_b = average_ranks(a), average_ranks(b)
+    return rowwise_cosine(ranks_a - ranks_a.mean(dim=1, keepdim=True), ranks_b - ranks_b.mean(dim=1, keepdim=True))
+
+
+def patch_foreground(mask: np.ndarray, preprocessing: Preprocessing, grid: tuple[int, int]) -> torch.Tensor:
+    """The share of foreground pixels in each cell of the activation grid, for a mask ``[H0, W0]`` of the
+    original image: the mask gets the model's resize and centre crop, then is averaged over the cells."""
+    from PIL import Image
+
+    aligned = preprocessing.eval_geometry(Image.fromarray(mask.astype(np.uint8) * 255, "L"))
+    pixels = torch.from_numpy(np.asarray(aligned, dtype=np.float32) / 255.0)
+    return torch.nn.functional.adaptive_avg_pool2d(pixels[None, None], grid)[0, 0].double()
+
+
+def paired_difference(values: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
+    """Mean of per-image differences with a normal-approximation 95 % interval, and what it says."""
+    difference = values - baseline
+    mean = float(difference.mean()) if difference.size else math.nan
+    spread = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else math.nan
+    low, high = mean - Z_95 * spread, mean + Z_95 * spread
+    verdict = ("above uniform" if low > 0 else "below uniform" if high < 0 else "not distinguishable from uniform")
+    return {"difference": mean, "ci95": [low, high], "verdict": verdict}
+
+
+def _stats(values: list[torch.Tensor]) -> dict[str, Any]:
+    joined = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    valid = joined[~torch.isnan(joined)]
+    return {"mean": float(valid.mean()) if len(valid) else math.nan,
+            "std": float(valid.std()) if len(valid) > 1 else math.nan, "images": int(len(valid))}
+
+
+def patch_overlay(image: Image.Image, weights: np.ndarray, longest_side: int = 256) -> Image.Image:
+    """Figure 8: the image shaded by each patch's weight (darkest = least important) with each patch's rank."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, columns = weights.shape
+    enlarged = enlarge(image, longest_side)
+    width, height = enlarged.size
+    base = np.asarray(enlarged, dtype=np.float32)
+    top = float(weights.max()) if weights.size else 0.0
+    strength = weights / top if top > 0 else np.ones_like(weights)
+    shade = np.asarray(Image.fromarray((strength * 255).astype(np.uint8), "L").resize((width, height), Image.NEAREST),
+                       dtype=np.float32) / 255.0
+    canvas = Image.fromarray((base * (0.12 + 0.88 * shade[..., None])).clip(0, 255).astype(np.uint8), "RGB")
+    cell_width, cell_height = width / columns, height / rows
+    if min(cell_width, cell_height) >= 18:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(max(9, round(min(cell_width, cell_height) * 0.38)))
+        order = np.argsort(-weights.reshape(-1), kind="stable")
+        ranks = np.empty(order.size, dtype=np.int64)
+        ranks[order] = np.arange(1, order.size + 1)
+        for flat, rank in enumerate(ranks):
+            y, x = divmod(flat, columns)
+            draw.text(((x + 0.5) * cell_width, (y + 0.5) * cell_height), str(rank), fill="white", font=font,
+                      anchor="mm", stroke_width=2, stroke_fill="black")
+    return canvas
+
+
+def enlarge(image: Image.Image, longest_side: int = 256) -> Image.Image:
+    """``image`` scaled (bilinear) so that its longest side is ``longest_side`` pixels."""
+    from PIL import Image
+
+    scale = longest_side / max(image.size)
+    return image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+
+
+def _titled(image: Image.Image, title: str) -> Image.Image:
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (image.width, image.height + 20), "white")
+    canvas.paste(image, (0, 20))
+    ImageDraw.Draw(canvas).text((image.width / 2, 10), title, fill=(40, 40, 40), font=ImageFont.load_default(12),
+                                anchor="mm")
+    return canvas
+
+
+def _concept_positions(index: ImageIndex, concepts: ConceptSet) -> dict[int, int]:
+    """Image index position -> concept record position, matched by the file's path under the image folder."""
+    by_file = {record["file"]: number for number, record in enumerate(concepts.images)}
+    image_folder = (concepts.root / concepts.image_root).resolve()
+    matched = {}
+    for position, path in enumerate(index.paths):
+        try:
+            key = path.resolve().relative_to(image_folder).as_posix()
+        except ValueError:
+            continue
+        if key in by_file:
+            matched[position] = by_file[key]
+    return matched
+
+
+def compare_filters(
+    bundle: ModelBundle,
+    filters: dict[str, ActivationFilter],
+    index: ImageIndex,
+    out: str | Path,
+    settings: ComparisonSettings,
+    *,
+    concepts: ConceptSet | None = None,
+    device: torch.device | None = None,
+    progress: bool | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compare ``filters`` (by display name) on the images of ``index`` at ``settings.layer``; write ``out``."""
+    from tqdm.auto import tqdm
+
+    if len(filters) < 2:
+        raise ConvlensError("compare-filters needs at least two filters")
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    device = device or torch.device("cpu")
+    module = bundle.module.to(device).eval()
+    preprocessing = Preprocessing.of(bundle)
+    chosen = list(range(len(index)))
+    if settings.max_images is not None and settings.max_images < len(index):
+        picked = torch.randperm(len(index), generator=torch_generator(settings.seed, "compare-images"))
+        chosen = sorted(picked[: settings.max_images].tolist())
+    concept_of = _concept_positions(index, concepts) if concepts is not None else {}
+    if concepts is not None and not concept_of:
+        raise ConvlensError(f"none of the images under {index.root} appear in {concepts.root / 'concepts.json'}")
+    names = list(filters)
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    cosine: dict[tuple[int, int], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    spearman: dict[tuple[int, int], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    fallbacks = dict.fromkeys(names, 0)
+    sampled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    expected: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    uniform: list[torch.Tensor] = []
+    overlay_files: list[str] = []
+    skip_log = SkipLog(index.root)
+    images_seen, grid = 0, None
+    started = time.perf_counter()
+    bar = tqdm(total=len(chosen), desc=f"compare filters at {settings.layer}", unit="img", leave=False,
+               disable=None if progress is None else not progress)
+    dataset = ImageDataset(index, preprocessing.eval_transform)
+    for batch in image_batches(dataset, batch_size=settings.batch_size, skip_log=skip_log, order=chosen):
+        images, labels = batch.images.to(device), batch.labels.to(device)
+        plain = None
+        maps: dict[str, torch.Tensor] = {}
+        for name, filter_ in filters.items():
+            if filter_.needs_gradients:
+                captured = activations_at(module, images, settings.layer,
+                                          target=lambda logits, f=filter_: f.gradient_target(logits, labels))
+                activations, gradients = captured.activations[settings.layer], captured.gradients[settings.layer]
+            else:
+                plain = plain if plain is not None else activations_at(module, images, settings.layer)
+                activations, gradients = plain.activations[settings.layer], None
+            if activations.ndim != 4:
+                raise ConvlensError(f"layer '{settings.layer}' gives shape {tuple(activations.shape)}; filters "
+                                    "need a convolutional layer with output [N, C, H, W]")
+            context = FilterContext(model=bundle, images=images, labels=labels, layer=settings.layer,
+                                    gradients=gradients)
+            maps[name] = filter_(activations, context).detach().double().cpu()
+        grid = tuple(next(iter(maps.values())).shape[1:])
+        per_image = settings.per_image or grid[0] * grid[1]
+        flat = {name: torch.nan_to_num(m.flatten(1), nan=0.0, posinf=0.0, neginf=0.0) for name, m in maps.items()}
+        for i, j in pairs:
+            cosine[i, j].append(rowwise_cosine(flat[names[i]], flat[names[j]]))
+            spearman[i, j].append(rowwise_spearman(flat[names[i]], flat[names[j]]))
+        probabilities = {}
+        for name in names:
+            probabilities[name], fallback = sampling_probabilities(maps[name])
+            fallbacks[name] += int(fallback.sum())
+        with_mask = [row for row, position in enumerate(batch.positions.tolist()) if position in concept_of]
+        if with_mask:
+            rows = torch.tensor(with_mask)
+            foreground = torch.stack([
+                patch_foreground(concepts.foreground(concept_of[int(batch.positions[row])]), preprocessing, grid)
+                for row in with_mask]).flatten(1) >= settings.foreground_threshold
+            uniform.append(foreground.double().mean(dim=1))
+            for name in names:
+                chosen_probabilities = probabilities[name][rows]
+                picks = draw_positions(chosen_probabilities, batch.positions[rows], per_image=per_image,
+                                       seed=settings.seed)
+                sampled[name].append(foreground.gather(1, picks).double().mean(dim=1))
+                expected[name].append((chosen_probabilities * foreground).sum(dim=1))
+        for row in range(len(batch)):
+            if len(overlay_files) >= settings.overlays:
+                break
+            overlay_files.append(_write_overlay(out, batch, row, images, maps, preprocessing, index))
+        images_seen += len(batch)
+        bar.update(len(batch) + len(batch.skipped))
+    bar.close()
+    if images_seen == 0:
+        raise ConvlensError(f"no readable images among the {len(chosen)} chosen under {index.root}")
+
+    matrices = {"cosine": _matrix(names, pairs, cosine), "spearman": _matrix(names, pairs, spearman)}
+    precision = _precision(names, sampled, expected, uniform, settings) if uniform else None
+    result = {
+        **(run_info or {}),
+        "layer": settings.layer,
+        "grid": list(grid),
+        "filters": names,
+        "images": images_seen,
+        "samples_per_image": settings.per_image or grid[0] * grid[1],
+        "seed": settings.seed,
+        "settings": dataclasses.asdict(settings),
+        "cosine": matrices["cosine"],
+        "spearman": matrices["spearman"],
+        "fallbacks": {name: {"images": count, "rate": count / images_seen} for name, count in fallbacks.items()},
+        "foreground_precision": precision,
+        "overlays": overlay_files,
+        "skipped": skip_log.as_json(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "versions": versions(),
+    }
+    result["findings"] = findings(result)
+    for kind, title in (("cosine", "cosine similarity of filter weights"),
+                        ("spearman", "Spearman rank correlation of filter weights")):
+        save_png(heatmap(result[kind]["mean"], names, title=f"{title} ({images_seen} images)"), out / f"{kind}.png")
+    if precision is not None:
+        labels = ["uniform"] + names
+        values = [precision["uniform"]] + [precision["filters"][name]["sampled"] for name in names]
+        save_png(bar_chart(labels, values, title="foreground precision of sampled patches",
+                           xlabel="share of sampled patches on the object", maximum=1.0), out / "foreground-precision.png")
+    result = finite_or_none(result)
+    write_json_atomic(out / "comparison.json", result)
+    return result
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def _matrix(names: list[str], pairs: list[tuple[int, int]], values: dict[tuple[int, int], list[torch.Tensor]]
+            ) -> dict[str, Any]:
+    size = len(names)
+    mean = [[1.0 if i == j else math.nan for j in range(size)] for i in range(size)]
+    std = [[0.0 if i == j else math.nan for j in range(size)] for i in range(size)]
+    count = [[0] * size for _ in range(size)]
+    for i, j in pairs:
+        stats = _stats(values[i, j])
+        mean[i][j] = mean[j][i] = stats["mean"]
+        std[i][j] = std[j][i] = stats["std"]
+        count[i][j] = count[j][i] = stats["images"]
+    return {"mean": mean, "std": std, "images": count}
+
+
+def _precision(names: list[str], sampled: dict[str, list[torch.Tensor]], expected: dict[str, list[torch.Tensor]],
+               uniform: list[torch.Tensor], settings: ComparisonSettings) -> dict[str, Any]:
+    baseline = torch.cat(uniform).numpy()
+    table = {}
+    for name in names:
+        exact = torch.cat(expected[name]).numpy()
+        table[name] = {"sampled": float(torch.cat(sampled[name]).mean()), "expected": float(exact.mean()),
+                       **paired_difference(exact, baseline)}
+    return {"threshold": settings.foreground_threshold, "images": int(baseline.size), "uniform": float(baseline.mean()),
+            "filters": table}
+
+
+def findings(result: dict[str, Any]) -> list[str]:
+    """What the comparison says, in sentences: precision against uniform, closest and farthest pairs, fallbacks."""
+    lines = []
+    precision = result["foreground_precision"]
+    if precision is not None:
+        for name, row in precision["filters"].items():
+            low, high = row["ci95"]
+            lines.append(
+                f"{name}: foreground precision {row['sampled']:.3f} (expected {row['expected']:.3f}) against "
+                f"{precision['uniform']:.3f} for uniform sampling, a difference of {row['difference']:+.3f} "
+                f"(95 % CI {low:+.3f} to {high:+.3f}): {row['verdict']}"
+                + ("" if row["verdict"] == "above uniform" or name == "uniform" else
+                   "; this filter does not favour the object over the background here"))
+    names = result["filters"]
+    pairs = [(result["cosine"]["mean"][i][j], names[i], names[j])
+             for i, j in itertools.combinations(range(len(names)), 2)
+             if math.isfinite(result["cosine"]["mean"][i][j])]
+    if len(pairs) > 1:
+        closest, farthest = max(pairs), min(pairs)
+        lines.append(f"closest pair by cosine similarity: {closest[1]} and {closest[2]} ({closest[0]:.3f}); "
+                     f"farthest: {farthest[1]} and {farthest[2]} ({farthest[0]:.3f})")
+    for name, row in result["fallbacks"].items():
+        if row["images"]:
+            lines.append(f"{name}: all-zero maps on {row['images']} of {result['images']} images "
+                         f"({100 * row['rate']:.1f} %), sampled uniformly there")
+    return lines
+
+
+def _write_overlay(out: Path, batch: Any, row: int, images: torch.Tensor, maps: dict[str, torch.Tensor],
+                   preprocessing: Preprocessing, index: ImageIndex) -> str:
+    from PIL import Image
+
+    position = int(batch.positions[row])
+    pixels = preprocessing.denormalize(images[row].detach().cpu().float()).clamp(0, 1)
+    picture = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+    panels = [_titled(enlarge(picture), f"image {position}")]
+    for name, values in maps.items():
+        weights = torch.nan_to_num(values[row], nan=0.0, posinf=0.0, neginf=0.0).numpy()
+        panels.append(_titled(patch_overlay(picture, weights), name))
+    relative = f"overlays/{position:05d}-{Path(index.paths[position]).stem}.png"
+    save_png(side_by_side(panels), out / relative)
+    return relative
