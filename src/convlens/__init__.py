@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import registry
-from .core.contracts import ActivationFilter, FilterContext, ModelBundle, Visualizer, VisualTarget
+from .core.contracts import ActivationFilter, FilterContext, ModelBundle, SAEParams, Visualizer, VisualTarget
 from .core.errors import (
     AmbiguousComponentError,
     ContractError,
@@ -27,6 +27,8 @@ __all__ = [
     "ModelSpec",
     "FilterSpec",
     "SAESpec",
+    "SAEParams",
+    "load_sae",
     "VisualizerSpec",
     "Component",
     "ModelBundle",
@@ -41,3 +43,10 @@ __all__ = [
     "PluginLoadError",
     "ContractError",
 ]
+
+
+def load_sae(path, *, input_dim=None, device=None):
+    """Rebuild the SAE saved at ``path`` (see :func:`convlens.core.sae.load_sae`)."""
+    from .core.sae import load_sae as load
+
+    return load(path, input_dim=input_dim, device=device)

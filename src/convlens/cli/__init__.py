@@ -13,6 +13,7 @@ from .extract import extract
 from .filters import apply_filter
 from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
+from .sae import evaluate_sae_command, sae_info, sweep_command, train_sae_command
 from .training import train_model_command
 
 
@@ -41,7 +42,8 @@ def cli() -> None:
 
 
 for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract,
-                compare_filters_command):
+                compare_filters_command, train_sae_command, sae_info, evaluate_sae_command,
+                sweep_command):
     cli.add_command(command)
 
 

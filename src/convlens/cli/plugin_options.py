@@ -12,7 +12,7 @@ from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
 from convlens.core.registry import default_registry
 
-MODEL_PREFIX, FILTER_PREFIX = "model__", "filter__"
+MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX = "model__", "filter__", "sae__"
 
 
 def _peek(args: list[str], option: str) -> str | None:
@@ -40,23 +40,34 @@ def resolve_model_argument(value: str) -> tuple[str, dict[str, Any]]:
 
 
 class PluginOptionsCommand(click.Command):
-    """A command whose ``--model NAME`` and ``--filter NAME`` add that plugin's own options when parsing."""
+    """A command whose ``--model NAME``, ``--filter NAME`` and ``--sae NAME`` add that plugin's own options when
+    parsing (an SAE's ``input_dim`` is left out: it comes from the activations). ``plugin_flags`` says which of
+    the three the command takes as plugin names."""
+
+    plugin_flags: tuple[str, ...] = ("--model", "--filter", "--sae")
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        self.params = [p for p in self.params if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX))]
+        self.params = [p for p in self.params
+                       if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX))]
         reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
         try:
-            model = _peek(args, "--model")
+            model = _peek(args, "--model") if "--model" in self.plugin_flags else None
             if model:
                 name, _ = resolve_model_argument(model)
                 spec = default_registry().get("model", name).spec.params
                 every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
                 self.params += click_parameters(spec, reserved=every | reserved, prefix="model",
                                                 dest_prefix=MODEL_PREFIX)
-            filter_name = _peek(args, "--filter")
+            filter_name = _peek(args, "--filter") if "--filter" in self.plugin_flags else None
             if filter_name:
                 spec = default_registry().get("filter", filter_name).spec.params
                 self.params += click_parameters(spec, reserved=reserved, prefix="filter", dest_prefix=FILTER_PREFIX)
+            sae_name = _peek(args, "--sae") if "--sae" in self.plugin_flags else None
+            if sae_name:
+                spec = default_registry().get("sae", sae_name).spec.params
+                self.params += [option for option in click_parameters(spec, reserved=reserved, prefix="sae",
+                                                                      dest_prefix=SAE_PREFIX)
+                                if option.name != f"{SAE_PREFIX}input_dim"]
         except ConvlensError as exc:
             raise click.UsageError(str(exc), ctx) from exc
         return super().parse_args(ctx, args)
@@ -72,3 +83,9 @@ def load_model(model_argument: str, options: dict[str, Any]) -> tuple[Any, dict[
     given = {key.replace("-", "_") for key in model_params}
     typed = {key: value for key, value in coerce(spec.spec.params, model_params).to_dict().items() if key in given}
     return bundle, {"name": spec.qualified_name, "params": typed}
+
+
+class ModelOptionsCommand(PluginOptionsCommand):
+    """Only ``--model`` names a plugin (e.g. ``--sae`` is a checkpoint path)."""
+
+    plugin_flags = ("--model",)

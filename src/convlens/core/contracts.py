@@ -9,9 +9,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import ContractError
+from .params import Params, param
 
 if TYPE_CHECKING:
     import torch
@@ -107,3 +108,18 @@ class Visualizer(abc.ABC):
     @abc.abstractmethod
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         """Write the artifacts into ``out_dir`` and return the JSON record that was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEParams(Params):
+    """Dimensions every SAE plugin's parameters start with; plugins subclass this and add their own."""
+
+    input_dim: int = param(512, min=1, help="channels of the activations (the trainer sets it from the store)")
+    latent_dim: Optional[int] = param(None, min=1, help="latent dimension (default: expansion x input_dim)")
+    expansion: float = param(8.0, min=0.001, help="latent dimension as a multiple of input_dim, when latent_dim "
+                             "is not given (x8 in the paper's runs, sec. 8.3)")
+    seed: int = param(0, help="seed of the random initialisation")
+
+    @property
+    def latents(self) -> int:
+        return self.latent_dim if self.latent_dim is not None else max(1, round(self.expansion * self.input_dim))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .contracts import ActivationFilter, FilterContext
+from .distributed import barrier, distributed_rank
 from .errors import ConvlensError
 from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches
 from .layers import activations_at
@@ -44,25 +44,6 @@ class ExtractionSettings:
     batch_size: int = 64
     save_maps: bool = False
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size); under torchrun the gloo (CPU) or NCCL (GPU) process group is started here."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def validation_images(count: int, fraction: float, seed: int) -> torch.Tensor:
@@ -109,7 +90,7 @@ def extract(
             (out / "shards").mkdir(parents=True, exist_ok=True)
             write_json_atomic(config_path, config)
             write_json_atomic(out / "images.json", [index.relative(p) for p in index.paths])
-    _barrier(world)
+    barrier(world)
     done = finished_chunks(out)
     todo = [c for c in range(chunks) if c % world == rank and c not in done]
     val_mask = validation_images(count, settings.val_fraction, settings.seed)
@@ -164,7 +145,7 @@ def extract(
         totals["skipped"] += len(skip_log)
     bar.close()
     seconds = time.perf_counter() - started
-    _barrier(world)
+    barrier(world)
     manifest = write_manifest(out, config, chunks) if rank == 0 else None
     return {"out": str(out), "rank": rank, "world_size": world, "chunks_written": len(todo),
             "chunks_reused": len(done), **totals, "seconds": round(seconds, 3),

@@ -38,6 +38,9 @@ BUILTIN_MODULES = (
     "convlens.plugins.models.resnet18_smooth",
     "convlens.plugins.models.tiny_cnn",
     "convlens.plugins.models.python_model",
+    "convlens.plugins.saes.relu_l1",
+    "convlens.plugins.saes.topk",
+    "convlens.plugins.saes.jumprelu",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"

@@ -1,19 +1,31 @@
-"""The base every sparse-autoencoder plugin derives from (paper 001, sec. 8.7).
+"""The base every sparse-autoencoder plugin derives from (paper 001, sec. 8.7), and SAE checkpoints.
 
 An SAE acts on the channel axis (axis 1): ``[N, C]`` vectors or ``[N, C, H, W]`` conv maps alike. Subclasses
-implement :meth:`encode_vectors` and :meth:`decode_vectors` on ``[B, C]`` rows and :meth:`loss_terms`; the
-base moves the channel axis so the same SAE applies to a conv map position by position.
+implement :meth:`encode_vectors` and :meth:`decode_vectors` on ``[B, C]`` rows, :meth:`loss_terms` and
+:meth:`decoder_directions`; the base moves the channel axis so the same SAE applies to a conv map position by
+position, applies the optional input normalisation (kept in the checkpoint, so a loaded SAE takes raw
+activations), and counts for every latent how many samples have passed since it last fired.
+
+Checkpoints are safetensors: the state dict plus one JSON metadata entry (plugin, parameters, dimensions,
+model, layer, store, metrics). :func:`load_sae` rebuilds the SAE through the registry; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ContractError
+from .errors import ContractError, ConvlensError
+from .contracts import SAEParams  # noqa: F401  (re-exported: plugins import it from here or convlens)
+
+CHECKPOINT_FORMAT = "convlens-sae/1"
+METADATA_KEY = "convlens_sae"
 
 
 @dataclasses.dataclass
@@ -36,33 +48,83 @@ class SparseAutoencoder(nn.Module, abc.ABC):
             raise ContractError(f"SAE dimensions must be positive (input {input_dim}, latent {latent_dim})")
         self.input_dim = input_dim
         self.latent_dim = latent_dim
+        self.register_buffer("input_mean", torch.zeros(input_dim))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("samples_since_fired", torch.zeros(latent_dim, dtype=torch.int64))
 
+    # --- what a plugin implements -------------------------------------------------------------------------
     @abc.abstractmethod
     def encode_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, latent_dim]`` for rows ``[B, input_dim]``."""
+        """Latents ``[B, latent_dim]`` for (normalised) rows ``[B, input_dim]``."""
 
     @abc.abstractmethod
     def decode_vectors(self, latents: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``[B, input_dim]`` for latents ``[B, latent_dim]``."""
+        """(Normalised) reconstruction ``[B, input_dim]`` for latents ``[B, latent_dim]``."""
 
     @abc.abstractmethod
     def loss_terms(self, x: torch.Tensor, reconstruction: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named scalar loss terms (on rows) whose sum is the training loss."""
+        """Named scalar loss terms (on normalised rows) whose sum is the training loss."""
 
+    def decoder_directions(self) -> torch.Tensor:
+        """The decoder's atoms as rows ``[latent_dim, input_dim]``, as a view of the parameter when possible."""
+        raise ContractError(f"{type(self).__name__} does not expose its decoder directions")
+
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely)."""
+        latents = self.encode_vectors(x)
+        return latents, self.decode_vectors(latents)
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        """The sparsity setting, e.g. ``{"l1": 1e-3}`` or ``{"k": 32}``."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step (e.g. to keep constrained weights consistent)."""
+
+    # --- what the base provides ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         rows, restore = self._to_rows(x, self.input_dim)
-        return restore(self.encode_vectors(rows))
+        return restore(self.encode_vectors(self.normalise(rows)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         rows, restore = self._to_rows(latents, self.latent_dim)
-        return restore(self.decode_vectors(rows))
+        return restore(self.denormalise(self.decode_vectors(rows)))
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         rows, restore = self._to_rows(x, self.input_dim)
-        latents = self.encode_vectors(rows)
-        reconstruction = self.decode_vectors(latents)
-        losses = self.loss_terms(rows, reconstruction, latents)
-        return SAEOutput(restore(reconstruction), restore(latents), losses)
+        normalised = self.normalise(rows)
+        latents, reconstruction = self.encode_decode(normalised)
+        losses = self.loss_terms(normalised, reconstruction, latents)
+        return SAEOutput(restore(self.denormalise(reconstruction)), restore(latents), losses)
+
+    def normalise(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows - self.input_mean) / self.input_scale
+
+    def denormalise(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows * self.input_scale + self.input_mean
+
+    def set_normalisation(self, mean: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """Inputs are centred by ``mean`` and divided by ``scale`` before encoding (and the reverse after)."""
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+            self.input_scale.copy_(torch.as_tensor(scale, dtype=self.input_scale.dtype))
+
+    def record_activity(self, fired: torch.Tensor, samples: int) -> None:
+        """Latents in ``fired`` (bool ``[latent_dim]``) fired in the last ``samples`` samples."""
+        with torch.no_grad():
+            self.samples_since_fired.add_(samples)
+            self.samples_since_fired.masked_fill_(fired.to(self.samples_since_fired.device), 0)
+
+    def dead_latents(self, after_samples: int) -> torch.Tensor:
+        """Bool ``[latent_dim]``: latents that have not fired in the last ``after_samples`` samples."""
+        return self.samples_since_fired >= after_samples
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale every decoder atom to unit norm (in place)."""
+        directions = self.decoder_directions()
+        directions.div_(directions.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def _to_rows(self, x: torch.Tensor, dim: int):
         """Rows ``[B, dim]`` of ``x`` (axis 1 is the feature axis) and a function mapping rows back."""
@@ -79,3 +141,53 @@ class SparseAutoencoder(nn.Module, abc.ABC):
             return rows.reshape(*spatial, rows.shape[-1]).movedim(-1, 1)
 
         return moved.reshape(-1, dim), restore
+
+
+def save_sae(sae: SparseAutoencoder, path: str | Path, *, name: str, params: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> None:
+    """Write ``sae`` as safetensors with the metadata :func:`load_sae` needs (``name``: the registry name)."""
+    from .tensor_files import save_tensors_atomic
+
+    metadata = {"format": CHECKPOINT_FORMAT, "sae": name, "params": params, "input_dim": sae.input_dim,
+                "latent_dim": sae.latent_dim, **(extra or {})}
+    tensors = {key: value.detach().contiguous() for key, value in sae.state_dict().items()}
+    save_tensors_atomic(tensors, Path(path), {METADATA_KEY: json.dumps(metadata)})
+
+
+def read_sae_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an SAE checkpoint; anything else is one clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise ConvlensError(f"cannot read {path} as an SAE checkpoint: {exc}") from None
+    if raw is None:
+        raise ConvlensError(f"{path} is a safetensors file but not a convlens SAE checkpoint (no '{METADATA_KEY}' "
+                            "metadata)")
+    return json.loads(raw)
+
+
+def load_sae(path: str | Path, *, input_dim: int | None = None, device: Any = None,
+             registry: Any = None) -> SparseAutoencoder:
+    """Rebuild the SAE saved at ``path`` through the registry; ``input_dim`` (the store's or layer's channels)
+    is checked against the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from .registry import default_registry
+
+    path = Path(path)
+    metadata = read_sae_metadata(path)
+    if input_dim is not None and metadata["input_dim"] != input_dim:
+        raise ConvlensError(f"{path} is an SAE for {metadata['input_dim']}-dimensional inputs, but the activations "
+                            f"here have {input_dim} channels")
+    sae = (registry or default_registry()).create("sae", metadata["sae"], **metadata["params"])
+    state = load_file(str(path))
+    missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())
+    if missing or unexpected:
+        raise ConvlensError(f"{path} does not match SAE '{metadata['sae']}': missing {sorted(missing)}, "
+                            f"unexpected {sorted(unexpected)}")
+    sae.load_state_dict(state)
+    return sae.to(device) if device is not None else sae

@@ -164,3 +164,28 @@ class ActivationStore:
             carry = pool[full:]
         if carry is not None and len(carry):
             yield carry
+
+
+def store_from_tensors(out: str | Path, vectors: torch.Tensor, *, split: torch.Tensor | None = None,
+                       samples_per_shard: int = 65_536, description: dict[str, Any] | None = None) -> ActivationStore:
+    """An activation store holding ``vectors [S, C]`` (e.g. activations gathered elsewhere, or planted data).
+
+    ``split`` marks validation samples with 1 (default: all training); every sample is its own "image".
+    """
+    out = Path(out)
+    if vectors.ndim != 2:
+        raise ConvlensError(f"vectors must be [samples, channels], got shape {tuple(vectors.shape)}")
+    split = torch.zeros(len(vectors), dtype=torch.uint8) if split is None else split.to(torch.uint8)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for chunk, start in enumerate(range(0, len(vectors), samples_per_shard)):
+        stop = min(start + samples_per_shard, len(vectors))
+        record = write_shard(out, chunk, {
+            "vectors": vectors[start:stop].contiguous(), "image_index": torch.arange(start, stop),
+            "position": torch.zeros(stop - start, 2, dtype=torch.int16), "weight": torch.ones(stop - start),
+            "split": split[start:stop].contiguous()}, {"first_image": start, "last_image": stop - 1})
+        shards.append({k: record[k] for k in ("file", "samples", "bytes", "sha256", "first_image", "last_image")})
+    write_json_atomic(out / "manifest.json", {
+        "format": FORMAT, **(description or {}), "channels": int(vectors.shape[1]), "samples": len(vectors),
+        "dtype": str(vectors.dtype).removeprefix("torch."), "shards": shards})
+    return ActivationStore(out)

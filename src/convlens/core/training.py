@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from .errors import ConvlensError
 from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, scan_images
 from .params import Params, param
-from .runs import versions, write_json_atomic
+from .runs import load_optimizer_state, save_optimizer_state, versions, write_json_atomic, write_lines_atomic
 from .seeding import derive_seed, torch_generator
 
 if TYPE_CHECKING:
@@ -167,54 +166,6 @@ def _make_optimizer(module: torch.nn.Module, params: TrainingParams) -> torch.op
     if params.optimizer == "adam":
         return torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
     return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-
-
-def _save_train_state(path: Path, optimizer: torch.optim.Optimizer, metadata: dict[str, Any]) -> None:
-    """The optimizer state as safetensors: tensors by ``state.<param>.<key>``, the rest as JSON metadata."""
-    import torch
-
-    from .tensor_files import save_tensors_atomic
-
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for param_id, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().clone()
-            else:
-                scalars[f"{param_id}.{key}"] = value
-    text = {key: json.dumps(value) for key, value in metadata.items()}
-    text["param_groups"] = json.dumps(state["param_groups"])
-    text["scalars"] = json.dumps(scalars)
-    save_tensors_atomic(tensors, path, text)
-
-
-def _load_train_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(optimizer state dict, metadata) written by :func:`_save_train_state`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ConvlensError(f"cannot read training state {path}: {exc}") from None
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = tensor
-    for key, value in json.loads(metadata.pop("scalars")).items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    optimizer_state = {"state": state, "param_groups": json.loads(metadata.pop("param_groups"))}
-    return optimizer_state, {key: json.loads(value) for key, value in metadata.items()}
-
-
-def _write_lines_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
 
 
 @dataclass
@@ -431,8 +382,8 @@ def train_model(
         weights_meta = {"model": json.dumps(model), "class_names": json.dumps(list(class_names)),
                         "epoch": str(epoch + 1)}
         save_weights(module, checkpoints / f"epoch-{epoch + 1:03d}.safetensors", weights_meta)
-        _save_train_state(state_path, optimizer, {"epoch": epoch + 1, "history": history, "config": config})
-        _write_lines_atomic(out / "metrics.jsonl", history)
+        save_optimizer_state(state_path, optimizer, {"epoch": epoch + 1, "history": history, "config": config})
+        write_lines_atomic(out / "metrics.jsonl", history)
         _draw_curves(history, out / "curves.png")
         if val_tally.confusion is not None:
             analysis = {"epoch": epoch + 1, **error_analysis(val_tally.confusion, class_names)}
@@ -504,7 +455,7 @@ def _resume(out: Path, config: dict[str, Any], module: torch.nn.Module, optimize
     state_path = out / "checkpoints" / STATE_FILE
     if not state_path.exists():
         raise ConvlensError(f"nothing to resume in {out}: {state_path} does not exist")
-    optimizer_state, metadata = _load_train_state(state_path)
+    optimizer_state, metadata = load_optimizer_state(state_path)
     saved = metadata["config"]
     changes = []
     for section in ("model", "data", "training", "preprocessing"):

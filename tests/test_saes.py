@@ -1,0 +1,343 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import convlens
+from convlens.cli import cli
+from convlens.core.errors import ConvlensError
+from convlens.core.sae import read_sae_metadata
+from convlens.core.sae_training import SAETrainingParams, evaluate, train_sae
+from convlens.core.store import ActivationStore, store_from_tensors
+
+
+def planted_dictionary(dim=64, atoms=256, samples=8192, active=4, seed=0):
+    """x = s D with unit-norm atoms (rows of D) and non-negative codes with ``active`` atoms per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(atoms, dim, generator=generator)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    chosen = torch.rand(samples, atoms, generator=generator).argsort(dim=1)[:, :active]
+    magnitudes = torch.rand(samples, active, generator=generator) + 0.5
+    codes = torch.zeros(samples, atoms).scatter(1, chosen, magnitudes)
+    return codes @ dictionary, dictionary
+
+
+def recovery(sae, dictionary):
+    """Mean over planted atoms of the best cosine similarity with a decoder atom."""
+    directions = sae.decoder_directions().detach()
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return float((dictionary @ directions.T).max(dim=1).values.mean())
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    data, dictionary = planted_dictionary()
+    split = (torch.arange(len(data)) % 10 == 0).to(torch.uint8)
+    return store_from_tensors(tmp_path_factory.mktemp("planted") / "store", data, split=split), dictionary
+
+
+def train(store, name, out, steps=600, training=None, **params):
+    sae = convlens.registry.create("sae", name, input_dim=store.dim, latent_dim=256, **params)
+    settings = SAETrainingParams(steps=steps, batch_size=256, lr=3e-3, log_every=100, val_samples=1024,
+                                 **(training or {}))
+    summary = train_sae(sae, {"name": name, "params": {"input_dim": store.dim, "latent_dim": 256, **params}},
+                        store, out, settings, progress=False)
+    return sae, summary
+
+
+ARCHITECTURES = [
+    ("relu-l1", {"l1": 0.05}, {"unit_norm_decoder": True}),
+    ("topk", {"k": 4, "aux_k": 0}, {}),
+    ("jumprelu", {}, {}),
+    ("gated", {}, {"unit_norm_decoder": True}),  # the example package under examples/plugins, via its entry point
+]
+
+
+@pytest.mark.parametrize("name, params, training", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+def test_every_architecture_recovers_a_planted_dictionary(planted, tmp_path, name, params, training):
+    store, dictionary = planted
+    sae, summary = train(store, name, tmp_path / name, training=training, **params)
+    assert recovery(sae, dictionary) >= 0.9
+    assert summary["final"]["val"]["fve"] > 0.8
+
+
+def test_topk_never_keeps_more_than_k_and_decodes_like_a_dense_topk(planted):
+    store, _ = planted
+    sae = convlens.registry.create("sae", "topk", input_dim=64, latent_dim=256, k=5, seed=3)
+    x = store.split("val")["vectors"][:300]
+    output = sae(x)
+    assert int((output.latents != 0).sum(dim=1).max()) <= 5
+    pre = (x - sae.decoder_bias) @ sae.encoder.T + sae.encoder_bias
+    top = pre.topk(5, dim=1)
+    dense = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    torch.testing.assert_close(output.latents, dense)
+    torch.testing.assert_close(output.reconstruction, dense @ sae.decoder + sae.decoder_bias, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_gradients_match_a_dense_reference_and_auxk_uses_only_dead_latents():
+    torch.manual_seed(0)
+    sae = convlens.registry.create("sae", "topk", input_dim=8, latent_dim=32, k=3, aux_k=4, dead_after=10).double()
+    with torch.no_grad():
+        sae.decoder_bias.normal_()
+        sae.encoder_bias.normal_()
+    reference = convlens.registry.create("sae", "topk", input_dim=8, latent_dim=32, k=3, aux_k=0).double()
+    reference.load_state_dict(sae.state_dict())
+    x = torch.randn(16, 8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[20:] = True
+    sae.samples_since_fired[dead] = 100
+    output = sae(x)
+    assert set(output.losses) == {"reconstruction", "auxk"}
+
+    def dense_loss(module):
+        pre = (x - module.decoder_bias) @ module.encoder.T + module.encoder_bias
+        top = pre.topk(3, dim=1)
+        latents = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+        reconstruction = latents @ module.decoder + module.decoder_bias
+        residual = (x - reconstruction).detach()
+        aux_top = pre.masked_fill(~dead, float("-inf")).topk(4, dim=1)
+        aux = torch.zeros_like(pre).scatter(1, aux_top.indices, torch.relu(aux_top.values))
+        auxk = (aux @ module.decoder - residual).pow(2).sum(dim=1).mean() / 32  # no decoder bias in the aux path
+        return (reconstruction - x).pow(2).sum(dim=1).mean(), auxk
+
+    main, auxk = dense_loss(reference)
+    torch.testing.assert_close(output.losses["reconstruction"], main)
+    torch.testing.assert_close(output.losses["auxk"], auxk)
+    output.loss.backward()
+    (main + auxk).backward()
+    for name in ("encoder", "decoder", "encoder_bias", "decoder_bias"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(reference, name).grad, msg=name)
+    sae.zero_grad()
+    sae(x).losses["auxk"].backward()
+    assert torch.count_nonzero(sae.decoder.grad[~dead]) == 0  # the residual is detached: live atoms get nothing
+
+
+def test_jumprelu_thresholds_move_and_l0_falls_as_the_penalty_rises(planted, tmp_path):
+    store, _ = planted
+    l0 = []
+    for penalty in (0.001, 0.1):
+        sae, summary = train(store, "jumprelu", tmp_path / f"l0-{penalty}", steps=300, l0=penalty)
+        assert not torch.allclose(sae.threshold, torch.full_like(sae.threshold, 0.5))
+        l0.append(summary["final"]["val"]["l0"])
+    assert l0[1] < l0[0]
+
+
+def test_tied_relu_l1_keeps_w_enc_equal_to_w_dec_transposed(planted, tmp_path):
+    store, _ = planted
+    sae, _ = train(store, "relu-l1", tmp_path / "tied", steps=100, tied=True)
+    assert sae.encoder is None and sae.pre_bias is None  # one shared matrix: W_enc = W_dec^T, b_enc = -b_dec
+    x = store.split("val")["vectors"][:50]
+    expected = torch.relu((x - sae.decoder_bias) @ sae.decoder.T + sae.latent_bias)
+    torch.testing.assert_close(sae.encode(x), expected)
+    plain = convlens.registry.create("sae", "relu-l1", input_dim=64, latent_dim=128, bias=False, clip=0.1)
+    latents = plain.encode(x)
+    assert latents[(latents > 0) & (latents < 0.1)].numel() == 0
+    assert {name for name, _ in plain.named_parameters()} == {"encoder", "decoder"}
+
+
+def stop_at(step):
+    def on_step(current):
+        if current == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def test_interrupted_training_resumes_to_the_same_weights(planted, tmp_path):
+    store, _ = planted
+    settings = SAETrainingParams(epochs=2, batch_size=256, lr=3e-3, log_every=10, checkpoint_every=20,
+                                 normalize_input=True)
+    record = {"name": "topk", "params": {"input_dim": 64, "latent_dim": 128, "k": 4, "aux_k": 16, "dead_after": 512}}
+
+    def fresh():
+        return convlens.registry.create("sae", "topk", **record["params"])
+
+    straight = fresh()
+    train_sae(straight, record, store, tmp_path / "straight", settings, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(fresh(), record, store, tmp_path / "resumed", settings, progress=False, on_step=stop_at(45))
+    with pytest.raises(ConvlensError, match="--resume"):
+        train_sae(fresh(), record, store, tmp_path / "resumed", settings, progress=False)
+    resumed = fresh()
+    train_sae(resumed, record, store, tmp_path / "resumed", settings, progress=False, resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == sorted({*range(10, 58, 10), 58})
+    other = SAETrainingParams(epochs=2, batch_size=128, lr=3e-3, log_every=10, checkpoint_every=20)
+    with pytest.raises(ConvlensError, match="training"):
+        train_sae(fresh(), record, store, tmp_path / "resumed", other, progress=False, resume=True)
+
+
+def test_checkpoint_round_trip_and_a_dimension_mismatch_names_both(planted, tmp_path):
+    store, _ = planted
+    sae, _ = train(store, "jumprelu", tmp_path / "run", steps=20, training={"normalize_input": True})
+    loaded = convlens.load_sae(tmp_path / "run" / "sae.safetensors", input_dim=64)
+    x = store.split("val")["vectors"][:20]
+    torch.testing.assert_close(loaded(x).reconstruction, sae.eval()(x).reconstruction)
+    with pytest.raises(ConvlensError, match=r"64-dimensional inputs, but the activations here have 32 channels"):
+        convlens.load_sae(tmp_path / "run" / "sae.safetensors", input_dim=32)
+    narrow = store_from_tensors(tmp_path / "narrow", torch.randn(100, 32))
+    with pytest.raises(ConvlensError, match=r"64-dimensional inputs.*32-channel"):
+        train_sae(loaded, {"name": "jumprelu", "params": {}}, narrow, tmp_path / "x", SAETrainingParams(steps=1))
+    (tmp_path / "not-sae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConvlensError, match="cannot read"):
+        convlens.load_sae(tmp_path / "not-sae.safetensors")
+
+
+def test_train_sae_cli_on_an_extracted_store_and_sae_info(tmp_path):
+    from convlens.core.shapes import write_shapes
+
+    write_shapes(tmp_path / "shapes", n=40, size=32, seed=0)
+    extract = CliRunner().invoke(cli, [
+        "extract", "--model", "tiny-cnn", "--model-input-size", "32", "--model-width", "4", "--layer", "block3",
+        "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "store"), "--device", "cpu"])
+    assert extract.exit_code == 0, extract.output
+    result = CliRunner().invoke(cli, [
+        "train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--k", "4", "--expansion", "4",
+        "--steps", "30", "--batch-size", "32", "--log-every", "10", "--out", str(tmp_path / "sae"), "--json",
+        "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["input_dim"] == 16 and summary["latent_dim"] == 64 and summary["steps"] == 30
+    assert summary["final"]["val"]["l0"] <= 4
+    for name in ("config.json", "metrics.jsonl", "curves.png", "sae.safetensors", "summary.json"):
+        assert (tmp_path / "sae" / name).is_file(), name
+    metadata = read_sae_metadata(tmp_path / "sae" / "sae.safetensors")
+    assert metadata["sae"] == "convlens:topk" and metadata["layer"] == "block3"
+    assert metadata["model"]["name"] == "convlens:tiny-cnn" and metadata["params"]["k"] == 4
+    info = CliRunner().invoke(cli, ["sae-info", str(tmp_path / "sae" / "sae.safetensors")])
+    assert info.exit_code == 0 and "convlens:topk (16 -> 64 latents)" in info.output and "layer block3" in info.output
+    again = CliRunner().invoke(cli, ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--steps", "5",
+                                     "--out", str(tmp_path / "sae")])
+    assert again.exit_code != 0 and "--resume" in again.output
+    unknown = CliRunner().invoke(cli, ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topq"])
+    assert unknown.exit_code != 0 and "topk" in unknown.output
+
+
+def test_one_process_and_two_torchrun_processes_agree(planted, tmp_path):
+    store, _ = planted
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["train-sae", "--store", str(store.path), "--sae", "relu-l1", "--latent-dim", "128", "--steps", "40",
+            "--batch-size", "256", "--lr", "0.003", "--log-every", "20", "--device", "cpu", "--json"]
+    single = subprocess.run([sys.executable, "-m", "convlens", *base, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             "29518", "-m", "convlens", *base,
+                             "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr
+    one, two = load_file(tmp_path / "one" / "sae.safetensors"), load_file(tmp_path / "two" / "sae.safetensors")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_evaluate_reports_fraction_of_variance_explained_against_float64(planted):
+    store, _ = planted
+    sae = convlens.registry.create("sae", "relu-l1", input_dim=64, latent_dim=128, seed=1)
+    x = store.split("val")["vectors"][:500]
+    metrics = evaluate(sae, store, "val", 500, torch.device("cpu"))
+    with torch.no_grad():
+        reconstruction = sae(x).reconstruction.double()
+    x64 = x.double()
+    fve = 1 - (reconstruction - x64).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+    assert metrics["fve"] == pytest.approx(float(fve), rel=1e-6)
+    assert metrics["l0"] == pytest.approx(float((sae(x).latents != 0).sum(1).double().mean()))
+    assert metrics["compression"] == pytest.approx(64 / metrics["l0"])
+    assert isinstance(ActivationStore(store.path).dim, int)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from convlens.core.sae_sweep import pareto_front
+
+    points = [(4, 0.5), (8, 0.3), (8, 0.4), (16, 0.3), (32, 0.1), (2, 0.9)]
+    assert pareto_front(points) == [5, 0, 1, 4]
+
+
+def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, monkeypatch):
+    store, dictionary = planted
+    reads = []
+    original = ActivationStore.batches
+
+    def counting(self, *args, **kwargs):
+        reads.append(kwargs.get("split", args[1] if len(args) > 1 else "train"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "batches", counting)
+    config = [{"sae": "topk", "params": {"k": k, "latent_dim": 256, "aux_k": 0}} for k in (2, 4, 8)]
+    config += [{"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": value}, "group": "latent-size"}
+               for value in (64, 256)]
+    (tmp_path / "sweep.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["sweep", "--store", str(store.path), "--config", str(tmp_path / "sweep.json"),
+                                      "--epochs", "3", "--batch-size", "256", "--lr", "0.003", "--val-samples", "512",
+                                      "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.output)
+    assert reads.count("train") == 3  # one read per epoch feeds all five configurations
+    rows = {row["label"]: row for row in sweep["configs"]}
+    assert [rows[f"topk[aux_k=0,k={k},latent_dim=256]"]["l0"] for k in (2, 4, 8)] == [2.0, 4.0, 8.0]
+    front = sweep["frontier"]["convlens:topk"]
+    assert front[:2] == [f"topk[aux_k=0,k={k},latent_dim=256]" for k in (2, 4)]  # k = 8 only if it beats k = 4
+    fve = [rows[label]["fve"] for label in front]
+    assert fve == sorted(fve)
+    assert sweep["ablations"]["latent-size"]["parameter"] == "latent_dim"
+    assert sweep["ablations"]["latent-size"]["values"] == [64, 256]
+    for name in ("sweep.json", "pareto.png", "ablations.png"):
+        assert (tmp_path / "out" / name).is_file()
+    best = convlens.load_sae(sweep["configs"][1]["checkpoint"])
+    assert recovery(best, dictionary) > 0.8
+
+
+def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
+    from convlens.core.shapes import write_shapes
+
+    write_shapes(tmp_path / "shapes", n=480, size=32, seed=0)
+    runner = CliRunner()
+    steps = [
+        ["train-model", "tiny-cnn", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "model"),
+         "--input-size", "32", "--width", "8", "--epochs", "6", "--batch-size", "32", "--lr", "0.005", "--no-augment"],
+        ["extract", "--model", str(tmp_path / "model"), "--layer", "block3", "--data", str(tmp_path / "shapes"),
+         "--out", str(tmp_path / "store"), "--device", "cpu"],
+        ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--k", "16", "--expansion", "4",
+         "--epochs", "20", "--lr", "0.002", "--normalize-input", "--out", str(tmp_path / "sae"), "--device", "cpu"],
+    ]
+    for arguments in steps:
+        result = runner.invoke(cli, arguments)
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
+                                 str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
+                                 "--ablate", "2", "--ablation-images", "64", "--out", str(tmp_path / "eval.json"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["layer"] == "block3" and report["images"] == 480  # the layer comes from the checkpoint
+    top1 = report["top1"]
+    assert top1["model"] > 0.5 and top1["zero"] < top1["model"] - 0.2
+    assert report["top1_drop"] == pytest.approx(top1["model"] - top1["sae"])
+    assert report["top1_drop"] <= 0.05  # a well-trained SAE keeps top-1 within 5 points
+    assert report["kl_sae"] < report["kl_zero_ablation"] and report["kl_recovered"] > 0.8
+    assert len(report["ablation"]) == 2 and report["ablation_images"] == 64
+    assert len(report["ablation"][0]["logit_change"]) == 8
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == top1
+    text = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
+                               str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
+                               "--ablate", "0", "--max-images", "50"])
+    assert text.exit_code == 0 and "with the SAE (drop" in text.output
+    wrong = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--layer", "block2", "--sae",
+                                str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes")])
+    assert wrong.exit_code != 0 and "32-dimensional inputs" in wrong.output and "16 channels" in wrong.output
+
+
+def test_spliced_kl_matches_a_float64_reference():
+    from convlens.core.sae_evaluation import kl_divergence
+
+    p, q = torch.randn(5, 7), torch.randn(5, 7)
+    reference = (p.double().softmax(1) * (p.double().log_softmax(1) - q.double().log_softmax(1))).sum(1)
+    torch.testing.assert_close(kl_divergence(p, q), reference)
+    assert torch.allclose(kl_divergence(p, p), torch.zeros(5, dtype=torch.float64))
