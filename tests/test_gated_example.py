@@ -2,8 +2,8 @@
 own ``convlens`` entry point.
 
 The registry test needs the example installed (``pip install -e examples/plugins/convlens-gated-sae``) and is
-skipped otherwise; the forward and recovery tests import the package from the example folder when it is not
-installed.
+skipped otherwise; the forward tests import the package from the example folder when it is not installed.
+Recovery of a planted dictionary through the shared trainer is in ``test_saes.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,39 +36,6 @@ def _installed() -> bool:
 
 
 needs_install = pytest.mark.skipif(not _installed(), reason=f"{DIST} is not installed (pip install -e {EXAMPLE})")
-
-
-def planted_dictionary(dim, atoms, samples, active, seed):
-    """``(data [samples, dim], atoms [atoms, dim])``: x = s D with unit-norm random atoms (rows of D) and
-    non-negative sparse codes s. ``active`` atoms per sample (an int, or an inclusive ``(low, high)`` range
-    drawn uniformly per sample), chosen uniformly without replacement, with magnitudes uniform in [0.5, 1.5)."""
-    generator = torch.Generator().manual_seed(seed)
-    dictionary = torch.randn(atoms, dim, generator=generator)
-    dictionary /= dictionary.norm(dim=1, keepdim=True)
-    low, high = (active, active) if isinstance(active, int) else active
-    counts = torch.randint(low, high + 1, (samples,), generator=generator)
-    # the `high` atoms with the largest random scores, in random order; the first counts[b] of them are active
-    chosen = torch.rand(samples, atoms, generator=generator).topk(high, dim=1, sorted=False).indices
-    magnitudes = 0.5 + torch.rand(samples, high, generator=generator)
-    magnitudes *= torch.arange(high) < counts[:, None]
-    codes = torch.zeros(samples, atoms).scatter_(1, chosen, magnitudes)
-    return codes @ dictionary, dictionary
-
-
-def recovery(sae, dictionary) -> torch.Tensor:
-    """Per planted atom, the best cosine similarity with a decoder atom."""
-    directions = sae.decoder_directions().detach()
-    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (dictionary @ directions.T).max(dim=1).values
-
-
-@pytest.fixture
-def one_thread():
-    """The planted test is tiny matmuls: one thread is fastest and is not slowed down by busy neighbours."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- (1) discovery through the entry point ---------------------------------------------------------------------
@@ -230,42 +196,3 @@ def test_initialisation_follows_the_paper_and_the_seed():
     assert torch.equal(GatedSAE(GatedParams(input_dim=16, latent_dim=48, seed=7)).decoder, sae.decoder)
     assert not torch.equal(GatedSAE(GatedParams(input_dim=16, latent_dim=48, seed=8)).decoder, sae.decoder)
     assert GatedSAE(GatedParams(input_dim=16, expansion=2)).latent_dim == 32
-
-
-# --- (3) recovering a planted dictionary ------------------------------------------------------------------------
-RECOVERY_STEPS = 600
-RECOVERY_LR = 3e-3
-
-
-def test_recovers_a_planted_dictionary(one_thread):
-    data, dictionary = planted_dictionary(dim=64, atoms=256, samples=16384, active=(3, 5), seed=0)
-    val, train = data[::8], data[torch.arange(len(data)) % 8 != 0]
-    torch.manual_seed(0)
-    sae = GatedSAE(GatedParams(input_dim=64, latent_dim=256, seed=0))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=RECOVERY_LR)
-    order = torch.Generator().manual_seed(1)
-    start = time.perf_counter()
-    step = 0
-    while step < RECOVERY_STEPS:
-        permutation = torch.randperm(len(train), generator=order)
-        for first in range(0, len(train) - 255, 256):
-            loss = sae(train[permutation[first : first + 256]]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sae.normalize_decoder_()
-            step += 1
-            if step == RECOVERY_STEPS:
-                break
-    elapsed = time.perf_counter() - start
-
-    similarity = recovery(sae, dictionary)
-    with torch.no_grad():
-        output = sae(val)
-    fve = 1 - float((output.reconstruction - val).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
-    l0 = float((output.latents != 0).sum(dim=1).double().mean())
-    print(f"gated recovery: mean best cosine {float(similarity.mean()):.4f} (min {float(similarity.min()):.3f}), "
-          f"FVE {fve:.3f}, L0 {l0:.1f}, {RECOVERY_STEPS} steps in {elapsed:.1f} s")
-    assert float(similarity.mean()) >= 0.9
-    assert fve > 0.8
-    assert l0 < 40  # sparse, although the gates are still closing after this short run (4 planted atoms per sample)

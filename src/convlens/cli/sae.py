@@ -198,14 +198,10 @@ def evaluate_sae_command(model_name: str, layer: str | None, sae_path: str, data
                    f"zeroing it lowers {lowered or '-'}")
 
 
-class SweepCommand(click.Command):
-    """Adds the training options (imported lazily, so `convlens --help` stays light)."""
+class SweepCommand(TrainSAECommand):
+    """The training options, and no plugin named on the command line (configurations come from a file)."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not any((p.name or "").startswith(TRAIN_PREFIX) for p in self.params):
-            reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
-            self.params += click_parameters(_training_params(), reserved=reserved, dest_prefix=TRAIN_PREFIX)
-        return super().parse_args(ctx, args)
+    plugin_flags = ()
 
 
 @click.command("sweep", cls=SweepCommand)
