@@ -286,6 +286,7 @@ def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, m
     assert front[:2] == [f"topk[aux_k=0,k={k},latent_dim=256]" for k in (2, 4)]  # k = 8 only if it beats k = 4
     fve = [rows[label]["fve"] for label in front]
     assert fve == sorted(fve)
+    assert "convlens:relu-l1" not in sweep["frontier"]  # ablation runs are not sparsity settings
     assert sweep["ablations"]["latent-size"]["parameter"] == "latent_dim"
     assert sweep["ablations"]["latent-size"]["values"] == [64, 256]
     for name in ("sweep.json", "pareto.png", "ablations.png"):

@@ -142,10 +142,12 @@ def run_sweep(
 
 
 def _frontiers(results: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Per architecture, the labels on its Pareto frontier of L0 against 1 - FVE (Figure 16)."""
+    """Per architecture, the labels on its Pareto frontier of L0 against 1 - FVE (Figure 16), among the
+    configurations of the frontier group (ablations change more than the sparsity setting)."""
     fronts = {}
-    for sae in dict.fromkeys(r["sae"] for r in results):
-        rows = [r for r in results if r["sae"] == sae and r["l0"] is not None and r["fve"] is not None]
+    candidates = [r for r in results if r["group"] == FRONTIER and r["l0"] is not None and r["fve"] is not None]
+    for sae in dict.fromkeys(r["sae"] for r in candidates):
+        rows = [r for r in candidates if r["sae"] == sae]
         fronts[sae] = [rows[i]["label"] for i in pareto_front([(r["l0"], 1 - r["fve"]) for r in rows])]
     return fronts
 
