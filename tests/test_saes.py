@@ -273,14 +273,20 @@ def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, m
     config = [{"sae": "topk", "params": {"k": k, "latent_dim": 256, "aux_k": 0}} for k in (2, 4, 8)]
     config += [{"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": value}, "group": "latent-size"}
                for value in (64, 256)]
+    config += [{"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": 256, "clip": value}, "group": "clip"}
+               for value in (0.0, 0.1)]  # clip 0 is the latent-size group's 256 run again: trained once
     (tmp_path / "sweep.json").write_text(json.dumps(config))
     result = CliRunner().invoke(cli, ["sweep", "--store", str(store.path), "--config", str(tmp_path / "sweep.json"),
                                       "--epochs", "3", "--batch-size", "256", "--lr", "0.003", "--val-samples", "512",
                                       "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     sweep = json.loads(result.output)
-    assert reads.count("train") == 3  # one read per epoch feeds all five configurations
+    assert reads.count("train") == 3  # one read per epoch feeds all six distinct configurations
+    assert sweep["trained"] == 6 and len(sweep["configs"]) == 7
     rows = {row["label"]: row for row in sweep["configs"]}
+    shared = rows["relu-l1[clip=0,l1=0.05,latent_dim=256]"], rows["relu-l1[l1=0.05,latent_dim=256]"]
+    assert shared[0]["checkpoint"] == shared[1]["checkpoint"] and shared[0]["fve"] == shared[1]["fve"]
+    assert sweep["ablations"]["clip"]["values"] == [0.0, 0.1]
     assert [rows[f"topk[aux_k=0,k={k},latent_dim=256]"]["l0"] for k in (2, 4, 8)] == [2.0, 4.0, 8.0]
     front = sweep["frontier"]["convlens:topk"]
     assert front[:2] == [f"topk[aux_k=0,k={k},latent_dim=256]" for k in (2, 4)]  # k = 8 only if it beats k = 4

@@ -250,6 +250,7 @@ def sweep_command(store: str, config_file: str | None, preset: str, val_store: s
         state = f"failed: {row['failed']}" if row["failed"] else (
             f"L0 {row['l0']:.1f}, variance explained {100 * row['fve']:.1f} %" if row["fve"] is not None else "-")
         click.echo(f"  {row['label']}: {state}")
-    click.echo(f"swept {len(result['configs'])} SAE configurations for {result['steps']} steps in "
+    click.echo(f"swept {len(result['configs'])} SAE configurations ({result['trained']} distinct, trained side by "
+               f"side) for {result['steps']} steps in "
                f"{result['seconds']:.1f} s; wrote {out}/sweep.json, pareto.png"
                + (", ablations.png" if result["ablations"] else ""))

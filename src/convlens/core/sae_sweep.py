@@ -11,6 +11,7 @@ sharing a ``group`` other than ``"frontier"`` form an ablation over the one para
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -80,9 +81,15 @@ def run_sweep(
     if duplicates:
         raise ConvlensError(f"the sweep lists the same configuration twice: {', '.join(duplicates)}")
     built = [build(config) for config in configs]
+    # a configuration listed in several groups (e.g. a frontier point that is also an ablation's baseline) has
+    # the same resolved parameters each time: it is trained once and reported under every label
+    first_of: dict[str, int] = {}
+    trains = [first_of.setdefault(json.dumps(record, sort_keys=True), number) for number, (_, record) in enumerate(built)]
+    unique = sorted(set(trains))
     mean, scale = input_statistics(store) if params.normalize_input else (None, None)
-    optimizers = []
-    for sae, _ in built:
+    optimizers = {}
+    for number in unique:
+        sae = built[number][0]
         sae.to(device)
         if sae.input_dim != store.dim:
             raise ConvlensError(f"the SAE takes {sae.input_dim}-dimensional inputs, but {store.path} holds "
@@ -91,11 +98,11 @@ def run_sweep(
             sae.set_normalisation(mean.to(device), scale)
         if params.unit_norm_decoder:
             sae.normalize_decoder_()
-        optimizers.append(adam(sae.parameters(), params.lr))
+        optimizers[number] = adam(sae.parameters(), params.lr)
     steps_per_epoch = math.ceil(split_count(store, "train") / params.batch_size)
     total_steps = params.steps or params.epochs * steps_per_epoch
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"sweep of {len(configs)} SAEs", unit="step", leave=False,
+    bar = tqdm(total=total_steps, desc=f"sweep of {len(unique)} SAEs", unit="step", leave=False,
                disable=None if progress is None else not progress)
     step, epoch, failed = 0, 0, {}
     while step < total_steps:
@@ -103,11 +110,11 @@ def run_sweep(
             if step >= total_steps:
                 break
             x = batch.to(device).float()
-            for number, ((sae, _), optimizer) in enumerate(zip(built, optimizers)):
+            for number, optimizer in optimizers.items():
                 if number in failed:
                     continue
                 try:
-                    training_step(sae, optimizer, x, len(x), 1, params.unit_norm_decoder)
+                    training_step(built[number][0], optimizer, x, len(x), 1, params.unit_norm_decoder)
                 except FloatingPointError as exc:
                     failed[number] = f"loss became {exc} at step {step + 1}"
             step += 1
@@ -115,23 +122,27 @@ def run_sweep(
         epoch += 1
     bar.close()
     validation = val_store or store
-    results = []
-    for number, (config, label, (sae, record)) in enumerate(zip(configs, labels, built)):
-        folder = out / "configs" / f"{number:03d}"
-        metrics = {} if number in failed else evaluate(sae, validation, "val", params.val_samples, device)
+    metrics: dict[int, dict[str, Any]] = {}
+    for number in unique:
+        sae, record = built[number]
+        metrics[number] = {} if number in failed else evaluate(sae, validation, "val", params.val_samples, device)
         if number not in failed:
-            save_sae(sae, folder / "sae.safetensors", name=record["name"], params=record["params"], extra={
-                "model": store.manifest.get("model"), "layer": store.manifest.get("layer"),
-                "store": {"path": str(store.path), "samples": len(store)}, "training": params.to_dict(),
-                "steps": step, "metrics": metrics})
+            save_sae(sae, out / "configs" / f"{number:03d}" / "sae.safetensors", name=record["name"],
+                     params=record["params"], extra={
+                         "model": store.manifest.get("model"), "layer": store.manifest.get("layer"),
+                         "store": {"path": str(store.path), "samples": len(store)}, "training": params.to_dict(),
+                         "steps": step, "metrics": metrics[number]})
+    results = []
+    for config, label, (_, record), trained in zip(configs, labels, built, trains):
         results.append({"label": label, "sae": record["name"], "params": config.get("params", {}),
-                        "group": config.get("group", FRONTIER), "checkpoint": str(folder / "sae.safetensors"),
-                        "failed": failed.get(number), **{key: metrics.get(key) for key in
-                                                         ("mse", "fve", "l0", "dead_fraction", "compression")}})
+                        "group": config.get("group", FRONTIER),
+                        "checkpoint": str(out / "configs" / f"{trained:03d}" / "sae.safetensors"),
+                        "failed": failed.get(trained), **{key: metrics[trained].get(key) for key in
+                                                          ("mse", "fve", "l0", "dead_fraction", "compression")}})
     frontier = _frontiers(results)
     ablations = _ablations(results)
     sweep = {"store": str(store.path), "validation": str(validation.path), "training": params.to_dict(),
-             "steps": step, "epochs": round(step / steps_per_epoch, 3), "configs": results, "frontier": frontier,
+             "trained": len(unique), "steps": step, "epochs": round(step / steps_per_epoch, 3), "configs": results, "frontier": frontier,
              "ablations": ablations, "seconds": round(time.perf_counter() - started, 3), "versions": versions()}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep.json", sweep)
