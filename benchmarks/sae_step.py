@@ -248,6 +248,9 @@ def main() -> None:
           + "".join(f", {name} through the trainer's training_step {ratios[f'{name}_trainer_step_vs_step']:.2f}x"
                     for name in ("topk", "relu-l1") if f"{name}_trainer_step_vs_step" in ratios)
           + ("" if other_load is None else f"; other processes used {100 * other_load:.0f} % of the CPUs meanwhile"))
+    if other_load is not None and other_load > 0.05:
+        print(f"warning: other processes used {100 * other_load:.0f} % of the CPUs during the rounds; the ratios may "
+              "reflect their load more than the code (run again on a quiet machine)", file=sys.stderr)
     missed = (ratios["topk_vs_relu_l1"] > TARGETS["topk_vs_relu_l1"]
               or ratios["relu_l1_vs_floor"] > TARGETS["relu_l1_vs_floor"]
               or ratios.get("topk_vs_overcomplete", float("inf")) < TARGETS["topk_vs_overcomplete"])

@@ -13,8 +13,8 @@ model, layer, store, metrics). :func:`load_sae` rebuilds the SAE through the reg
 from __future__ import annotations
 
 import abc
-import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,22 @@ CHECKPOINT_FORMAT = "convlens-sae/1"
 METADATA_KEY = "convlens_sae"
 
 
-@dataclasses.dataclass
 class SAEOutput:
-    reconstruction: torch.Tensor
-    latents: torch.Tensor
-    losses: dict[str, torch.Tensor]
+    """Reconstruction, latents and named loss terms of a forward pass. ``latents`` may be given as a
+    zero-argument function; it is then built on first access (an SAE whose loss does not read its latents,
+    like TopK, so never materialises a dense ``[B, latent_dim]`` tensor that nobody reads)."""
+
+    def __init__(self, reconstruction: torch.Tensor, latents: torch.Tensor | Callable[[], torch.Tensor],
+                 losses: dict[str, torch.Tensor]):
+        self.reconstruction = reconstruction
+        self._latents = latents
+        self.losses = losses
+
+    @property
+    def latents(self) -> torch.Tensor:
+        if callable(self._latents):
+            self._latents = self._latents()
+        return self._latents
 
     @property
     def loss(self) -> torch.Tensor:
@@ -69,8 +80,10 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         """The decoder's atoms as rows ``[latent_dim, input_dim]``, as a view of the parameter when possible."""
         raise ContractError(f"{type(self).__name__} does not expose its decoder directions")
 
-    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely)."""
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor]:
+        """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely).
+        ``latents`` may be a zero-argument function building them, when :meth:`loss_terms` does not read them
+        (it then receives that function)."""
         latents = self.encode_vectors(x)
         return latents, self.decode_vectors(latents)
 
@@ -96,7 +109,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         normalised = self.normalise(rows)
         latents, reconstruction = self.encode_decode(normalised)
         losses = self.loss_terms(normalised, reconstruction, latents)
-        return SAEOutput(restore(self.denormalise(reconstruction)), restore(latents), losses)
+        restored = (lambda: restore(latents())) if callable(latents) else restore(latents)
+        return SAEOutput(restore(self.denormalise(reconstruction)), restored, losses)
 
     def normalise(self, rows: torch.Tensor) -> torch.Tensor:
         return (rows - self.input_mean) / self.input_scale

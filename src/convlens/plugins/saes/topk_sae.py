@@ -114,7 +114,11 @@ class TopKSAE(SparseAutoencoder):
     def encode_decode(self, x):
         centred, pre, values, index = self._sparse_encode(x)
         reconstruction = SparseDecode.apply(values, index, self.decoder) + self.decoder_bias
-        latents = torch.zeros(x.shape[0], self.latent_dim, dtype=values.dtype, device=x.device).scatter_(1, index, values)
+
+        def latents() -> torch.Tensor:  # built only if someone reads SAEOutput.latents; the loss does not
+            return torch.zeros(x.shape[0], self.latent_dim, dtype=values.dtype, device=x.device).scatter_(
+                1, index, values)
+
         # loss_terms receives (x, reconstruction, latents) only: keep what AuxK needs, tagged with its rows
         self._pending = (x, centred, pre) if self.training and self.aux_k > 0 and self.aux_coefficient > 0 else None
         return latents, reconstruction
