@@ -1,8 +1,9 @@
 """The third-party example plugin under examples/plugins/convlens-gated-sae: a gated SAE added purely through its
 own ``convlens`` entry point.
 
-The registry test needs the example installed (``pip install -e examples/plugins/convlens-gated-sae``) and is
-skipped otherwise; the forward tests import the package from the example folder when it is not installed.
+The entry-point tests need the example installed (the README install command does it:
+``pip install -e examples/plugins/convlens-gated-sae``) and fail with that instruction otherwise; the forward
+tests import the package from the example folder when it is not installed.
 Recovery of a planted dictionary through the shared trainer is in ``test_saes.py``.
 """
 
@@ -35,12 +36,14 @@ def _installed() -> bool:
     return True
 
 
-needs_install = pytest.mark.skipif(not _installed(), reason=f"{DIST} is not installed (pip install -e {EXAMPLE})")
+@pytest.fixture
+def installed_example():
+    """The README's install command installs the example; without it the entry-point tests fail, not skip."""
+    assert _installed(), f"{DIST} is not installed; run the README install command (pip install -e {EXAMPLE})"
 
 
 # --- (1) discovery through the entry point ---------------------------------------------------------------------
-@needs_install
-def test_registry_lists_gated_from_the_example_distribution(convlens_registry):
+def test_registry_lists_gated_from_the_example_distribution(installed_example, convlens_registry):
     entry_points = [ep for ep in importlib.metadata.entry_points(group="convlens") if ep.dist.name == DIST]
     assert [(ep.name, ep.value) for ep in entry_points] == [(DIST, "convlens_gated_sae")]
 
@@ -61,8 +64,7 @@ def test_registry_lists_gated_from_the_example_distribution(convlens_registry):
     check_component("sae", "gated", registry=convlens_registry, input_dim=16, latent_dim=64)
 
 
-@needs_install
-def test_checkpoint_round_trip_through_the_registry(convlens_registry, tmp_path):
+def test_checkpoint_round_trip_through_the_registry(installed_example, convlens_registry, tmp_path):
     import convlens
     from convlens.core.sae import save_sae
 
@@ -79,8 +81,7 @@ def test_checkpoint_round_trip_through_the_registry(convlens_registry, tmp_path)
         torch.testing.assert_close(loaded(x).latents, sae(x).latents)
 
 
-@needs_install
-def test_listing_the_plugin_does_not_import_torch():
+def test_listing_the_plugin_does_not_import_torch(installed_example):
     code = ("import sys, convlens.registry as r\n"
             "assert [c.dist for c in r.list('sae', 'gated')] == ['convlens-gated-sae']\n"
             "assert 'torch' not in sys.modules, 'listing imported torch'\n")
