@@ -140,6 +140,29 @@ def test_tied_relu_l1_keeps_w_enc_equal_to_w_dec_transposed(planted, tmp_path):
     assert {name for name, _ in plain.named_parameters()} == {"encoder", "decoder"}
 
 
+@pytest.mark.parametrize("options", [{}, {"tied": True}, {"bias": False}, {"clip": 0.3}, {"tied": True, "clip": 0.3}])
+def test_relu_l1_fused_training_pass_matches_autograd(options):
+    """relu-l1's hand-written backward (used whenever gradients are on) gives autograd's gradients of eqs. 6-8."""
+    sae = convlens.registry.create("sae", "relu-l1", input_dim=12, latent_dim=40, seed=3, **options).double()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in sae.parameters():  # non-zero biases, and roughly half of the latents active
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.5)
+    x = torch.randn(30, 12, generator=generator, dtype=torch.float64)
+    output = sae(x)
+    weights = torch.randn(30, 40, generator=generator, dtype=torch.float64)  # an extra term on the latents
+    fused = torch.autograd.grad(output.loss + (output.latents * weights).sum(), list(sae.parameters()))
+
+    latents = sae.encode_vectors(x.clone().requires_grad_())  # the plain autograd graph of the same formula
+    reconstruction = sae.decode_vectors(latents)
+    reference_loss = sum(sae.loss_terms(x, reconstruction, latents).values()) + (latents * weights).sum()
+    reference = torch.autograd.grad(reference_loss, list(sae.parameters()))
+    assert 0.2 < float((output.latents > 0).double().mean()) < 0.8
+    torch.testing.assert_close(output.loss, reference_loss - (latents * weights).sum())
+    for name, got, expected in zip([name for name, _ in sae.named_parameters()], fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def stop_at(step):
     def on_step(current):
         if current == step:

@@ -20,12 +20,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import ContractError, ConvlensError
 from .contracts import SAEParams  # noqa: F401  (re-exported: plugins import it from here or convlens)
 
 CHECKPOINT_FORMAT = "convlens-sae/1"
 METADATA_KEY = "convlens_sae"
+
+
+def squared_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``||reconstruction - target||^2`` (the reconstruction term of sec. 8.2.1), one fused
+    kernel forward and one backward."""
+    return F.mse_loss(reconstruction, target, reduction="sum") / max(len(target), 1)
 
 
 class SAEOutput:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convlens.core.sae import SparseAutoencoder
+from convlens.core.sae import SparseAutoencoder, squared_error
 
 
 def random_unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:
@@ -88,9 +88,9 @@ class GatedSAE(SparseAutoencoder):
         atom_norms = self.decoder.norm(dim=1)
         frozen = gate_activity @ self.decoder.detach() + self.decoder_bias.detach()
         return {
-            "reconstruction": (reconstruction - x).pow(2).sum(dim=-1).mean(),
+            "reconstruction": squared_error(reconstruction, x),
             "sparsity": self.l1 * (gate_activity * atom_norms).sum(dim=-1).mean(),
-            "auxiliary": (x - frozen).pow(2).sum(dim=-1).mean(),
+            "auxiliary": squared_error(x, frozen),
         }
 
     def decoder_directions(self):

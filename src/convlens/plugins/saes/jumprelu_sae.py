@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from convlens.core.sae import SparseAutoencoder
+from convlens.core.sae import SparseAutoencoder, squared_error
 
 from .relu_l1_sae import unit_rows
 
@@ -94,7 +94,7 @@ class JumpReLUSAE(SparseAutoencoder):
         pending, self._pending = self._pending, None
         pre = pending[1] if pending is not None and pending[0] is x else self.pre_activations(x)
         active = StepFunction.apply(pre, self.threshold, self.bandwidth).sum(dim=-1).mean()
-        return {"reconstruction": (reconstruction - x).pow(2).sum(dim=-1).mean(), "l0": self.l0 * active}
+        return {"reconstruction": squared_error(reconstruction, x), "l0": self.l0 * active}
 
     def decoder_directions(self):
         return self.decoder
