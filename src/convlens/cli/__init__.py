@@ -15,6 +15,7 @@ from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
 from .sae import evaluate_sae_command, sae_info, sweep_command, train_sae_command
 from .training import train_model_command
+from .visualize import visualize_command
 
 
 @click.group(cls=ConvlensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,7 +44,7 @@ def cli() -> None:
 
 for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract,
                 compare_filters_command, train_sae_command, sae_info, evaluate_sae_command,
-                sweep_command):
+                sweep_command, visualize_command):
     cli.add_command(command)
 
 

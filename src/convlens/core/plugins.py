@@ -41,6 +41,7 @@ BUILTIN_MODULES = (
     "convlens.plugins.saes.relu_l1",
     "convlens.plugins.saes.topk",
     "convlens.plugins.saes.jumprelu",
+    "convlens.plugins.visualizers.feature_viz",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"

@@ -87,6 +87,11 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         """The decoder's atoms as rows ``[latent_dim, input_dim]``, as a view of the parameter when possible."""
         raise ContractError(f"{type(self).__name__} does not expose its decoder directions")
 
+    def preactivation_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs ``[B, latent_dim]`` before the sparsifying non-linearity: what feature visualisation
+        maximises for a latent, since a latent that is off passes no gradient. Default: the latents themselves."""
+        return self.encode_vectors(x)
+
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor]:
         """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely).
         ``latents`` may be a zero-argument function building them, when :meth:`loss_terms` does not read them
@@ -106,6 +111,11 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         rows, restore = self._to_rows(x, self.input_dim)
         return restore(self.encode_vectors(self.normalise(rows)))
+
+    def preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`preactivation_vectors` of ``x`` (features on axis 1, like :meth:`encode`)."""
+        rows, restore = self._to_rows(x, self.input_dim)
+        return restore(self.preactivation_vectors(self.normalise(rows)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         rows, restore = self._to_rows(latents, self.latent_dim)

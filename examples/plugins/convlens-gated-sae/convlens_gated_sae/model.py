@@ -69,6 +69,9 @@ class GatedSAE(SparseAutoencoder):
     def encode_vectors(self, x):
         return self._combine(*self.pre_activations(x))
 
+    def preactivation_vectors(self, x):
+        return self.pre_activations(x)[1]  # the magnitude path: the latent's value wherever the gate is open
+
     def decode_vectors(self, latents):
         return latents @ self.decoder + self.decoder_bias
 

@@ -78,6 +78,9 @@ class JumpReLUSAE(SparseAutoencoder):
         return torch.addmm(torch.addmv(self.encoder_bias, self.encoder, self.decoder_bias, alpha=-1), x,
                            self.encoder.T)
 
+    def preactivation_vectors(self, x):
+        return self.pre_activations(x)
+
     def encode_vectors(self, x):
         return JumpReLUFunction.apply(self.pre_activations(x), self.threshold, self.bandwidth)
 

@@ -83,18 +83,19 @@ class ReluL1SAE(SparseAutoencoder):
         return self.decoder if self.tied else self.encoder
 
     def encode_vectors(self, x):
+        latents = self.preactivation_vectors(x).relu_()  # in place: the matmul saves its inputs, not its output
+        if self.clip > 0:
+            latents = latents * (latents >= self.clip)
+        return latents
+
+    def preactivation_vectors(self, x):
         rows = self.encoder_rows()
         if self.latent_bias is not None:
             # W_enc (x + b_enc) + b_latent = W_enc x + (W_enc b_enc + b_latent): the pre-encoder bias then gets its
             # gradient through a matrix-vector product instead of a sixth [batch x latents x inputs] matmul
             pre_bias = -self.decoder_bias if self.tied else self.pre_bias
-            pre = torch.addmm(torch.addmv(self.latent_bias, rows, pre_bias), x, rows.T)
-        else:
-            pre = x @ rows.T
-        latents = pre.relu_()  # in place: addmm keeps its inputs for backward, not its output
-        if self.clip > 0:
-            latents = latents * (latents >= self.clip)
-        return latents
+            return torch.addmm(torch.addmv(self.latent_bias, rows, pre_bias), x, rows.T)
+        return x @ rows.T
 
     def encode_decode(self, x):
         if not torch.is_grad_enabled() or x.requires_grad:  # the fused backward gives no gradient for x

@@ -138,6 +138,9 @@ class TopKSAE(SparseAutoencoder):
         return torch.zeros(x.shape[0], self.latent_dim, dtype=values.dtype, device=x.device).scatter_(
             1, bags.index, values)
 
+    def preactivation_vectors(self, x):
+        return torch.addmm(self.encoder_bias, x - self.decoder_bias, self.encoder.T)
+
     def decode_vectors(self, latents):
         return latents @ self.decoder + self.decoder_bias
 

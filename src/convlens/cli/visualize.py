@@ -1,0 +1,119 @@
+"""``convlens visualize NAME``: run any visualizer plugin on units of a model's layer (optionally through an SAE)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from convlens.core.errors import ConvlensError
+from convlens.core.params import click_parameters, values_from_click
+from convlens.core.registry import default_registry
+
+from .output import echo_json
+from .plugin_options import PluginOptionsCommand, load_model
+
+VISUALIZER_PREFIX = "visualizer__"
+
+
+class VisualizeCommand(PluginOptionsCommand):
+    """``--model NAME`` adds the model's options; the visualizer named first adds its own."""
+
+    plugin_flags = ("--model",)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        self.params = [p for p in self.params if not (p.name or "").startswith(VISUALIZER_PREFIX)]
+        if args and not args[0].startswith("-"):
+            reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
+            try:
+                spec = default_registry().get("visualizer", args[0]).spec.params
+            except ConvlensError as exc:
+                raise click.UsageError(str(exc), ctx) from exc
+            self.params += click_parameters(spec, reserved=reserved, prefix="viz", dest_prefix=VISUALIZER_PREFIX)
+        return super().parse_args(ctx, args)
+
+
+def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
+    """``0,5,9``, ranges ``0-7`` and ``all`` (every unit of the layer, or every SAE latent)."""
+    if not text:
+        return ()
+    units: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if part == "all":
+            if available is None:
+                raise ConvlensError("--units all: the number of units is not known")
+            units += range(available)
+        elif "-" in part:
+            low, _, high = part.partition("-")
+            if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
+                raise ConvlensError(f"--units: '{part}' is not a range like 0-7")
+            units += range(int(low), int(high) + 1)
+        elif part.isdigit():
+            units.append(int(part))
+        else:
+            raise ConvlensError(f"--units: '{part}' is not a unit number, a range like 0-7, or 'all'")
+    return tuple(dict.fromkeys(units))
+
+
+@click.command("visualize", cls=VisualizeCommand, context_settings={"ignore_unknown_options": False})
+@click.argument("name")
+@click.option("--model", "model_name", required=True,
+              help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.")
+@click.option("--layer", default=None, help="Layer (default: the model's default layer).")
+@click.option("--units", default=None, help="Units: 0,5,9, ranges 0-7, or all; SAE latents with --sae.")
+@click.option("--sae", "sae_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="An SAE checkpoint trained on this layer: units are then its latents.")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default: runs/visualize-NAME-LAYER).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--json", "as_json", is_flag=True, help="Print the visualizer's JSON record.")
+def visualize_command(name: str, model_name: str, layer: str | None, units: str | None, sae_path: str | None,
+                      out: str | None, device: str | None, as_json: bool, **options: Any) -> None:
+    """Run the visualizer NAME (see `convlens list visualizer`) on units of a layer; its own options follow NAME.
+
+    Example: convlens visualize feature-viz --model tiny-cnn --layer block4 --units 0-7 --preset improved
+    """
+    import torch
+
+    from convlens import VisualTarget
+    from convlens.core.device import resolve_device
+    from convlens.core.layers import activations_at
+    from convlens.core.runs import versions, write_json_atomic
+    from convlens.core.sae import load_sae
+
+    registry = default_registry()
+    spec = registry.get("visualizer", name)
+    visualizer_params = values_from_click(options, VISUALIZER_PREFIX)
+    visualizer = registry.create("visualizer", name, **visualizer_params)
+    bundle, model_record = load_model(model_name, options)
+    layer = layer or bundle.default_layer
+    target_device = resolve_device(device)
+    bundle.module.to(target_device).eval()
+    probe = activations_at(bundle.module, torch.zeros(1, 3, *bundle.input_size, device=target_device), layer,
+                           model_name=model_record["name"]).activations[layer]
+    sae = None
+    if sae_path:
+        sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval()
+    chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
+    out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "config.json", {
+        "command": "visualize", "visualizer": {"name": spec.qualified_name, "params": visualizer.params.to_dict()
+                                               if visualizer.params is not None else {}},
+        "model": model_record, "layer": layer, "units": list(chosen), "sae": sae_path, "device": str(target_device),
+        "versions": versions(),
+    })
+    if hasattr(visualizer, "progress"):
+        visualizer.progress = None if not as_json else False
+    started = time.perf_counter()
+    record = visualizer.run(VisualTarget(bundle, layer, chosen, sae), out_dir)
+    seconds = time.perf_counter() - started
+    if as_json:
+        echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})
+        return
+    pictures = sum(1 for _ in out_dir.rglob("*.png"))
+    what = f"{len(chosen)} {'latents' if sae is not None else 'units'}" if chosen else "the given objectives"
+    click.echo(f"{spec.name}: {what} of {layer} in {seconds:.1f} s; wrote {pictures} PNG files and the JSON record to "
+               f"{out_dir}")
