@@ -114,6 +114,7 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
         echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})
         return
     pictures = sum(1 for _ in out_dir.rglob("*.png"))
-    what = f"{len(chosen)} {'latents' if sae is not None else 'units'}" if chosen else "the given objectives"
-    click.echo(f"{spec.name}: {what} of {layer} in {seconds:.1f} s; wrote {pictures} PNG files and the JSON record to "
-               f"{out_dir}")
+    what = f"{len(chosen)} {'latents' if sae is not None else 'units'}" if chosen else "no units"
+    rendered = f" ({len(record['objectives'])} objectives)" if isinstance(record.get("objectives"), list) else ""
+    click.echo(f"{spec.name}: {what} of {layer}{rendered} in {seconds:.1f} s; wrote {pictures} PNG files and the "
+               f"JSON record to {out_dir}")
