@@ -8,6 +8,7 @@ colour channels by the Cholesky factor of a colour covariance when decorrelation
 
 from __future__ import annotations
 
+import abc
 import math
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-class ImageParameterisation:
+class ImageParameterisation(abc.ABC):
     """A batch of images as a function of one tensor of parameters."""
 
     def __init__(self, values: torch.Tensor, mixing: torch.Tensor | None):
@@ -83,13 +84,13 @@ class ImageParameterisation:
             spatial = torch.einsum("ij,bjhw->bihw", self.mixing.to(spatial), spatial)
         return torch.sigmoid(spatial)
 
+    @abc.abstractmethod
     def images(self) -> torch.Tensor:
         """RGB ``[B, 3, H, W]`` in [0, 1]."""
-        raise NotImplementedError
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def blur_(self, sigma: float) -> None:
-        raise NotImplementedError
+        """Blur every image by a Gaussian of standard deviation ``sigma`` pixels, in place on the parameters."""
 
 
 class PixelImage(ImageParameterisation):
