@@ -13,17 +13,10 @@ from convlens import ActivationFilter
 from convlens.cli import cli
 from convlens.core.concepts import load_concepts
 from convlens.core.contracts import ModelBundle
-from convlens.core.filter_comparison import (
-    ComparisonSettings,
-    average_ranks,
-    compare_filters,
-    paired_difference,
-    patch_foreground,
-    rowwise_cosine,
-    rowwise_spearman,
-)
+from convlens.core.filter_comparison import ComparisonSettings, compare_filters, paired_difference, patch_foreground
 from convlens.core.images import Preprocessing, scan_images
 from convlens.core.shapes import write_shapes
+from convlens.core.statistics import average_ranks, rowwise_cosine, rowwise_spearman
 
 
 def test_ranks_spearman_and_cosine_match_scipy_and_float64():

@@ -117,7 +117,7 @@ def test_a_failing_plugin_is_marked_error_and_keeps_nothing(convlens_registry):
     convlens_registry.add_plugin(filter_plugin("half-a", "half-b", fail_after=1), dist="broken-pkg")
     info = {i.dist: i for i in convlens_registry.plugins()}["broken-pkg"]
     assert info.status == "error" and "RuntimeError: boom while registering" in info.error
-    assert [c.name for c in convlens_registry.list("filter")] == BUILTIN_FILTERS
+    assert [c.name for c in convlens_registry.list("filter") if c.dist in ("convlens", "broken-pkg")] == BUILTIN_FILTERS
 
 
 def test_a_plugin_with_a_misspelled_hook_is_an_error(convlens_registry):

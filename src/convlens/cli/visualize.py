@@ -65,12 +65,14 @@ def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
 @click.option("--units", default=None, help="Units: 0,5,9, ranges 0-7, or all; SAE latents with --sae.")
 @click.option("--sae", "sae_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="An SAE checkpoint trained on this layer: units are then its latents.")
+@click.option("--data", default=None, type=click.Path(exists=True),
+              help="An image file or an image folder, for visualizers that look at images.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
               help="Output folder (default: runs/visualize-NAME-LAYER).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the visualizer's JSON record.")
 def visualize_command(name: str, model_name: str, layer: str | None, units: str | None, sae_path: str | None,
-                      out: str | None, device: str | None, as_json: bool, **options: Any) -> None:
+                      data: str | None, out: str | None, device: str | None, as_json: bool, **options: Any) -> None:
     """Run the visualizer NAME (see `convlens list visualizer`) on units of a layer; its own options follow NAME.
 
     Example: convlens visualize feature-viz --model tiny-cnn --layer block4 --units 0-7 --preset improved
@@ -87,6 +89,8 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     spec = registry.get("visualizer", name)
     visualizer_params = values_from_click(options, VISUALIZER_PREFIX)
     visualizer = registry.create("visualizer", name, **visualizer_params)
+    if getattr(visualizer, "needs_data", False) and data is None:
+        raise ConvlensError(f"visualizer '{spec.name}' looks at images: pass --data (an image file or folder)")
     bundle, model_record = load_model(model_name, options)
     layer = layer or bundle.default_layer
     target_device = resolve_device(device)
@@ -102,19 +106,20 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     write_json_atomic(out_dir / "config.json", {
         "command": "visualize", "visualizer": {"name": spec.qualified_name, "params": visualizer.params.to_dict()
                                                if visualizer.params is not None else {}},
-        "model": model_record, "layer": layer, "units": list(chosen), "sae": sae_path, "device": str(target_device),
+        "model": model_record, "layer": layer, "units": list(chosen), "sae": sae_path, "data": data,
+        "device": str(target_device),
         "versions": versions(),
     })
-    if hasattr(visualizer, "progress"):
-        visualizer.progress = None if not as_json else False
+    visualizer.progress = None if not as_json else False
     started = time.perf_counter()
-    record = visualizer.run(VisualTarget(bundle, layer, chosen, sae), out_dir)
+    record = visualizer.run(VisualTarget(bundle, layer, chosen, sae, data), out_dir)
     seconds = time.perf_counter() - started
     if as_json:
         echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})
         return
     pictures = sum(1 for _ in out_dir.rglob("*.png"))
-    what = f"{len(chosen)} {'latents' if sae is not None else 'units'}" if chosen else "no units"
+    what = f"{len(chosen)} {'latents' if sae is not None else 'units'} of " if chosen else ""
     rendered = f" ({len(record['objectives'])} objectives)" if isinstance(record.get("objectives"), list) else ""
-    click.echo(f"{spec.name}: {what} of {layer}{rendered} in {seconds:.1f} s; wrote {pictures} PNG files and the "
-               f"JSON record to {out_dir}")
+    detail = f"; {record['summary']}" if record.get("summary") else ""
+    click.echo(f"{spec.name}: {what}{layer}{rendered} in {seconds:.1f} s{detail}; wrote {pictures} PNG files "
+               f"and the JSON record to {out_dir}")

@@ -1,4 +1,4 @@
-"""Small PNG charts drawn with Pillow (line charts and horizontal bar charts) for run folders and reports."""
+"""Small PNG charts drawn with Pillow (line and bar charts, matrices, heat-map overlays) for run folders and reports."""
 
 from __future__ import annotations
 
@@ -178,3 +178,56 @@ def heatmap(
         rotated = label_layer.rotate(90, expand=True)
         image.paste(rotated, (left + number * cell + cell // 2 - 8, top + cell * count + 4), rotated)
     return image
+
+
+def enlarge(image: Image.Image, longest_side: int = 256) -> Image.Image:
+    """``image`` scaled (bilinear) so that its longest side is ``longest_side`` pixels."""
+    scale = longest_side / max(image.size)
+    return image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+
+
+def titled(image: Image.Image, title: str, size: int = 12) -> Image.Image:
+    """``image`` with a line of text above it."""
+    band = size + 8
+    canvas = Image.new("RGB", (image.width, image.height + band), "white")
+    canvas.paste(image, (0, band))
+    ImageDraw.Draw(canvas).text((image.width / 2, band / 2), title, fill=INK, font=_font(size), anchor="mm")
+    return canvas
+
+
+# Piecewise-linear approximation of the 'turbo' colour map (dark blue - cyan - green - yellow - red).
+HEAT_STOPS = ((0.0, (48, 18, 59)), (0.15, (70, 107, 227)), (0.35, (27, 208, 213)), (0.5, (97, 252, 108)),
+              (0.65, (210, 233, 53)), (0.8, (254, 155, 45)), (1.0, (122, 4, 3)))
+
+
+def heat_colours(values):
+    """RGB uint8 ``[..., 3]`` for values in [0, 1] (clipped; NaN reads as 0)."""
+    import numpy as np
+
+    values = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0)
+    positions = [stop for stop, _ in HEAT_STOPS]
+    channels = [np.interp(values, positions, [colour[c] for _, colour in HEAT_STOPS]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def heat_overlay(image: Image.Image, values, alpha: float = 0.5) -> Image.Image:
+    """``values [h, w]`` in [0, 1] resized (bilinear) to the image and blended over it with weight ``alpha``."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != (image.height, image.width):
+        values = np.asarray(Image.fromarray(values, "F").resize(image.size, Image.BILINEAR))
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * base + alpha * heat_colours(values).astype(np.float32)
+    return Image.fromarray(np.rint(blended).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def grid(images: Sequence[Image.Image], columns: int, gap: int = 2, background: str = "white") -> Image.Image:
+    """Images of one size in rows of ``columns``."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), background)
+    for position, picture in enumerate(images):
+        row, column = divmod(position, columns)
+        sheet.paste(picture, (column * (width + gap), row * (height + gap)))
+    return sheet

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ConvlensError
+
+if TYPE_CHECKING:
+    from .images import ImageIndex
 
 REGIONS = ("foreground", "background", "image")
 
@@ -47,6 +50,20 @@ class ConceptSet:
                 return np.asarray(mask.convert("L")) >= 128
         except OSError as exc:
             raise ConvlensError(f"cannot read mask {path}: {exc}") from None
+
+    def positions_in(self, index: ImageIndex) -> dict[int, int]:
+        """Image index position -> concept record position, matched by the file's path under the image folder."""
+        by_file = {record["file"]: number for number, record in enumerate(self.images)}
+        image_folder = (self.root / self.image_root).resolve()
+        matched = {}
+        for position, path in enumerate(index.paths):
+            try:
+                key = path.resolve().relative_to(image_folder).as_posix()
+            except ValueError:
+                continue
+            if key in by_file:
+                matched[position] = by_file[key]
+        return matched
 
     def masks(self, position: int) -> dict[tuple[str, str], np.ndarray]:
         """Per-pixel masks ``{(category, concept): bool [H, W]}`` of the concepts image ``position`` shows."""

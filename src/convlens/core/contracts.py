@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import ContractError
+from .errors import ContractError, ConvlensError
 from .params import Params, param
 
 if TYPE_CHECKING:
@@ -89,25 +89,45 @@ class ActivationFilter(abc.ABC):
 
 @dataclasses.dataclass
 class VisualTarget:
-    """What a visualizer looks at: units of one layer of a model, optionally through an SAE."""
+    """What a visualizer looks at: units of one layer of a model, optionally through an SAE, and images.
+
+    ``data`` is an image file or folder (see :func:`convlens.core.images.images_at`); visualizers that read
+    images set :attr:`Visualizer.needs_data`.
+    """
 
     model: ModelBundle
     layer: str
     units: tuple[int, ...] = ()
     sae: Any = None
+    data: str | Path | None = None
 
 
 class Visualizer(abc.ABC):
     """Writes PNG images and a JSON record about a :class:`VisualTarget` into a folder."""
 
     name: str = "visualizer"
+    #: Set when :meth:`run` reads images from ``target.data``; the CLI then requires ``--data``.
+    needs_data: bool = False
 
     def __init__(self, params: Any = None):
         self.params = params
+        #: ``None``: a progress bar when the output is a terminal; ``False``: never (set by the CLI for --json).
+        self.progress: bool | None = None
 
     @abc.abstractmethod
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
-        """Write the artifacts into ``out_dir`` and return the JSON record that was written."""
+        """Write the artifacts into ``out_dir`` and return the JSON record that was written.
+
+        A record may carry a one-line ``"summary"``, which ``convlens visualize`` prints at the end.
+        """
+
+    def data_of(self, target: VisualTarget):
+        """The :class:`~convlens.core.images.ImageIndex` of ``target.data``; one clear error when it is missing."""
+        from .images import images_at
+
+        if target.data is None:
+            raise ConvlensError(f"visualizer '{self.name}' needs images: pass --data (an image file or folder)")
+        return images_at(target.data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .charts import bar_chart, heatmap, side_by_side
+from .charts import bar_chart, enlarge, heatmap, side_by_side, titled
 from .contracts import ActivationFilter, FilterContext
 from .errors import ConvlensError
 from .images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, save_png
@@ -31,6 +31,7 @@ from .layers import activations_at
 from .runs import versions, write_json_atomic
 from .sampling import draw_positions, sampling_probabilities
 from .seeding import torch_generator
+from .statistics import rowwise_cosine, rowwise_spearman
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,29 +51,6 @@ class ComparisonSettings:
     max_images: int | None = None  # None: every image; otherwise a seeded random subset
     overlays: int = 4
     foreground_threshold: float = 0.5  # a patch counts as foreground when this share of its pixels is
-
-
-def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of each row of ``values [B, P]``, ties sharing their average rank (float64)."""
-    values = values.double().contiguous()
-    ordered = values.sort(dim=1).values
-    below = torch.searchsorted(ordered, values, right=False)
-    up_to = torch.searchsorted(ordered, values, right=True)
-    return (below + up_to + 1).double() / 2
-
-
-def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of matching rows of ``[B, P]`` tensors (float64); NaN where a row is all zero."""
-    a, b = a.double(), b.double()
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(norms > 0, (a * b).sum(dim=1) / norms.clamp_min(torch.finfo(torch.float64).tiny),
-                       torch.full_like(norms, math.nan))
-
-
-def rowwise_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of matching rows (Pearson correlation of average ranks); NaN for a constant row."""
-    ranks_a, ranks_b = average_ranks(a), average_ranks(b)
-    return rowwise_cosine(ranks_a - ranks_a.mean(dim=1, keepdim=True), ranks_b - ranks_b.mean(dim=1, keepdim=True))
 
 
 def patch_foreground(mask: np.ndarray, preprocessing: Preprocessing, grid: tuple[int, int]) -> torch.Tensor:
@@ -129,39 +107,6 @@ def patch_overlay(image: Image.Image, weights: np.ndarray, longest_side: int = 2
     return canvas
 
 
-def enlarge(image: Image.Image, longest_side: int = 256) -> Image.Image:
-    """``image`` scaled (bilinear) so that its longest side is ``longest_side`` pixels."""
-    from PIL import Image
-
-    scale = longest_side / max(image.size)
-    return image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-
-
-def _titled(image: Image.Image, title: str) -> Image.Image:
-    from PIL import Image, ImageDraw, ImageFont
-
-    canvas = Image.new("RGB", (image.width, image.height + 20), "white")
-    canvas.paste(image, (0, 20))
-    ImageDraw.Draw(canvas).text((image.width / 2, 10), title, fill=(40, 40, 40), font=ImageFont.load_default(12),
-                                anchor="mm")
-    return canvas
-
-
-def _concept_positions(index: ImageIndex, concepts: ConceptSet) -> dict[int, int]:
-    """Image index position -> concept record position, matched by the file's path under the image folder."""
-    by_file = {record["file"]: number for number, record in enumerate(concepts.images)}
-    image_folder = (concepts.root / concepts.image_root).resolve()
-    matched = {}
-    for position, path in enumerate(index.paths):
-        try:
-            key = path.resolve().relative_to(image_folder).as_posix()
-        except ValueError:
-            continue
-        if key in by_file:
-            matched[position] = by_file[key]
-    return matched
-
-
 def compare_filters(
     bundle: ModelBundle,
     filters: dict[str, ActivationFilter],
@@ -188,7 +133,7 @@ def compare_filters(
     if settings.max_images is not None and settings.max_images < len(index):
         picked = torch.randperm(len(index), generator=torch_generator(settings.seed, "compare-images"))
         chosen = sorted(picked[: settings.max_images].tolist())
-    concept_of = _concept_positions(index, concepts) if concepts is not None else {}
+    concept_of = concepts.positions_in(index) if concepts is not None else {}
     if concepts is not None and not concept_of:
         raise ConvlensError(f"none of the images under {index.root} appear in {concepts.root / 'concepts.json'}")
     names = list(filters)
@@ -358,15 +303,12 @@ def findings(result: dict[str, Any]) -> list[str]:
 
 def _write_overlay(out: Path, batch: Any, row: int, images: torch.Tensor, maps: dict[str, torch.Tensor],
                    preprocessing: Preprocessing, index: ImageIndex) -> str:
-    from PIL import Image
-
     position = int(batch.positions[row])
-    pixels = preprocessing.denormalize(images[row].detach().cpu().float()).clamp(0, 1)
-    picture = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
-    panels = [_titled(enlarge(picture), f"image {position}")]
+    picture = preprocessing.to_pil(images[row])
+    panels = [titled(enlarge(picture), f"image {position}")]
     for name, values in maps.items():
         weights = torch.nan_to_num(values[row], nan=0.0, posinf=0.0, neginf=0.0).numpy()
-        panels.append(_titled(patch_overlay(picture, weights), name))
+        panels.append(titled(patch_overlay(picture, weights), name))
     relative = f"overlays/{position:05d}-{Path(index.paths[position]).stem}.png"
     save_png(side_by_side(panels), out / relative)
     return relative

@@ -110,6 +110,16 @@ def scan_images(root: str | Path) -> ImageIndex:
     return ImageIndex(root, tuple(paths), ignored=tuple(sorted(set(files) - set(paths))))
 
 
+def images_at(path: str | Path) -> ImageIndex:
+    """The images a visualizer looks at: one image file, or every image of a folder (as :func:`scan_images`)."""
+    path = Path(path)
+    if path.is_file():
+        return ImageIndex(path.parent, (path,))
+    if not path.exists():
+        raise ConvlensError(f"no image or image folder at {path}")
+    return scan_images(path)
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode ``path`` to an 8-bit RGB image; :class:`UnreadableImageError` says why when it cannot."""
     from PIL import Image, UnidentifiedImageError
@@ -203,13 +213,21 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
         return image * std + mean
 
+    def to_pil(self, image: torch.Tensor) -> Image.Image:
+        """A normalised model input ``[3, H, W]`` back to an 8-bit RGB picture."""
+        import numpy as np
+        from PIL import Image
+
+        pixels = self.denormalize(image.detach().cpu().float()).clamp(0, 1)
+        return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+
 
 def save_png(image: Image.Image, path: str | Path) -> None:
     """Write ``image`` as PNG through a temporary file and a rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format="PNG")
+    image.save(temporary, format="PNG", compress_level=1)  # ~4x faster to write than the default 6; files ~30 % larger
     os.replace(temporary, path)
 
 

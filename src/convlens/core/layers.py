@@ -210,3 +210,76 @@ def activations_at(
         for parameter in frozen:
             parameter.requires_grad_(True)
     return Capture({layer: recorded[layer].detach()}, {layer: gradient.detach()}, logits.detach())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+    """Where a unit of a layer looks in the input: the receptive field of the grid's centre cell, measured as the
+    bounding box of the input pixels its gradient reaches, and the grid's stride in input pixels."""
+
+    size: tuple[int, int]  # (height, width) in pixels, at most the input's
+    stride: tuple[float, float]  # input pixels per grid step
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    centre: tuple[float, float]  # input-pixel centre of the receptive field of grid cell (grid // 2)
+
+    @property
+    def covers_input(self) -> bool:
+        return self.size[0] >= self.input_size[0] and self.size[1] >= self.input_size[1]
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)`` (bottom and right exclusive) of cell ``(y, x)``'s field, inside the input."""
+        edges = []
+        for cell, centre_cell, centre, stride, size, limit in zip(
+                (y, x), (self.grid[0] // 2, self.grid[1] // 2), self.centre, self.stride, self.size, self.input_size):
+            low = round(centre + (cell - centre_cell) * stride - (size - 1) / 2)
+            low = min(max(low, 0), max(limit - size, 0))
+            edges.append((low, min(low + size, limit)))
+        return edges[0][0], edges[1][0], edges[0][1], edges[1][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "stride": list(self.stride), "grid": list(self.grid),
+                "covers_input": self.covers_input}
+
+
+def receptive_field(module: nn.Module, layer: str, input_size: tuple[int, int], samples: int = 4,
+                    seed: int = 0, model_name: str = "model") -> ReceptiveField:
+    """The receptive field of ``layer``'s units: the input pixels on which its centre cell depends, found from the
+    gradient of that cell (all channels) for ``samples`` noise images; works for any architecture."""
+    layer_module = resolve_layer(module, layer, model_name)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(samples, 3, *input_size, generator=generator).to(device).requires_grad_(True)
+
+    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        raise _ReachedLayer(first_tensor(output))
+
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    handle = layer_module.register_forward_hook(stop)
+    output = None
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        with torch.enable_grad():
+            try:
+                module(pixels)
+            except _ReachedLayer as reached:
+                output = reached.output
+            if output is None or output.ndim != 4:
+                raise UnknownComponentError(f"layer '{layer}' of {model_name} does not give a [N, C, H, W] map")
+            grid = (output.shape[2], output.shape[3])
+            (gradient,) = torch.autograd.grad(output[:, :, grid[0] // 2, grid[1] // 2].sum(), [pixels])
+    finally:
+        handle.remove()
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    reached = gradient.abs().sum(dim=(0, 1)) > 0
+    rows, columns = reached.any(dim=1).nonzero().flatten(), reached.any(dim=0).nonzero().flatten()
+    if len(rows) == 0:
+        raise UnknownComponentError(f"no gradient reaches the input from layer '{layer}' of {model_name}")
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(columns[0]), int(columns[-1])
+    return ReceptiveField(
+        size=(bottom - top + 1, right - left + 1),
+        stride=(input_size[0] / grid[0], input_size[1] / grid[1]),
+        grid=grid, input_size=tuple(input_size), centre=((top + bottom) / 2, (left + right) / 2),
+    )

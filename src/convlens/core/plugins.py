@@ -42,6 +42,12 @@ BUILTIN_MODULES = (
     "convlens.plugins.saes.topk",
     "convlens.plugins.saes.jumprelu",
     "convlens.plugins.visualizers.feature_viz",
+    "convlens.plugins.visualizers.gradcam",
+    "convlens.plugins.visualizers.saliency",
+    "convlens.plugins.visualizers.edge_detector",
+    "convlens.plugins.visualizers.dataset_examples",
+    "convlens.plugins.visualizers.activation_maps",
+    "convlens.plugins.visualizers.conv_weights",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"

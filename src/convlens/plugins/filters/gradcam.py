@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from convlens import ActivationFilter, FilterSpec, Params, hookimpl, param
+from convlens.core.attribution import scaled_to_unit, target_classes
 from convlens.core.errors import ContractError
-
-NORMALISE_EPSILON = 1e-7
-
 
 @dataclass(frozen=True)
 class GradCAMParams(Params):
@@ -22,28 +20,10 @@ class GradCAMParams(Params):
         None, help="explain this class for every image (default: the label, or the predicted class)", min=0)
 
 
-def target_classes(logits, labels, class_index: int | None):
-    """Per image, the class to explain: ``class_index``, else the label, else (label -1 or none) the prediction."""
-    import torch
-
-    predicted = logits.argmax(dim=1)
-    if class_index is not None:
-        if class_index >= logits.shape[1]:
-            raise ContractError(f"class_index {class_index} is out of range for a model with {logits.shape[1]} classes")
-        return torch.full_like(predicted, class_index)
-    if labels is None:
-        return predicted
-    labels = labels.to(predicted.device)
-    return torch.where(labels >= 0, labels, predicted)
-
-
 def gradcam_maps(activations, gradients):
     """Grad-CAM maps ``[N, H, W]`` in [0, 1] from activations and gradients ``[N, C, H, W]``."""
     alpha = gradients.mean(dim=(2, 3), keepdim=True)
-    cam = (alpha * activations).sum(dim=1).clamp_min(0)
-    low = cam.amin(dim=(1, 2), keepdim=True)
-    cam = cam - low
-    return cam / (cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+    return scaled_to_unit((alpha * activations).sum(dim=1).clamp_min(0))
 
 
 class GradCAMFilter(ActivationFilter):

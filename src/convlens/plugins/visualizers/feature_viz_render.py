@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from convlens import Visualizer, VisualTarget
-from convlens.core.charts import side_by_side
+from convlens.core.charts import grid, side_by_side
 from convlens.core.errors import ConvlensError
 from convlens.core.images import save_png
 from convlens.core.layers import first_tensor, resolve_layer
@@ -218,18 +218,6 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9@,.+-]+", "_", label.replace(" ", "")).strip("_") or "objective"
 
 
-def grid_of(images: list, columns: int, gap: int = 2):
-    from PIL import Image
-
-    width, height = images[0].size
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white")
-    for position, picture in enumerate(images):
-        row, column = divmod(position, columns)
-        sheet.paste(picture, (column * (width + gap), row * (height + gap)))
-    return sheet
-
-
 class FeatureVisualizer(Visualizer):
     """Writes ``images/<n>-<objective>.png``, ``grid.png``, ``snapshots/<n>-<objective>.png`` (the image at each
     snapshot step, left to right) and ``feature_viz.json``."""
@@ -238,7 +226,6 @@ class FeatureVisualizer(Visualizer):
 
     def __init__(self, params: FeatureVizParams | None = None):
         super().__init__(params or FeatureVizParams())
-        self.progress: bool | None = None
 
     def objectives(self, target: VisualTarget) -> list[Objective]:
         params = self.params
@@ -293,7 +280,7 @@ class FeatureVisualizer(Visualizer):
                std=target.model.std, sae=target.sae, progress=self.progress, on_batch=write)
         if self.params.grid and written:
             columns = min(len(written), max(1, round(len(written) ** 0.5 * 1.5)))
-            save_png(grid_of([to_pil(r.image) for r in written], columns), out_dir / "grid.png")
+            save_png(grid([to_pil(r.image) for r in written], columns), out_dir / "grid.png")
             record["grid"] = "grid.png"
             write_json_atomic(out_dir / "feature_viz.json", record)
         return record

@@ -1,0 +1,274 @@
+"""Attribution maps, and the visualizer run every attribution method shares (course notes 002 sec. 6).
+
+An attribution method subclasses :class:`AttributionVisualizer` and implements
+:meth:`~AttributionVisualizer.attribute`: maps ``[N, h, w]`` for a batch of images and an :class:`ExplainTarget`
+(a class per image, or an SAE latent). The base turns that into the visualizer run (heat-map overlays,
+``maps.safetensors``, a JSON record, and the pointing game when the images come with foreground masks), and
+:mod:`convlens.core.sanity_checks` calls the same method, so a third-party method gets both for free.
+
+Importing this module does not import torch, so plugin modules can subclass the base and still be listed cheaply.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .contracts import ModelBundle, Visualizer, VisualTarget
+from .errors import ContractError, ConvlensError
+from .params import Params, param
+
+if TYPE_CHECKING:
+    import torch
+
+    from .layers import Capture
+
+NORMALISE_EPSILON = 1e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionParams(Params):
+    """Parameters every attribution visualizer starts with; methods subclass this and add their own."""
+
+    class_index: Optional[int] = param(None, min=0, help="explain this class for every image (default: the "
+                                       "predicted class); with --sae the units are latents and this is unused")
+    max_images: Optional[int] = param(None, min=1, help="at most this many images of --data, in order")
+    batch_size: int = param(16, min=1, help="images per forward and backward pass")
+    alpha: float = param(0.5, min=0.0, max=1.0, help="opacity of the heat map drawn over each image")
+
+
+@dataclasses.dataclass
+class ExplainTarget:
+    """Per image, the scalar an attribution explains: a class logit (``classes``; ``None``: the predicted class),
+    or, with ``sae`` and ``latent``, that SAE latent's activation summed over the layer's positions."""
+
+    classes: torch.Tensor | None = None
+    sae: Any = None
+    latent: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"latent {self.latent}" if self.sae is not None else "class"
+
+
+def target_classes(logits, labels, class_index: int | None):
+    """Per image, the class to explain: ``class_index``, else the label, else (label -1 or none) the prediction."""
+    import torch
+
+    predicted = logits.argmax(dim=1)
+    if class_index is not None:
+        if class_index >= logits.shape[1]:
+            raise ConvlensError(f"class_index {class_index} is out of range for a model with {logits.shape[1]} classes")
+        return torch.full_like(predicted, class_index)
+    if labels is None:
+        return predicted
+    labels = labels.to(predicted.device)
+    return torch.where(labels >= 0, labels, predicted)
+
+
+def scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Each map of ``[N, H, W]`` shifted and scaled to [0, 1] as ``(m - min) / (max(m - min) + 1e-7)``, the
+    normalisation of Grad-CAM's reference implementation (pytorch-grad-cam)."""
+    maps = maps - maps.amin(dim=(1, 2), keepdim=True)
+    return maps / (maps.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+
+
+def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> Capture:
+    """The layer's activations and the gradient of the target with respect to them, computed with no more work
+    than that needs: no weight gradients and no backward pass below the layer (design.md sec. 7)."""
+    import torch
+
+    from .layers import Capture, activations_at
+
+    if target.sae is None:
+        def class_logit(logits: torch.Tensor) -> torch.Tensor:
+            classes = logits.argmax(dim=1) if target.classes is None else target.classes.to(logits.device).long()
+            if classes.shape != (logits.shape[0],):
+                raise ContractError(f"{classes.shape[0]} target classes for {logits.shape[0]} images")
+            if bool(((classes < 0) | (classes >= logits.shape[1])).any()):
+                raise ConvlensError(f"target classes must lie in 0..{logits.shape[1] - 1}")
+            return logits.gather(1, classes[:, None]).squeeze(1)
+
+        return activations_at(model.module, images, layer, target=class_logit)
+    activations = activations_at(model.module, images, layer).activations[layer]
+    if activations.ndim != 4 or activations.shape[1] != target.sae.input_dim:
+        raise ConvlensError(f"the SAE reads {target.sae.input_dim} channels but layer '{layer}' gives "
+                            f"{tuple(activations.shape[1:])}")
+    if target.latent is None or not 0 <= target.latent < target.sae.latent_dim:
+        raise ConvlensError(f"latent {target.latent} is out of range: the SAE has latents "
+                            f"0..{target.sae.latent_dim - 1}")
+    leaf = activations.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = target.sae.encode(leaf)[:, target.latent].sum()
+        (gradient,) = torch.autograd.grad(value, [leaf])
+    return Capture({layer: activations}, {layer: gradient.detach()}, None)
+
+
+class AttributionVisualizer(Visualizer):
+    """A visualizer that explains images: subclasses implement :meth:`attribute`; :meth:`run` does the rest."""
+
+    needs_data = True
+
+    @abc.abstractmethod
+    def attribute(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
+        """Maps ``[N, h, w]`` (any resolution: the layer's grid or the input's) for normalised ``images``."""
+
+    def explain(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
+        """:meth:`attribute`, detached, with its output checked against the contract."""
+        import torch
+
+        maps = self.attribute(model, images, layer, target)
+        if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
+            shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+            raise ContractError(f"attribution '{self.name}' returned {shape}, expected maps "
+                                f"[N={images.shape[0]}, h, w]")
+        if not bool(torch.isfinite(maps).all()):
+            raise ConvlensError(f"attribution '{self.name}' produced NaN or infinite values at layer '{layer}'")
+        return maps.detach()
+
+    def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
+        """Explain every image of ``target.data``: ``overlays/*.png``, ``maps.safetensors``, ``attribution.json``."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from .concepts import load_concepts
+        from .images import ImageDataset, Preprocessing, SkipLog, image_batches
+        from .runs import write_json_atomic
+        from .tensor_files import save_tensors_atomic
+
+        params = self.params or AttributionParams()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model, layer = target.model, target.layer
+        if target.sae is not None and not target.units:
+            raise ConvlensError(f"{self.name} with an SAE explains latents: name them with --units")
+        index = self.data_of(target)
+        positions = list(range(min(len(index), params.max_images or len(index))))
+        preprocessing = Preprocessing.of(model)
+        concepts = None
+        if target.data is not None and (Path(target.data) / "concepts.json").is_file():
+            concepts = load_concepts(target.data)
+        concept_of = concepts.positions_in(index) if concepts is not None else {}
+        device = next((p.device for p in model.module.parameters()), torch.device("cpu"))
+        explained = ([ExplainTarget(sae=target.sae, latent=unit) for unit in target.units] if target.sae is not None
+                     else [None])
+        record: dict[str, Any] = {
+            "visualizer": self.name, "layer": layer, "params": params.to_dict(),
+            "target": "latents" if target.sae is not None else "class", "images": [],
+        }
+        maps_kept: list[torch.Tensor] = []
+        positions_kept: list[int] = []
+        hits: list[bool] = []
+        chance: list[float] = []
+        skip_log = SkipLog(index.root)
+        bar = tqdm(total=len(positions), desc=f"{self.name} at {layer}", unit="img", leave=False,
+                   disable=None if self.progress is None else not self.progress)
+        dataset = ImageDataset(index, preprocessing.eval_transform)
+        for batch in image_batches(dataset, batch_size=params.batch_size, skip_log=skip_log, order=positions):
+            images = batch.images.to(device)
+            with torch.no_grad():
+                probabilities = model.module(images).float().softmax(dim=1)
+            predicted = probabilities.argmax(dim=1)
+            classes = predicted if params.class_index is None else torch.full_like(predicted, params.class_index)
+            if params.class_index is not None and params.class_index >= probabilities.shape[1]:
+                raise ConvlensError(f"class_index {params.class_index} is out of range for a model with "
+                                    f"{probabilities.shape[1]} classes")
+            maps = torch.stack([self.explain(model, images, layer, explain or ExplainTarget(classes=classes))
+                                for explain in explained], dim=1).cpu()  # [B, targets, h, w]
+            peaks = input_peaks(maps, tuple(images.shape[2:]))
+            for row in range(len(batch)):
+                position = int(batch.positions[row])
+                picture = preprocessing.to_pil(images[row])
+                for column, explain in enumerate(explained):
+                    entry = self._describe(index, position, explain, classes[row], probabilities[row], model)
+                    peak = peaks[row, column].tolist()
+                    entry["peak"] = peak
+                    if explain is None and position in concept_of:
+                        mask = aligned_mask(concepts.foreground(concept_of[position]), preprocessing)
+                        entry["peak_on_object"] = bool(mask[peak[0], peak[1]])
+                        hits.append(entry["peak_on_object"])
+                        chance.append(float(mask.mean()))
+                    entry["overlay"] = self._write_overlay(out_dir, picture, maps[row, column], entry, params.alpha)
+                    record["images"].append(entry)
+                maps_kept.append(maps[row])
+                positions_kept.append(position)
+            if hits:
+                record["pointing_game"] = pointing_game(hits, chance)
+            write_json_atomic(out_dir / "attribution.json", record)  # complete so far, also if a later batch fails
+            bar.update(len(batch) + len(batch.skipped))
+        bar.close()
+        if not maps_kept:
+            raise ConvlensError(f"none of the images under {index.root} could be read")
+        save_tensors_atomic({"maps": torch.stack(maps_kept).contiguous(), "positions": torch.tensor(positions_kept)},
+                            out_dir / "maps.safetensors",
+                            metadata={"visualizer": self.name, "layer": layer, "axes": "image, target, y, x"})
+        record["maps"] = "maps.safetensors"
+        record["skipped"] = skip_log.as_json()
+        game = record.get("pointing_game")
+        record["summary"] = (f"explained {len(positions_kept)} images" + (
+            f"; pointing game {game['hits']}/{game['images']} = {game['accuracy']:.3f} (a random point: "
+            f"{game['random_point']:.3f})" if game else "") + (f"; {skip_log.summary()}" if len(skip_log) else ""))
+        write_json_atomic(out_dir / "attribution.json", record)
+        return record
+
+    @staticmethod
+    def _describe(index: Any, position: int, explain: ExplainTarget | None, chosen_class: Any, probabilities: Any,
+                  model: ModelBundle) -> dict[str, Any]:
+        entry: dict[str, Any] = {"image": index.relative(index.paths[position]), "position": position}
+        predicted = int(probabilities.argmax())
+        entry["predicted"] = predicted
+        entry["probability"] = float(probabilities[predicted])
+        if explain is None:
+            entry["class"] = int(chosen_class)
+            if model.class_names is not None and int(chosen_class) < len(model.class_names):
+                entry["class_name"] = model.class_names[int(chosen_class)]
+        else:
+            entry["latent"] = explain.latent
+        return entry
+
+    def _write_overlay(self, out_dir: Path, picture: Any, values: Any, entry: dict[str, Any], alpha: float) -> str:
+        from .charts import enlarge, heat_overlay, side_by_side, titled
+        from .images import save_png
+
+        top = float(values.max())
+        shown = (values / top).numpy() if top > 0 else values.numpy() * 0
+        what = f"latent {entry['latent']}" if "latent" in entry else f"class {entry.get('class_name', entry['class'])}"
+        size = max(picture.size + (192,))
+        panels = [enlarge(picture, size), enlarge(heat_overlay(picture, shown, alpha), size)]
+        overlay = titled(side_by_side(panels, gap=4),
+                         f"{self.name}: {what}")
+        suffix = f"-latent{entry['latent']}" if "latent" in entry else ""
+        relative = f"overlays/{entry['position']:05d}-{Path(entry['image']).stem}{suffix}.png"
+        save_png(overlay, out_dir / relative)
+        return relative
+
+
+def input_peaks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(y, x)`` in input pixels of the largest value of each map ``[..., h, w]`` resized (bilinear) to ``size``;
+    the first such pixel in row-major order on ties."""
+    import torch
+
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    if tuple(flat.shape[-2:]) != tuple(size):
+        flat = torch.nn.functional.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    where = flat.flatten(1).argmax(dim=1)
+    peaks = torch.stack([where // size[1], where % size[1]], dim=1)
+    return peaks.reshape(*maps.shape[:-2], 2)
+
+
+def aligned_mask(mask: Any, preprocessing: Any) -> Any:
+    """A foreground mask of the original image, given the model's resize and centre crop: bool ``[H, W]``."""
+    import numpy as np
+    from PIL import Image
+
+    aligned = preprocessing.eval_geometry(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L"))
+    return np.asarray(aligned) >= 128
+
+
+def pointing_game(hits: list[bool], chance: list[float]) -> dict[str, Any]:
+    """The share of maps whose peak lies on the object, beside the rate of a point drawn uniformly at random
+    (the mean foreground share of the images)."""
+    return {"hits": int(sum(hits)), "images": len(hits), "accuracy": sum(hits) / len(hits),
+            "random_point": sum(chance) / len(chance)}

@@ -1,0 +1,43 @@
+"""Grad-CAM as a visualizer (Selvaraju et al. 2017; course notes 002 sec. 6.2; paper 001 sec. 7.2.5).
+
+Heat maps on the layer's grid for a class per image (default: the predicted one) or, through an SAE, for a
+latent (its activation summed over the layer's positions is the target instead of a logit). The formula is the
+Grad-CAM filter's (:func:`convlens.plugins.filters.gradcam.gradcam_maps`); only the gradients from the target
+back to the layer are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convlens import VisualizerSpec, hookimpl
+from convlens.core.attribution import AttributionParams, AttributionVisualizer, ExplainTarget, target_gradients
+
+
+@dataclass(frozen=True)
+class GradCAMVisualizerParams(AttributionParams):
+    pass
+
+
+class GradCAMVisualizer(AttributionVisualizer):
+    name = "gradcam"
+
+    def __init__(self, params: GradCAMVisualizerParams | None = None):
+        super().__init__(params or GradCAMVisualizerParams())
+
+    def attribute(self, model, images, layer: str, target: ExplainTarget):
+        from convlens.plugins.filters.gradcam import gradcam_maps
+
+        captured = target_gradients(model, images, layer, target)
+        return gradcam_maps(captured.activations[layer], captured.gradients[layer])
+
+
+@hookimpl
+def register_visualizers(register):
+    register(VisualizerSpec(
+        name="gradcam",
+        factory=GradCAMVisualizer,
+        params=GradCAMVisualizerParams,
+        summary="Grad-CAM heat maps for the predicted (or a chosen) class, or for an SAE latent, at any conv layer",
+        aliases=("grad-cam",),
+    ))
