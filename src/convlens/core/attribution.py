@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .contracts import ModelBundle, Visualizer, VisualTarget
+from .contracts import ActivationFilter, FilterContext, ModelBundle, Visualizer, VisualTarget
 from .errors import ContractError, ConvlensError
 from .params import Params, param
 
@@ -66,6 +66,40 @@ def target_classes(logits, labels, class_index: int | None):
         return predicted
     labels = labels.to(predicted.device)
     return torch.where(labels >= 0, labels, predicted)
+
+
+class GradientMapFilter(ActivationFilter):
+    """An activation filter computed from the activations and their gradient of a class logit (per image: the
+    params' ``class_index``, else the label, else the prediction), such as Grad-CAM and Grad-CAM++. Subclasses
+    implement :meth:`maps`; extraction passes the gradients, and without them the filter computes them itself
+    from the context's model, images and layer."""
+
+    needs_gradients = True
+
+    @abc.abstractmethod
+    def maps(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Non-negative weights ``[N, H, W]`` from activations and gradients ``[N, C, H, W]``."""
+
+    def gradient_target(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        classes = target_classes(logits, labels, getattr(self.params, "class_index", None))
+        return logits.gather(1, classes[:, None]).squeeze(1)
+
+    def weights(self, activations: torch.Tensor, context: FilterContext) -> torch.Tensor:
+        gradients = context.gradients
+        if gradients is None:
+            if context.model is None or context.images is None or context.layer is None:
+                raise ContractError(
+                    f"filter '{self.name}' needs the model, the images and the layer (or precomputed gradients); "
+                    "use it through `convlens extract`, or pass FilterContext(model=..., images=..., layer=...)")
+            from .layers import activations_at
+
+            captured = activations_at(context.model.module, context.images, context.layer,
+                                      target=lambda logits: self.gradient_target(logits, context.labels))
+            activations, gradients = captured.activations[context.layer], captured.gradients[context.layer]
+        if gradients.shape != activations.shape:
+            raise ContractError(f"gradients {tuple(gradients.shape)} do not match activations "
+                                f"{tuple(activations.shape)}")
+        return self.maps(activations, gradients)
 
 
 def scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:
@@ -131,10 +165,8 @@ class AttributionVisualizer(Visualizer):
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         """Explain every image of ``target.data``: ``overlays/*.png``, ``maps.safetensors``, ``attribution.json``."""
         import torch
-        from tqdm.auto import tqdm
-
         from .concepts import load_concepts
-        from .images import ImageDataset, Preprocessing, SkipLog, image_batches
+        from .images import Preprocessing, SkipLog
         from .runs import write_json_atomic
         from .tensor_files import save_tensors_atomic
 
@@ -163,10 +195,7 @@ class AttributionVisualizer(Visualizer):
         hits: list[bool] = []
         chance: list[float] = []
         skip_log = SkipLog(index.root)
-        bar = tqdm(total=len(positions), desc=f"{self.name} at {layer}", unit="img", leave=False,
-                   disable=None if self.progress is None else not self.progress)
-        dataset = ImageDataset(index, preprocessing.eval_transform)
-        for batch in image_batches(dataset, batch_size=params.batch_size, skip_log=skip_log, order=positions):
+        for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log):
             images = batch.images.to(device)
             with torch.no_grad():
                 probabilities = model.module(images).float().softmax(dim=1)
@@ -197,8 +226,6 @@ class AttributionVisualizer(Visualizer):
             if hits:
                 record["pointing_game"] = pointing_game(hits, chance)
             write_json_atomic(out_dir / "attribution.json", record)  # complete so far, also if a later batch fails
-            bar.update(len(batch) + len(batch.skipped))
-        bar.close()
         if not maps_kept:
             raise ConvlensError(f"none of the images under {index.root} could be read")
         save_tensors_atomic({"maps": torch.stack(maps_kept).contiguous(), "positions": torch.tensor(positions_kept)},

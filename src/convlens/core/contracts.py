@@ -129,6 +129,25 @@ class Visualizer(abc.ABC):
             raise ConvlensError(f"visualizer '{self.name}' needs images: pass --data (an image file or folder)")
         return images_at(target.data)
 
+    def batches(self, target: VisualTarget, positions: Any, *, batch_size: int, skip_log: Any, workers: int = 0):
+        """Batches of model inputs for ``positions`` of ``target.data`` (see :func:`data_of`) in order, with a
+        progress bar (per :attr:`progress`) that counts skipped files too; unreadable files go to ``skip_log``."""
+        from tqdm.auto import tqdm
+
+        from .images import ImageDataset, Preprocessing, image_batches
+
+        index = self.data_of(target)
+        dataset = ImageDataset(index, Preprocessing.of(target.model).eval_transform)
+        bar = tqdm(total=len(positions), desc=f"{self.name} at {target.layer}", unit="img", leave=False,
+                   disable=None if self.progress is None else not self.progress)
+        try:
+            for batch in image_batches(dataset, batch_size=batch_size, skip_log=skip_log, order=positions,
+                                       workers=workers):
+                yield batch
+                bar.update(len(batch) + len(batch.skipped))
+        finally:
+            bar.close()
+
 
 @dataclasses.dataclass(frozen=True)
 class SAEParams(Params):

@@ -20,15 +20,13 @@ is 0 where the gradient is 0. Each map is then scaled per image to [0, 1] as ``(
 
 from __future__ import annotations
 
-from convlens import ActivationFilter
 from convlens.core.attribution import (
     AttributionVisualizer,
     ExplainTarget,
+    GradientMapFilter,
     scaled_to_unit,
-    target_classes,
     target_gradients,
 )
-from convlens.core.errors import ContractError
 
 #: Added to the denominator of alpha, as pytorch-grad-cam does.
 ALPHA_EPSILON = 1e-6
@@ -66,32 +64,13 @@ class GradCAMPlusPlusVisualizer(AttributionVisualizer):
         return gradcam_pp_maps(captured.activations[layer], captured.gradients[layer])
 
 
-class GradCAMPlusPlusFilter(ActivationFilter):
+class GradCAMPlusPlusFilter(GradientMapFilter):
     name = "gradcam++"
-    needs_gradients = True
 
     def __init__(self, params=None):
         from convlens_gradcam_pp import GradCAMPlusPlusFilterParams
 
         super().__init__(params or GradCAMPlusPlusFilterParams())
 
-    def gradient_target(self, logits, labels):
-        classes = target_classes(logits, labels, self.params.class_index)
-        return logits.gather(1, classes[:, None]).squeeze(1)
-
-    def weights(self, activations, context):
-        gradients = context.gradients
-        if gradients is None:
-            if context.model is None or context.images is None or context.layer is None:
-                raise ContractError(
-                    f"filter '{self.name}' needs the model, the images and the layer (or precomputed gradients); "
-                    "use it through `convlens extract`, or pass FilterContext(model=..., images=..., layer=...)")
-            from convlens.core.layers import activations_at
-
-            captured = activations_at(context.model.module, context.images, context.layer,
-                                      target=lambda logits: self.gradient_target(logits, context.labels))
-            activations, gradients = captured.activations[context.layer], captured.gradients[context.layer]
-        if gradients.shape != activations.shape:
-            raise ContractError(
-                f"gradients {tuple(gradients.shape)} do not match activations {tuple(activations.shape)}")
+    def maps(self, activations, gradients):
         return gradcam_pp_maps(activations, gradients)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from convlens import ActivationFilter, FilterSpec, Params, hookimpl, param
-from convlens.core.attribution import scaled_to_unit, target_classes
-from convlens.core.errors import ContractError
+from convlens import FilterSpec, Params, hookimpl, param
+from convlens.core.attribution import GradientMapFilter, scaled_to_unit
+
 
 @dataclass(frozen=True)
 class GradCAMParams(Params):
@@ -26,27 +26,10 @@ def gradcam_maps(activations, gradients):
     return scaled_to_unit((alpha * activations).sum(dim=1).clamp_min(0))
 
 
-class GradCAMFilter(ActivationFilter):
-    needs_gradients = True
+class GradCAMFilter(GradientMapFilter):
+    name = "gradcam"
 
-    def gradient_target(self, logits, labels):
-        classes = target_classes(logits, labels, self.params.class_index)
-        return logits.gather(1, classes[:, None]).squeeze(1)
-
-    def weights(self, activations, context):
-        gradients = context.gradients
-        if gradients is None:
-            if context.model is None or context.images is None or context.layer is None:
-                raise ContractError(
-                    "filter 'gradcam' needs the model, the images and the layer (or precomputed gradients); "
-                    "use it through `convlens extract`, or pass FilterContext(model=..., images=..., layer=...)")
-            from convlens.core.layers import activations_at
-
-            captured = activations_at(context.model.module, context.images, context.layer,
-                                      target=lambda logits: self.gradient_target(logits, context.labels))
-            activations, gradients = captured.activations[context.layer], captured.gradients[context.layer]
-        if gradients.shape != activations.shape:
-            raise ContractError(f"gradients {tuple(gradients.shape)} do not match activations {tuple(activations.shape)}")
+    def maps(self, activations, gradients):
         return gradcam_maps(activations, gradients)
 
 

@@ -48,9 +48,8 @@ class ActivationMaps(Visualizer):
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         """``maps/*.png`` (one per image) and ``activation_maps.json``."""
         import torch
-        from tqdm.auto import tqdm
 
-        from convlens.core.images import ImageDataset, Preprocessing, SkipLog, image_batches
+        from convlens.core.images import Preprocessing, SkipLog
         from convlens.core.runs import write_json_atomic
 
         params = self.params
@@ -65,10 +64,7 @@ class ActivationMaps(Visualizer):
         record: dict[str, Any] = {"visualizer": self.name, "layer": layer, "params": params.to_dict(),
                                   "tiles": kind, "images": []}
         skip_log = SkipLog(index.root)
-        bar = tqdm(total=len(positions), desc=f"{self.name} at {layer}", unit="img", leave=False,
-                   disable=None if self.progress is None else not self.progress)
-        dataset = ImageDataset(index, preprocessing.eval_transform)
-        for batch in image_batches(dataset, batch_size=params.batch_size, skip_log=skip_log, order=positions):
+        for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log):
             images = batch.images.to(device)
             maps = layer_maps(model, images, layer, target.sae)
             units = chosen_units(target.units, maps.shape[1], kind)
@@ -82,8 +78,6 @@ class ActivationMaps(Visualizer):
                                             out_dir / entry["picture"])
                 record["images"].append(entry)
             write_json_atomic(out_dir / "activation_maps.json", record)  # complete so far, also if a later batch fails
-            bar.update(len(batch) + len(batch.skipped))
-        bar.close()
         if not record["images"]:
             raise ConvlensError(f"none of the images under {index.root} could be read")
         record["skipped"] = skip_log.as_json()

@@ -129,9 +129,7 @@ class DatasetExamplesVisualizer(Visualizer):
     def collect(self, target: VisualTarget) -> tuple[RunningExamples, Any, dict[str, Any]]:
         """The streaming pass: ranked examples per unit, the image index, and counts."""
         import torch
-        from tqdm.auto import tqdm
-
-        from convlens.core.images import ImageDataset, Preprocessing, SkipLog, image_batches
+        from convlens.core.images import SkipLog
 
         params = self.params
         units = tuple(target.units)
@@ -142,13 +140,10 @@ class DatasetExamplesVisualizer(Visualizer):
         device = next((p.device for p in target.model.module.parameters()), torch.device("cpu"))
         running = RunningExamples(len(units), params.k, params.bottom)
         skip_log = SkipLog(index.root)
-        dataset = ImageDataset(index, Preprocessing.of(target.model).eval_transform)
-        bar = tqdm(total=len(positions), desc=f"dataset examples at {target.layer}", unit="img", leave=False,
-                   disable=None if self.progress is None else not self.progress)
         seen = 0
         with torch.no_grad():
-            for batch in image_batches(dataset, batch_size=params.batch_size, skip_log=skip_log, order=positions,
-                                       workers=params.workers):
+            for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log,
+                                      workers=params.workers):
                 maps = unit_maps(target.model, batch.images.to(device), target.layer, units, target.sae).cpu()
                 if params.position is not None and not all(0 <= p < s for p, s in zip(params.position, maps.shape[2:])):
                     raise ConvlensError(f"position {params.position} is outside the {maps.shape[2]} x {maps.shape[3]} "
@@ -160,8 +155,6 @@ class DatasetExamplesVisualizer(Visualizer):
                 values, peaks = scores_and_peaks(maps, params.position)
                 running.update(values, batch.positions, peaks, maps)
                 seen += len(batch)
-                bar.update(len(batch) + len(batch.skipped))
-        bar.close()
         if not seen:
             raise ConvlensError(f"none of the images under {index.root} could be read")
         return running, index, {"images": seen, "skipped": skip_log.as_json(), "skip_summary": skip_log.summary()}
