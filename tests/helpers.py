@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -64,3 +65,19 @@ def child_environment(path: Path) -> Path:
     parent_site = sysconfig.get_paths()["purelib"]
     Path(child_site, "_convlens_parent.pth").write_text(f"import site; site.addsitedir({parent_site!r})\n")
     return python
+
+
+def require_installed(dist: str, folder: Path) -> None:
+    """Fail (not skip) with the install instruction when the example package ``dist`` is not installed: the
+    README's install command installs it."""
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise AssertionError(f"{dist} is not installed; run the README install command (pip install -e {folder})")
+
+
+def rescaled(maps):
+    """Each map of ``[N, H, W]`` (torch) scaled to [0, 1] once more, as pytorch-grad-cam scales each layer's map and
+    then their aggregate."""
+    maps = maps - maps.amin(dim=(1, 2), keepdim=True)
+    return maps / (maps.amax(dim=(1, 2), keepdim=True) + 1e-7)

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import convlens
+from helpers import rescaled
 from convlens import ConvlensError, ModelBundle
 from convlens.cli import cli
 from convlens.core.attribution import ExplainTarget, input_peaks, pointing_game
@@ -18,11 +19,6 @@ from convlens.core.layers import count_hooks
 from convlens.core.sae import save_sae
 from convlens.core.sanity_checks import cascading_randomisation, randomisation_steps, randomise_
 from convlens.core.shapes import write_shapes
-
-
-def rescaled(maps):
-    maps = maps - maps.min(axis=(1, 2), keepdims=True)
-    return maps / (maps.max(axis=(1, 2), keepdims=True) + 1e-7)
 
 
 def pytorch_grad_cam(module, layer, images, classes, size=None):
@@ -50,11 +46,11 @@ def test_gradcam_visualizer_matches_pytorch_grad_cam(model, params, layer):
         ours = gradcam.explain(bundle, images, layer, ExplainTarget(classes=classes))
         explained = predicted if classes is None else classes
         reference = pytorch_grad_cam(bundle.module, layer, images, explained, size=tuple(ours.shape[1:]))
-        np.testing.assert_allclose(rescaled(ours.numpy()), reference, atol=1e-5)
+        np.testing.assert_allclose(rescaled(ours).numpy(), reference, atol=1e-5)
         # at the input's resolution: our bilinear upsampling against its cv2 resize
         upsampled = F.interpolate(ours[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
         reference = pytorch_grad_cam(bundle.module, layer, images, explained)
-        np.testing.assert_allclose(rescaled(upsampled.numpy()), reference, atol=1e-5)
+        np.testing.assert_allclose(rescaled(upsampled).numpy(), reference, atol=1e-5)
     assert count_hooks(bundle.module) == 0 and all(p.requires_grad for p in bundle.module.parameters())
 
 
@@ -71,7 +67,7 @@ def test_gradcam_of_an_sae_latent_matches_a_float64_computation():
     leaf = activations.clone().requires_grad_(True)
     (gradient,) = torch.autograd.grad(sae64.encode(leaf)[:, latent].sum(), [leaf])
     cam = (gradient.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1).clamp_min(0)
-    expected = rescaled(cam.numpy())
+    expected = rescaled(cam).numpy()
     ours = gradcam.explain(bundle, images, "block3", ExplainTarget(sae=sae.float(), latent=latent))
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-5)
     with pytest.raises(ConvlensError, match=r"latent 48 is out of range: the SAE has latents 0\.\.47"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require_installed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "convlens-gated-sae"
 DIST = "convlens-gated-sae"
@@ -28,18 +29,10 @@ except ModuleNotFoundError:  # not installed: use the source folder (the entry p
 from convlens_gated_sae.model import GatedSAE
 
 
-def _installed() -> bool:
-    try:
-        importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture
 def installed_example():
     """The README's install command installs the example; without it the entry-point tests fail, not skip."""
-    assert _installed(), f"{DIST} is not installed; run the README install command (pip install -e {EXAMPLE})"
+    require_installed(DIST, EXAMPLE)
 
 
 # --- (1) discovery through the entry point ---------------------------------------------------------------------

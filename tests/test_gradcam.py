@@ -3,16 +3,11 @@ import pytest
 import torch
 
 import convlens
+from helpers import rescaled
 from convlens import FilterContext
 from convlens.core.errors import ContractError
 from convlens.core.layers import activations_at, count_hooks
 from convlens.plugins.filters.gradcam import gradcam_maps
-
-
-def rescaled(maps):
-    """pytorch-grad-cam scales each layer's map to [0, 1] and then the aggregate over layers once more."""
-    maps = maps - maps.amin(dim=(1, 2), keepdim=True)
-    return maps / (maps.amax(dim=(1, 2), keepdim=True) + 1e-7)
 
 
 def reference_gradcam(model, layer_module, images, classes, grid):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import convlens
+from helpers import require_installed, rescaled
 from convlens import FilterContext
 from convlens.core.attribution import ExplainTarget
 from convlens.core.errors import ContractError, ConvlensError
@@ -34,24 +35,10 @@ MODELS = [
 ]
 
 
-def _installed() -> bool:
-    try:
-        importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture
 def installed_example():
     """The README's install command installs the example; without it these tests fail, not skip."""
-    assert _installed(), f"{DIST} is not installed; run the README install command (pip install -e {EXAMPLE})"
-
-
-def rescaled(maps):
-    """pytorch-grad-cam scales each layer's map to [0, 1] and then the aggregate over layers once more."""
-    maps = maps - maps.amin(dim=(1, 2), keepdim=True)
-    return maps / (maps.amax(dim=(1, 2), keepdim=True) + 1e-7)
+    require_installed(DIST, EXAMPLE)
 
 
 def reference_gradcam_pp(module, layer_module, images, classes, grid):
