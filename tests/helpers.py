@@ -81,3 +81,12 @@ def rescaled(maps):
     then their aggregate."""
     maps = maps - maps.amin(dim=(1, 2), keepdim=True)
     return maps / (maps.amax(dim=(1, 2), keepdim=True) + 1e-7)
+
+
+def assert_clean(module) -> None:
+    """No hook left behind, every parameter still trainable, and no weight gradient computed."""
+    from convlens.core.layers import count_hooks
+
+    assert count_hooks(module) == 0
+    assert all(p.requires_grad for p in module.parameters())
+    assert all(p.grad is None for p in module.parameters())

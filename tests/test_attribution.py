@@ -195,6 +195,8 @@ def test_gradcam_points_at_the_object_on_shapes(trained, tmp_path):
     assert game["images"] == 160 and game["accuracy"] >= 2 * game["random_point"] + 0.1, game
     assert len(record["images"]) == 160 and all((out / entry["overlay"]).is_file() for entry in record["images"])
     assert {"class", "predicted", "probability", "peak", "peak_on_object"} <= set(record["images"][0])
+    assert [(f["unit"], f["path"], f["kind"]) for f in record["figures"]] == [
+        (None, entry["overlay"], "attribution") for entry in record["images"]]  # class targets belong to no unit
     maps = load_file(out / "maps.safetensors")
     assert maps["maps"].shape == (160, 1, 8, 8) and maps["positions"].tolist() == list(range(160))
     assert json.loads((out / "attribution.json").read_text())["pointing_game"] == game
@@ -215,6 +217,9 @@ def test_gradcam_of_sae_latents_through_the_cli(trained, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["target"] == "latents" and [e["latent"] for e in record["images"][:2]] == [3, 17]
+    assert [f["unit"] for f in record["figures"]] == [3, 17] * 6
+    assert all(f["kind"] == "attribution" and (out / f["path"]).is_file() for f in record["figures"])
+    assert len({f["path"] for f in record["figures"]}) == 12
     assert "pointing_game" not in record
     maps = load_file(out / "maps.safetensors")["maps"]
     assert maps.shape == (6, 2, 8, 8)

@@ -92,6 +92,16 @@ def test_streaming_examples_equal_brute_force_with_ties(tied_images, tmp_path, b
             with Image.open(tmp_path / "out" / example["crop"]) as crop:
                 assert crop.size == (16, 16)
     assert json.loads((tmp_path / "out" / "dataset_examples.json").read_text())["units"] == record["units"]
+    assert json.loads((tmp_path / "out" / "dataset_examples.json").read_text())["figures"] == record["figures"]
+    expected_figures = [(u["unit"], kind, path) for u in record["units"] for kind, path in
+                        [("montage", u["montage"])] + [(side, e["overlay"]) for side in ("top", "bottom")
+                                                       for e in u[side]]]
+    assert [(f["unit"], f["kind"], f["path"]) for f in record["figures"]] == expected_figures
+    assert all((tmp_path / "out" / f["path"]).is_file() for f in record["figures"])
+    first_top = next(f for f in record["figures"] if f["kind"] == "top")
+    example = record["units"][0]["top"][0]
+    assert first_top["caption"] == (f"top 1: {example['image']}, value {example['value']:.3g}, "
+                                    f"peak ({example['peak'][0]}, {example['peak'][1]})")
 
 
 def test_examples_of_sae_latents_equal_brute_force(tied_images, tmp_path):

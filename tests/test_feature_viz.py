@@ -255,6 +255,13 @@ def test_visualize_cli_writes_images_grid_snapshots_and_record(tmp_path):
         assert entry["snapshots"]["steps"] == [0, 6, 12]
         assert Image.open(out / entry["snapshots"]["image"]).size[0] > 3 * 32
     assert (out / "grid.png").is_file()
+    assert printed["figures"] == record["figures"]
+    assert [f["unit"] for f in record["figures"]] == [0, 1, 2, 7, 4]  # the last: not a unit, the objective's index
+    assert [f.get("unit_kind") for f in record["figures"]] == [None] * 4 + ["objective"]
+    assert [f["path"] for f in record["figures"]] == [e["image"] for e in record["objectives"]]
+    assert {f["kind"] for f in record["figures"]} == {"feature-viz"}
+    assert all((out / f["path"]).is_file() for f in record["figures"])
+    assert record["figures"][3]["caption"].startswith("channel:7: activation ")
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["name"] == "convlens:tiny-cnn" and config["units"] == [0, 1, 2, 7]
 

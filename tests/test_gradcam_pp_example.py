@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import convlens
-from helpers import require_installed, rescaled
+from helpers import assert_clean, require_installed, rescaled
 from convlens import FilterContext
 from convlens.core.attribution import ExplainTarget
 from convlens.core.errors import ContractError, ConvlensError
-from convlens.core.layers import activations_at, count_hooks
+from convlens.core.layers import activations_at
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "convlens-gradcam-pp"
 DIST = "convlens-gradcam-pp"
@@ -53,13 +53,6 @@ def reference_gradcam_pp(module, layer_module, images, classes, grid):
     return maps
 
 
-def assert_clean(module):
-    """No hook left behind, every parameter still trainable, and no weight gradient computed."""
-    assert count_hooks(module) == 0
-    assert all(p.requires_grad for p in module.parameters())
-    assert all(p.grad is None for p in module.parameters())
-
-
 def _images(size, n=4, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -84,7 +77,7 @@ def test_both_components_come_from_the_example_distribution(installed_example, c
         # the built-in Grad-CAM of the same kind is still there, and still convlens's own
         assert convlens.registry.get(kind, "gradcam").dist == "convlens"
     assert {p["name"] for p in convlens_registry.describe("visualizer", "gradcam++")["params"]} == {
-        "class_index", "max_images", "batch_size", "alpha"}
+        "class_index", "max_images", "batch_size", "alpha", "map_layer"}
     assert [p["name"] for p in convlens_registry.describe("filter", "gradcam++")["params"]] == ["class_index"]
     assert convlens.registry.create("filter", "gradcam++").needs_gradients
 

@@ -14,6 +14,8 @@ from .filters import apply_filter
 from .models import layers
 from .plugin_commands import info, install, list_components, plugins, uninstall
 from .rank_units import rank_units_command
+from .report import report_command
+from .run import demo_command, run_command
 from .sanity_check import sanity_check_command
 from .sae import evaluate_sae_command, sae_info, sweep_command, train_sae_command
 from .training import train_model_command
@@ -44,9 +46,10 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command, extract,
-                compare_filters_command, train_sae_command, sae_info, evaluate_sae_command,
-                sweep_command, visualize_command, sanity_check_command, rank_units_command):
+for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command,
+                extract, compare_filters_command, train_sae_command, sae_info, evaluate_sae_command, sweep_command,
+                visualize_command, sanity_check_command, rank_units_command, run_command, demo_command,
+                report_command):
     cli.add_command(command)
 
 

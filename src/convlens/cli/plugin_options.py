@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from convlens.core.errors import ConvlensError
-from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
+from convlens.core.model_loading import load_model as load_model_with, resolve_model_argument
+from convlens.core.params import click_parameters, parameter_specs, values_from_click
 from convlens.core.registry import default_registry
 
 MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX = "model__", "filter__", "sae__"
@@ -22,21 +21,6 @@ def _peek(args: list[str], option: str) -> str | None:
         if arg.startswith(option + "="):
             return arg.split("=", 1)[1]
     return None
-
-
-def resolve_model_argument(value: str) -> tuple[str, dict[str, Any]]:
-    """A model plugin name, or a `train-model` run folder (its model with the trained weights)."""
-    run = Path(value)
-    if run.is_dir():
-        config_file, weights = run / "config.json", run / "model.safetensors"
-        if not (config_file.is_file() and weights.is_file()):
-            raise ConvlensError(f"{run} is not a finished train-model run (needs config.json and model.safetensors)")
-        model = json.loads(config_file.read_text())["model"]
-        params = dict(model.get("params", {}))
-        fields = {spec.name for spec in parameter_specs(default_registry().get("model", model["name"]).spec.params)}
-        params["checkpoint" if "checkpoint" in fields and "weights" not in fields else "weights"] = str(weights)
-        return model["name"], params
-    return value, {}
 
 
 class PluginOptionsCommand(click.Command):
@@ -75,14 +59,7 @@ class PluginOptionsCommand(click.Command):
 
 def load_model(model_argument: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The model bundle for ``--model`` and its ``--model-*`` options, and the record runs keep of it."""
-    registry = default_registry()
-    name, model_params = resolve_model_argument(model_argument)
-    model_params.update(values_from_click(options, MODEL_PREFIX))
-    bundle = registry.create("model", name, **model_params)
-    spec = registry.get("model", name)
-    given = {key.replace("-", "_") for key in model_params}
-    typed = {key: value for key, value in coerce(spec.spec.params, model_params).to_dict().items() if key in given}
-    return bundle, {"name": spec.qualified_name, "params": typed}
+    return load_model_with(model_argument, values_from_click(options, MODEL_PREFIX))
 
 
 class ModelOptionsCommand(PluginOptionsCommand):

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from convlens.core.params import click_parameters, coerce, parameter_specs, values_from_click
+from convlens.core.params import click_parameters, coerce, values_from_click
 from convlens.core.registry import default_registry
 
 from .output import echo_json
@@ -31,22 +31,6 @@ class TrainSAECommand(PluginOptionsCommand):
         return super().parse_args(ctx, args)
 
 
-def build_sae(name: str, values: dict[str, Any], input_dim: int, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The SAE ``name`` with parameters ``values`` for ``input_dim`` channels (its seed defaulting to ``seed``),
-    and its record (registry name, every resolved parameter)."""
-    registry = default_registry()
-    component = registry.get("sae", name)
-    values = dict(values)
-    fields = {spec.name for spec in parameter_specs(component.spec.params)}
-    if "input_dim" in fields:
-        values["input_dim"] = input_dim
-    if "seed" in fields and "seed" not in values:
-        values["seed"] = seed
-    resolved = coerce(component.spec.params, values, owner=f"sae '{component.name}'").to_dict()
-    sae = registry.create("sae", component.qualified_name, **resolved)
-    return sae, {"name": component.qualified_name, "params": resolved}
-
-
 @click.command("train-sae", cls=TrainSAECommand)
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
               help="Activation store written by `convlens extract`.")
@@ -67,7 +51,7 @@ def train_sae_command(store: str, sae_name: str, val_store: str | None, out: str
     config.json, metrics.jsonl, curves.png, checkpoints/ and sae.safetensors into the run folder.
     """
     from convlens.core.device import resolve_device
-    from convlens.core.sae_training import train_sae
+    from convlens.core.sae_training import build_sae, train_sae
     from convlens.core.store import ActivationStore
 
     training = coerce(_training_params(), values_from_click(options, TRAIN_PREFIX), owner="train-sae")
@@ -226,6 +210,7 @@ def sweep_command(store: str, config_file: str | None, preset: str, val_store: s
     from convlens.core.device import resolve_device
     from convlens.core.errors import ConvlensError
     from convlens.core.sae_sweep import paper_preset, run_sweep
+    from convlens.core.sae_training import build_sae
     from convlens.core.store import ActivationStore
 
     training = coerce(_training_params(), values_from_click(options, TRAIN_PREFIX), owner="sweep")

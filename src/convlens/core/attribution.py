@@ -2,9 +2,10 @@
 
 An attribution method subclasses :class:`AttributionVisualizer` and implements
 :meth:`~AttributionVisualizer.attribute`: maps ``[N, h, w]`` for a batch of images and an :class:`ExplainTarget`
-(a class per image, or an SAE latent). The base turns that into the visualizer run (heat-map overlays,
-``maps.safetensors``, a JSON record, and the pointing game when the images come with foreground masks), and
-:mod:`convlens.core.sanity_checks` calls the same method, so a third-party method gets both for free.
+(a class per image, a channel of a layer, or an SAE latent), taking its gradients from :func:`target_gradients`.
+The base turns that into the visualizer run (heat-map overlays, ``maps.safetensors``, a JSON record, and the
+pointing game when the images come with foreground masks), and :mod:`convlens.core.sanity_checks` calls the same
+method, so a third-party method gets all of these, and every kind of target, for free.
 
 Importing this module does not import torch, so plugin modules can subclass the base and still be listed cheaply.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -33,7 +35,9 @@ class AttributionParams(Params):
     """Parameters every attribution visualizer starts with; methods subclass this and add their own."""
 
     class_index: Optional[int] = param(None, min=0, help="explain this class for every image (default: the "
-                                       "predicted class); with --sae the units are latents and this is unused")
+                                       "predicted class); unused with --units (the units are the targets)")
+    map_layer: Optional[str] = param(None, help="take the maps at this layer (default: --layer); with --units the "
+                                     "units stay those of --layer")
     max_images: Optional[int] = param(None, min=1, help="at most this many images of --data, in order")
     batch_size: int = param(16, min=1, help="images per forward and backward pass")
     alpha: float = param(0.5, min=0.0, max=1.0, help="opacity of the heat map drawn over each image")
@@ -42,15 +46,68 @@ class AttributionParams(Params):
 @dataclasses.dataclass
 class ExplainTarget:
     """Per image, the scalar an attribution explains: a class logit (``classes``; ``None``: the predicted class),
-    or, with ``sae`` and ``latent``, that SAE latent's activation summed over the layer's positions."""
+    or a unit of ``layer`` summed over the layer's positions: its channel ``channel``, or with ``sae`` and
+    ``latent`` that latent of the SAE applied to the layer. ``layer`` ``None``: the layer the maps are taken at."""
 
     classes: torch.Tensor | None = None
     sae: Any = None
     latent: int | None = None
+    layer: str | None = None
+    channel: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"class"``, ``"channel"`` or ``"latent"``."""
+        if self.sae is not None:
+            if self.channel is not None or self.classes is not None:
+                raise ContractError("an ExplainTarget with an SAE explains its latent, not a channel or a class")
+            return "latent"
+        if self.latent is not None:
+            raise ContractError(f"latent {self.latent} needs the SAE it belongs to (ExplainTarget(sae=...))")
+        if self.channel is not None:
+            if self.classes is not None:
+                raise ContractError("an ExplainTarget explains a channel or classes, not both")
+            return "channel"
+        return "class"
+
+    @property
+    def unit(self) -> int | None:
+        """The channel or latent explained; ``None`` for a class target."""
+        return {"class": None, "channel": self.channel, "latent": self.latent}[self.kind]
 
     @property
     def label(self) -> str:
-        return f"latent {self.latent}" if self.sae is not None else "class"
+        return {"class": "class", "channel": f"unit {self.channel}", "latent": f"latent {self.latent}"}[self.kind]
+
+    def read_at(self, layer: str) -> ExplainTarget:
+        """This target, with a unit that names no layer read at ``layer``."""
+        return self if self.kind == "class" or self.layer is not None else dataclasses.replace(self, layer=layer)
+
+    def check(self, shape: Sequence[int], layer: str) -> None:
+        """One clear error unless the unit exists in a layer whose output has ``shape`` ``[N, C, ...]``."""
+        kind = self.kind
+        if kind == "latent":
+            if len(shape) not in (2, 4) or shape[1] != self.sae.input_dim:
+                raise ConvlensError(f"the SAE reads {self.sae.input_dim} channels but layer '{layer}' gives "
+                                    f"{tuple(shape[1:])}")
+            if not 0 <= self.latent < self.sae.latent_dim:
+                raise ConvlensError(f"latent {self.latent} is out of range: the SAE has latents "
+                                    f"0..{self.sae.latent_dim - 1}")
+        elif kind == "channel":
+            if len(shape) < 2:
+                raise ConvlensError(f"layer '{layer}' gives {tuple(shape[1:])}, which has no units")
+            if not 0 <= self.channel < shape[1]:
+                raise ConvlensError(f"unit {self.channel} is out of range: layer '{layer}' has units "
+                                    f"0..{shape[1] - 1}")
+
+    def unit_values(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function of ``layer``'s output giving, per image, the unit's value summed over the positions."""
+        def values(output: torch.Tensor) -> torch.Tensor:
+            self.check(tuple(output.shape), layer)
+            unit = self.sae.encode(output)[:, self.latent] if self.kind == "latent" else output[:, self.channel]
+            return unit.flatten(1).sum(dim=1) if unit.ndim > 1 else unit
+
+        return values
 
 
 def target_classes(logits, labels, class_index: int | None):
@@ -109,14 +166,15 @@ def scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:
     return maps / (maps.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
 
 
-def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> Capture:
-    """The layer's activations and the gradient of the target with respect to them, computed with no more work
-    than that needs: no weight gradients and no backward pass below the layer (design.md sec. 7)."""
-    import torch
+def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str | None, target: ExplainTarget) -> Capture:
+    """The activations of ``layer`` (``None``: the input ``images``, keyed :data:`convlens.core.layers.INPUT`) and
+    the gradient of the target with respect to them, computed with no more work than that needs: no weight
+    gradients, no backward pass below ``layer`` and, for a unit, no forward pass beyond the unit's layer (design.md
+    sec. 7). A unit's layer must run after ``layer`` and depend on it."""
+    from .layers import gradients_between
 
-    from .layers import Capture, activations_at
-
-    if target.sae is None:
+    kind = target.kind
+    if kind == "class":
         def class_logit(logits: torch.Tensor) -> torch.Tensor:
             classes = logits.argmax(dim=1) if target.classes is None else target.classes.to(logits.device).long()
             if classes.shape != (logits.shape[0],):
@@ -125,23 +183,22 @@ def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str, targe
                 raise ConvlensError(f"target classes must lie in 0..{logits.shape[1] - 1}")
             return logits.gather(1, classes[:, None]).squeeze(1)
 
-        return activations_at(model.module, images, layer, target=class_logit)
-    activations = activations_at(model.module, images, layer).activations[layer]
-    if activations.ndim != 4 or activations.shape[1] != target.sae.input_dim:
-        raise ConvlensError(f"the SAE reads {target.sae.input_dim} channels but layer '{layer}' gives "
-                            f"{tuple(activations.shape[1:])}")
-    if target.latent is None or not 0 <= target.latent < target.sae.latent_dim:
-        raise ConvlensError(f"latent {target.latent} is out of range: the SAE has latents "
-                            f"0..{target.sae.latent_dim - 1}")
-    leaf = activations.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = target.sae.encode(leaf)[:, target.latent].sum()
-        (gradient,) = torch.autograd.grad(value, [leaf])
-    return Capture({layer: activations}, {layer: gradient.detach()}, None)
+        return gradients_between(model.module, images, layer, None, class_logit)
+    unit_layer = target.layer or layer
+    if unit_layer is None:
+        raise ContractError(f"the {target.label} target names no layer to read it at (ExplainTarget(layer=...))")
+    return gradients_between(model.module, images, layer, unit_layer, target.unit_values(unit_layer))
 
 
 class AttributionVisualizer(Visualizer):
-    """A visualizer that explains images: subclasses implement :meth:`attribute`; :meth:`run` does the rest."""
+    """A visualizer that explains images: subclasses implement :meth:`attribute`; :meth:`run` does the rest.
+
+    :meth:`run` explains, per image, the predicted class (or ``class_index``) or, with ``target.units``, each unit
+    of ``target.layer`` (a channel, or with ``target.sae`` an SAE latent) summed over the layer's positions; the
+    maps are taken at the ``map_layer`` parameter, by default ``target.layer``. The JSON record lists every overlay
+    in ``figures`` as ``{"unit", "path", "kind": "attribution", "caption"}``, ``path`` relative to the output
+    folder; overlays of class targets belong to no unit and carry ``"unit": null``.
+    """
 
     needs_data = True
 
@@ -167,6 +224,7 @@ class AttributionVisualizer(Visualizer):
         import torch
         from .concepts import load_concepts
         from .images import Preprocessing, SkipLog
+        from .layers import activations_at
         from .runs import write_json_atomic
         from .tensor_files import save_tensors_atomic
 
@@ -174,29 +232,38 @@ class AttributionVisualizer(Visualizer):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model, layer = target.model, target.layer
+        map_layer = getattr(params, "map_layer", None) or layer
         if target.sae is not None and not target.units:
             raise ConvlensError(f"{self.name} with an SAE explains latents: name them with --units")
         index = self.data_of(target)
         positions = list(range(min(len(index), params.max_images or len(index))))
         preprocessing = Preprocessing.of(model)
         concepts = None
-        if target.data is not None and (Path(target.data) / "concepts.json").is_file():
+        if isinstance(target.data, (str, Path)) and (Path(target.data) / "concepts.json").is_file():
             concepts = load_concepts(target.data)
         concept_of = concepts.positions_in(index) if concepts is not None else {}
         device = next((p.device for p in model.module.parameters()), torch.device("cpu"))
-        explained = ([ExplainTarget(sae=target.sae, latent=unit) for unit in target.units] if target.sae is not None
-                     else [None])
+        explained: list[ExplainTarget | None] = [
+            ExplainTarget(sae=target.sae, latent=unit, layer=layer) if target.sae is not None
+            else ExplainTarget(layer=layer, channel=unit) for unit in target.units] or [None]
         record: dict[str, Any] = {
-            "visualizer": self.name, "layer": layer, "params": params.to_dict(),
-            "target": "latents" if target.sae is not None else "class", "images": [],
+            "visualizer": self.name, "layer": layer, "map_layer": map_layer, "params": params.to_dict(),
+            "target": "latents" if target.sae is not None else "channels" if target.units else "class",
+            "images": [], "figures": [],
         }
         maps_kept: list[torch.Tensor] = []
         positions_kept: list[int] = []
         hits: list[bool] = []
         chance: list[float] = []
         skip_log = SkipLog(index.root)
+        unchecked = [explain for explain in explained if explain is not None]
         for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log):
             images = batch.images.to(device)
+            if unchecked:  # every unit once, before any work, also for methods that ignore the target
+                shape = tuple(activations_at(model.module, images[:1], layer).activations[layer].shape)
+                for explain in unchecked:
+                    explain.check(shape, layer)
+                unchecked = []
             with torch.no_grad():
                 probabilities = model.module(images).float().softmax(dim=1)
             predicted = probabilities.argmax(dim=1)
@@ -204,7 +271,7 @@ class AttributionVisualizer(Visualizer):
             if params.class_index is not None and params.class_index >= probabilities.shape[1]:
                 raise ConvlensError(f"class_index {params.class_index} is out of range for a model with "
                                     f"{probabilities.shape[1]} classes")
-            maps = torch.stack([self.explain(model, images, layer, explain or ExplainTarget(classes=classes))
+            maps = torch.stack([self.explain(model, images, map_layer, explain or ExplainTarget(classes=classes))
                                 for explain in explained], dim=1).cpu()  # [B, targets, h, w]
             peaks = input_peaks(maps, tuple(images.shape[2:]))
             for row in range(len(batch)):
@@ -219,8 +286,12 @@ class AttributionVisualizer(Visualizer):
                         entry["peak_on_object"] = bool(mask[peak[0], peak[1]])
                         hits.append(entry["peak_on_object"])
                         chance.append(float(mask.mean()))
-                    entry["overlay"] = self._write_overlay(out_dir, picture, maps[row, column], entry, params.alpha)
+                    entry["overlay"] = self._write_overlay(out_dir, picture, maps[row, column], entry, params.alpha,
+                                                           layer, map_layer)
                     record["images"].append(entry)
+                    record["figures"].append({"unit": explain.unit if explain is not None else None,
+                                              "path": entry["overlay"], "kind": "attribution",
+                                              "caption": self._caption(entry, model)})
                 maps_kept.append(maps[row])
                 positions_kept.append(position)
             if hits:
@@ -230,7 +301,9 @@ class AttributionVisualizer(Visualizer):
             raise ConvlensError(f"none of the images under {index.root} could be read")
         save_tensors_atomic({"maps": torch.stack(maps_kept).contiguous(), "positions": torch.tensor(positions_kept)},
                             out_dir / "maps.safetensors",
-                            metadata={"visualizer": self.name, "layer": layer, "axes": "image, target, y, x"})
+                            metadata={"visualizer": self.name, "layer": layer, "map_layer": map_layer,
+                                      "units": ",".join(str(unit) for unit in target.units),
+                                      "axes": "image, target, y, x"})
         record["maps"] = "maps.safetensors"
         record["skipped"] = skip_log.as_json()
         game = record.get("pointing_game")
@@ -251,22 +324,39 @@ class AttributionVisualizer(Visualizer):
             entry["class"] = int(chosen_class)
             if model.class_names is not None and int(chosen_class) < len(model.class_names):
                 entry["class_name"] = model.class_names[int(chosen_class)]
-        else:
+        elif explain.kind == "latent":
             entry["latent"] = explain.latent
+        else:
+            entry["unit"] = explain.channel
         return entry
 
-    def _write_overlay(self, out_dir: Path, picture: Any, values: Any, entry: dict[str, Any], alpha: float) -> str:
+    @staticmethod
+    def _caption(entry: dict[str, Any], model: ModelBundle) -> str:
+        names = model.class_names
+        predicted = names[entry["predicted"]] if names is not None and entry["predicted"] < len(names) else (
+            f"class {entry['predicted']}")
+        explained = f"explains {entry.get('class_name', entry['class'])}; " if "class" in entry else ""
+        return (f"{entry['image']}: {explained}predicted {predicted} ({entry['probability']:.2f}); "
+                f"peak ({entry['peak'][0]}, {entry['peak'][1]})")
+
+    def _write_overlay(self, out_dir: Path, picture: Any, values: Any, entry: dict[str, Any], alpha: float,
+                       layer: str, map_layer: str) -> str:
         from .charts import enlarge, heat_overlay, side_by_side, titled
         from .images import save_png
 
         top = float(values.max())
         shown = (values / top).numpy() if top > 0 else values.numpy() * 0
-        what = f"latent {entry['latent']}" if "latent" in entry else f"class {entry.get('class_name', entry['class'])}"
+        if "latent" in entry:
+            what, suffix = f"latent {entry['latent']}", f"-latent{entry['latent']}"
+        elif "unit" in entry:
+            what, suffix = f"unit {entry['unit']}", f"-unit{entry['unit']}"
+        else:
+            what, suffix = f"class {entry.get('class_name', entry['class'])}", ""
+        if map_layer != layer:
+            what = f"{what} of {layer} at {map_layer}" if suffix else f"{what} at {map_layer}"
         size = max(picture.size + (192,))
         panels = [enlarge(picture, size), enlarge(heat_overlay(picture, shown, alpha), size)]
-        overlay = titled(side_by_side(panels, gap=4),
-                         f"{self.name}: {what}")
-        suffix = f"-latent{entry['latent']}" if "latent" in entry else ""
+        overlay = titled(side_by_side(panels, gap=4), f"{self.name}: {what}")
         relative = f"overlays/{entry['position']:05d}-{Path(entry['image']).stem}{suffix}.png"
         save_png(overlay, out_dir / relative)
         return relative

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -91,15 +92,15 @@ class ActivationFilter(abc.ABC):
 class VisualTarget:
     """What a visualizer looks at: units of one layer of a model, optionally through an SAE, and images.
 
-    ``data`` is an image file or folder (see :func:`convlens.core.images.images_at`); visualizers that read
-    images set :attr:`Visualizer.needs_data`.
+    ``data`` is an image file or folder, or a list of image files (see :func:`convlens.core.images.images_at`);
+    visualizers that read images set :attr:`Visualizer.needs_data`.
     """
 
     model: ModelBundle
     layer: str
     units: tuple[int, ...] = ()
     sae: Any = None
-    data: str | Path | None = None
+    data: str | Path | Sequence[str | Path] | None = None
 
 
 class Visualizer(abc.ABC):

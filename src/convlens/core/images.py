@@ -110,14 +110,32 @@ def scan_images(root: str | Path) -> ImageIndex:
     return ImageIndex(root, tuple(paths), ignored=tuple(sorted(set(files) - set(paths))))
 
 
-def images_at(path: str | Path) -> ImageIndex:
-    """The images a visualizer looks at: one image file, or every image of a folder (as :func:`scan_images`)."""
+def images_at(path: str | Path | Sequence[str | Path]) -> ImageIndex:
+    """The images a visualizer looks at: one image file, every image of a folder (as :func:`scan_images`), or
+    exactly the image files of a list, in its order, rooted at their common folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        return _listed_images([Path(item) for item in path])
     path = Path(path)
     if path.is_file():
         return ImageIndex(path.parent, (path,))
     if not path.exists():
         raise ConvlensError(f"no image or image folder at {path}")
     return scan_images(path)
+
+
+def _listed_images(paths: list[Path]) -> ImageIndex:
+    if not paths:
+        raise ConvlensError("the list of images is empty")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConvlensError(f"no image file at {shown}")
+    try:
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    except ValueError:  # relative and absolute paths mixed
+        paths = [p.absolute() for p in paths]
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    return ImageIndex(root, tuple(paths))
 
 
 def open_rgb(path: str | Path) -> Image.Image:

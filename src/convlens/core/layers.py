@@ -42,7 +42,8 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def hooked_outputs(module: nn.Module, layers: Sequence[str], model_name: str = "model") -> Iterator[dict[str, torch.Tensor]]:
+def hooked_outputs(module: nn.Module, layers: Sequence[str],
+                   model_name: str = "model") -> Iterator[dict[str, torch.Tensor]]:
     """Record the outputs of ``layers`` during forward passes made inside the block."""
     targets = {name: resolve_layer(module, name, model_name) for name in layers}
     outputs: dict[str, torch.Tensor] = {}
@@ -170,46 +171,98 @@ def activations_at(
     the call: the layers before it build no graph and the backward pass runs from the output to the layer
     only, never into the weights or down to the input.
     """
-    layer_module = resolve_layer(module, layer, model_name)
-    if target is None:
+    if target is not None:
+        return gradients_between(module, images, layer, None, target, model_name)
 
-        def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            raise _ReachedLayer(first_tensor(output))
+    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        raise _ReachedLayer(first_tensor(output))
 
-        handle = layer_module.register_forward_hook(stop)
-        try:
-            with torch.no_grad():
-                module(images)
-        except _ReachedLayer as reached:
-            return Capture({layer: reached.output.detach()}, {}, None)
-        finally:
-            handle.remove()
-        raise UnknownComponentError(f"layer '{layer}' of {model_name} did not run in the forward pass")
+    handle = resolve_layer(module, layer, model_name).register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            module(images)
+    except _ReachedLayer as reached:
+        return Capture({layer: reached.output.detach()}, {}, None)
+    finally:
+        handle.remove()
+    raise UnknownComponentError(f"layer '{layer}' of {model_name} did not run in the forward pass")
 
+
+INPUT = "<input>"  # the key of the input images in a Capture of gradients_between(source_layer=None)
+
+
+def gradients_between(
+    module: nn.Module,
+    images: torch.Tensor,
+    source_layer: str | None,
+    target_layer: str | None,
+    objective: Target,
+    model_name: str = "model",
+) -> Capture:
+    """The gradient of ``objective(output of target_layer).sum()`` with respect to the output of ``source_layer``.
+
+    ``source_layer`` None: the input ``images`` (keyed :data:`INPUT` in the result); ``target_layer`` None: the
+    model's output. The source's output is detached and made the only tensor that requires a gradient, the weights
+    are frozen for the call and the forward pass stops once the target layer has run, so the backward pass runs
+    from the target to the source only, never into the weights or further down. Returns the source's activations
+    and gradient, the target layer's output among the activations, and the model's output as ``logits`` when the
+    forward pass ran to the end. A target that does not run after the source and depend on it is one
+    :class:`UnknownComponentError`.
+    """
+    source_module = resolve_layer(module, source_layer, model_name) if source_layer is not None else None
+    target_module = resolve_layer(module, target_layer, model_name) if target_layer is not None else None
+    source_key = source_layer if source_layer is not None else INPUT
+    source_name = f"layer '{source_layer}'" if source_layer is not None else "the input"
+    target_name = f"layer '{target_layer}'" if target_layer is not None else "the output"
     recorded: dict[str, torch.Tensor] = {}
+    inputs = images
+    if source_layer is None:
+        inputs = recorded[INPUT] = images.detach().requires_grad_(True)
 
     def make_leaf(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        tensor = first_tensor(output)
-        if not isinstance(output, torch.Tensor) or tensor is None:
-            raise UnknownComponentError(f"layer '{layer}' of {model_name} does not return a single tensor")
-        recorded[layer] = output.detach().requires_grad_(True)
-        return recorded[layer]
+        if not isinstance(output, torch.Tensor):
+            raise UnknownComponentError(f"layer '{source_layer}' of {model_name} does not return a single tensor")
+        recorded[source_key] = output.detach().requires_grad_(True)
+        return recorded[source_key]
+
+    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        raise _ReachedLayer(first_tensor(output))
 
     frozen = [p for p in module.parameters() if p.requires_grad]
-    handle = layer_module.register_forward_hook(make_leaf)
+    handles = []
     try:
+        if source_module is not None:
+            handles.append(source_module.register_forward_hook(make_leaf))
+        if target_module is not None:  # registered second: on the same module it sees make_leaf's output
+            handles.append(target_module.register_forward_hook(stop))
         for parameter in frozen:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            logits = first_tensor(module(images))
-            if layer not in recorded:
-                raise UnknownComponentError(f"layer '{layer}' of {model_name} did not run in the forward pass")
-            (gradient,) = torch.autograd.grad(target(logits).sum(), [recorded[layer]])
+            logits, stopped = None, False
+            try:
+                logits = reached = first_tensor(module(inputs))
+            except _ReachedLayer as reached_layer:
+                reached, stopped = reached_layer.output, True
+            if source_key not in recorded:
+                if stopped:
+                    raise UnknownComponentError(f"{target_name} of {model_name} runs before {source_name}: no "
+                                                f"gradient reaches {source_name} from it")
+                raise UnknownComponentError(f"{source_name} of {model_name} did not run in the forward pass")
+            if target_layer is not None and not stopped:
+                raise UnknownComponentError(f"{target_name} of {model_name} did not run in the forward pass")
+            if reached is None or not reached.requires_grad:
+                raise UnknownComponentError(f"{target_name} of {model_name} does not depend on {source_name}: no "
+                                            f"gradient reaches {source_name} from it")
+            (gradient,) = torch.autograd.grad(objective(reached).sum(), [recorded[source_key]])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for parameter in frozen:
             parameter.requires_grad_(True)
-    return Capture({layer: recorded[layer].detach()}, {layer: gradient.detach()}, logits.detach())
+    activations = {source_key: recorded[source_key].detach()}
+    if target_layer is not None:
+        activations[target_layer] = reached.detach()
+    return Capture(activations, {source_key: gradient.detach()}, logits.detach() if logits is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,6 +163,25 @@ def training_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, loca
                 "l0": float(active.sum())}
 
 
+def build_sae(name: str, values: dict[str, Any], input_dim: int, seed: int) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """The SAE ``name`` with parameters ``values`` for ``input_dim`` channels (its seed defaulting to ``seed``),
+    and its record (registry name, every resolved parameter)."""
+    from .params import coerce, parameter_specs
+    from .registry import default_registry
+
+    registry = default_registry()
+    component = registry.get("sae", name)
+    values = dict(values)
+    fields = {spec.name for spec in parameter_specs(component.spec.params)}
+    if "input_dim" in fields:
+        values["input_dim"] = input_dim
+    if "seed" in fields and "seed" not in values:
+        values["seed"] = seed
+    resolved = coerce(component.spec.params, values, owner=f"sae '{component.name}'").to_dict()
+    sae = registry.create("sae", component.qualified_name, **resolved)
+    return sae, {"name": component.qualified_name, "params": resolved}
+
+
 def train_sae(
     sae: SparseAutoencoder,
     sae_record: dict[str, Any],

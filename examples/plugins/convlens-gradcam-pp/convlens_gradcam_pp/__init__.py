@@ -23,7 +23,8 @@ ALIASES = ("gradcam-pp", "grad-cam++", "gradcampp")
 
 @dataclass(frozen=True)
 class GradCAMPlusPlusVisualizerParams(AttributionParams):
-    """The shared attribution parameters (class_index, max_images, batch_size, alpha); Grad-CAM++ adds none."""
+    """The shared attribution parameters (class_index, max_images, batch_size, alpha, map_layer); Grad-CAM++ adds
+    none."""
 
 
 @dataclass(frozen=True)

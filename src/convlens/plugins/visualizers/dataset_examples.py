@@ -118,7 +118,8 @@ def feature_viz_images(folder: str, with_sae: bool) -> dict[int, Path]:
 
 class DatasetExamplesVisualizer(Visualizer):
     """Writes ``units/<unit>/{top,bottom}-<rank>-{crop,overlay}.png``, ``montages/<unit>.png`` and
-    ``dataset_examples.json``."""
+    ``dataset_examples.json``, whose ``figures`` list per unit its montage (kind ``"montage"``) and then each
+    example's overlay with the receptive field outlined (kinds ``"top"`` and ``"bottom"``, best rank first)."""
 
     name = "dataset-examples"
     needs_data = True
@@ -174,6 +175,7 @@ class DatasetExamplesVisualizer(Visualizer):
         record: dict[str, Any] = {
             "visualizer": self.name, "layer": target.layer, "unit_kind": kind, "params": params.to_dict(),
             "images": counts["images"], "skipped": counts["skipped"], "receptive_field": field.to_dict(), "units": [],
+            "figures": [],
         }
         for column, unit in enumerate(target.units):
             entry: dict[str, Any] = {"unit": unit}
@@ -184,11 +186,24 @@ class DatasetExamplesVisualizer(Visualizer):
                                for rank in range(ranked.values.shape[1])]
             entry["montage"] = self._montage(out_dir, unit, kind, entry, feature_images.get(unit))
             record["units"].append(entry)
+            record["figures"] += self._figures(unit, kind, entry, counts["images"])
         record["summary"] = (f"top{' and bottom' if params.bottom else ''} {params.k} of {counts['images']} images "
                              f"for {len(target.units)} {kind}s" + (f"; {counts['skip_summary']}"
                                                                   if counts["skipped"] else ""))
         write_json_atomic(out_dir / "dataset_examples.json", record)
         return record
+
+    def _figures(self, unit: int, kind: str, entry: dict[str, Any], images: int) -> list[dict[str, Any]]:
+        """The unit's montage, then each example's overlay with its receptive field outlined."""
+        sides = " and ".join(side for side in ("top", "bottom") if side in entry)
+        figures = [{"unit": unit, "path": entry["montage"], "kind": "montage",
+                    "caption": f"{kind} {unit}: {sides} {self.params.k} of {images} images"}]
+        for side in ("top", "bottom"):
+            figures += [{"unit": unit, "path": example["overlay"], "kind": side,
+                         "caption": f"{side} {rank}: {example['image']}, value {example['value']:.3g}, "
+                                    f"peak ({example['peak'][0]}, {example['peak'][1]})"}
+                        for rank, example in enumerate(entry.get(side, []), start=1)]
+        return figures
 
     def _pictures(self, target: VisualTarget, index: Any, running: RunningExamples) -> dict[int, Any]:
         """The model's view (resize and centre crop) of every image that was kept, each decoded once."""

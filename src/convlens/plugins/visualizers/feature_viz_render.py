@@ -220,7 +220,12 @@ def slug(label: str) -> str:
 
 class FeatureVisualizer(Visualizer):
     """Writes ``images/<n>-<objective>.png``, ``grid.png``, ``snapshots/<n>-<objective>.png`` (the image at each
-    snapshot step, left to right) and ``feature_viz.json``."""
+    snapshot step, left to right) and ``feature_viz.json``.
+
+    The record's ``figures`` list each final image (kind ``"feature-viz"``) under its unit; an objective not made
+    from a unit (from ``objectives``, or the ``layer`` form) goes under its index in ``objectives`` instead, and its
+    figure says so with ``"unit_kind": "objective"``.
+    """
 
     name = "feature-viz"
 
@@ -255,8 +260,9 @@ class FeatureVisualizer(Visualizer):
             "visualizer": self.name, "layer": target.layer, "preset": self.params.preset,
             "params": self.params.to_dict(),
             "settings": {**dataclasses.asdict(settings), "colour_data": self.params.colour_data or None},
-            "objectives": [],
+            "objectives": [], "figures": [],
         }
+        from_units = tuple(target.units) if self.params.objective != "layer" else ()
         written: list[Rendered] = []
 
         def write(batch: list[Rendered]) -> None:
@@ -274,6 +280,13 @@ class FeatureVisualizer(Visualizer):
                     entry["snapshots"] = {"image": strip.relative_to(out_dir).as_posix(),
                                           "steps": list(rendered.snapshots)}
                 record["objectives"].append(entry)
+                figure = {"unit": from_units[number] if number < len(from_units) else number,
+                          "path": entry["image"], "kind": "feature-viz",
+                          "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
+                                     f"start, {rendered.final_value:.3g} at the end"}
+                if number >= len(from_units):
+                    figure["unit_kind"] = "objective"
+                record["figures"].append(figure)
             write_json_atomic(out_dir / "feature_viz.json", record)  # complete so far, also if a later batch fails
 
         render(target.model.module, target.layer, objectives, settings, mean=target.model.mean,

@@ -1,9 +1,9 @@
 """Grad-CAM as a visualizer (Selvaraju et al. 2017; course notes 002 sec. 6.2; paper 001 sec. 7.2.5).
 
-Heat maps on the layer's grid for a class per image (default: the predicted one) or, through an SAE, for a
-latent (its activation summed over the layer's positions is the target instead of a logit). The formula is the
-Grad-CAM filter's (:func:`convlens.plugins.filters.gradcam.gradcam_maps`); only the gradients from the target
-back to the layer are computed.
+Heat maps on a layer's grid for a class per image (default: the predicted one) or for a unit: a channel of a
+layer, or an SAE latent, summed over that layer's positions, with the maps taken at the same or an earlier layer
+(``map_layer``). The formula is the Grad-CAM filter's (:func:`convlens.plugins.filters.gradcam.gradcam_maps`);
+only the gradients from the target back to the map layer are computed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,6 @@ def register_visualizers(register):
         name="gradcam",
         factory=GradCAMVisualizer,
         params=GradCAMVisualizerParams,
-        summary="Grad-CAM heat maps for the predicted (or a chosen) class, or for an SAE latent, at any conv layer",
+        summary="Grad-CAM heat maps for the predicted (or a chosen) class, a unit or an SAE latent, at any conv layer",
         aliases=("grad-cam",),
     ))

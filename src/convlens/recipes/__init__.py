@@ -1,0 +1,1 @@
+"""Recipes shipped with convlens (`convlens demo` runs demo.toml)."""

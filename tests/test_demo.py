@@ -1,0 +1,95 @@
+"""`convlens demo` end to end: it runs the embedded recipe, prints the report's path, and the report states the
+run's numbers and opens in headless Chromium with every picture and no console error (skipped only when Chromium
+is not installed). Screenshots go to $CONVLENS_TEST_ARTIFACTS (default: the test's tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_report import _close, _metric, _metrics
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    finished = subprocess.run([sys.executable, "-m", "convlens", "demo", "--out", str(out)], capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return out, finished.stdout
+
+
+def test_the_demo_runs_the_whole_recipe_and_prints_the_report_path(demo):
+    out, output = demo
+    last = output.strip().splitlines()[-1]
+    assert last.endswith(f"report: {out / 'report' / 'index.html'}") and "0 done before" in last
+    state = json.loads((out / "pipeline.json").read_text())
+    assert {step["status"] for step in state["steps"]} == {"done"}
+    assert set(state["visualizations"]) == {"cnn", "topk", "relu-l1"}
+    for group in state["visualizations"].values():
+        assert len(group["units"]) == 8 and set(group["runs"]) == {"feature-viz", "dataset-examples", "gradcam"}
+    printed = subprocess.run([sys.executable, "-m", "convlens", "demo", "--print-recipe"], capture_output=True,
+                             text=True, check=True).stdout
+    assert (out / "recipe.toml").read_text() == printed
+
+
+def test_the_demo_report_states_the_numbers_of_the_run(demo):
+    out, _ = demo
+    metrics = _metrics(out / "report")
+    comparison = json.loads((out / "filters" / "comparison.json").read_text())["foreground_precision"]
+    assert set(comparison["filters"]) == {"magnitude", "active-count", "median", "max", "gradcam"}
+    for name, row in comparison["filters"].items():
+        _close(_metric(metrics, "foreground-precision", filter=name), row["sampled"])
+    _close(_metric(metrics, "foreground-precision-uniform"), comparison["uniform"])
+    for label in ("topk", "relu-l1"):
+        final = json.loads((out / "saes" / label / "metrics.jsonl").read_text().splitlines()[-1])["val"]
+        assert final["compression"] > 1
+        _close(_metric(metrics, "compression", sae=label), final["compression"])
+        evaluation = json.loads((out / "evaluation" / f"{label}.json").read_text())
+        _close(_metric(metrics, "top1-sae", sae=label), evaluation["top1"]["sae"])
+        _close(_metric(metrics, "top1-model", sae=label), evaluation["top1"]["model"])
+    groups = json.loads((out / "statistics" / "statistics.json").read_text())["groups"]
+    assert groups["cnn"]["summary"]["units"] == 64 and groups["topk"]["summary"]["units"] == 512
+    for label, group in groups.items():
+        _close(_metric(metrics, "selective", group=label, attribute="any"), group["summary"]["selective"])
+    statement = (out / "report" / "index.html").read_text().split('id="selectivity-statement"')[1].split("</p>")[0]
+    assert "CNN" in statement and "topk" in statement and "relu-l1" in statement
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, no chromium on PATH)")
+def test_the_demo_report_opens_in_chromium_with_every_picture_and_no_error(demo, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    out, _ = demo
+    site = out / "report"
+    state = json.loads((out / "pipeline.json").read_text())
+    unit, latent = state["visualizations"]["cnn"]["units"][0], state["visualizations"]["topk"]["units"][0]
+    artifacts = Path(os.environ.get("CONVLENS_TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = watched_page(browser, problems, requests)
+            for name, shot in (("units.html", "demo-index"), (f"units/cnn-{unit}.html", f"demo-cnn-{unit}"),
+                               (f"units/topk-{latent}.html", f"demo-topk-{latent}"), ("index.html", "demo-overview")):
+                page.goto((site / name).as_uri())
+                page.wait_for_load_state("load")
+                images = page.locator("img").count()
+                assert images > 0 and page.evaluate(BROKEN_IMAGES) == [], name
+                if name.startswith("units/"):
+                    assert page.locator("figure img").count() >= 1 + 1 + 6  # feature viz, montage, top examples
+                path = artifacts / f"{shot}.png"
+                page.screenshot(path=str(path), full_page=True)
+                assert path.stat().st_size > 10_000
+                print(f"screenshot: {path}")
+        finally:
+            browser.close()
+    assert problems == []
+    assert [url for url in requests if not url.startswith(("file://", "data:"))] == []
