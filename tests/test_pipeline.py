@@ -34,6 +34,7 @@ train = { epochs = 3, batch_size = 32 }
 
 [extract]
 filters = ["magnitude", "median"]
+compare = ["magnitude", "median", "uniform"]
 per_image = 4
 images_per_shard = 64
 
@@ -190,10 +191,13 @@ def test_a_run_writes_the_layout_the_report_reads(finished_run):
 
 def test_a_second_run_skips_every_step_and_a_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
     recipe, out, _ = finished_run
+    warnings = json.loads((out / "pipeline.json").read_text())["warnings"]
+    assert any("uniform" in line and "not distinguishable" in line for line in warnings)
     again = run_cli("run", str(recipe), "--out", str(out))
     assert again.exit_code == 0
-    steps = json.loads((out / "pipeline.json").read_text())["steps"]
-    assert "ran 0 of" in again.output and {s["status"] for s in steps} == {"skipped"}
+    state = json.loads((out / "pipeline.json").read_text())
+    assert "ran 0 of" in again.output and {s["status"] for s in state["steps"]} == {"skipped"}
+    assert state["warnings"] == warnings
     changed = write_recipe(tmp_path, recipe.read_text().replace("steps = 8", "steps = 9"))
     plan = json.loads(run_cli("run", str(changed), "--out", str(out), "--check", "--json").output)["steps"]
     to_run = [row["name"] for row in plan if row["status"] != "done"]

@@ -250,7 +250,7 @@ class PipelineRun:
             head = f"[{number}/{len(self.steps)}] {step.name}"
             if self._is_done(step, digests[step.name]):
                 state.update(status="skipped", seconds=0.0)
-                self._after(step, None)
+                self._after(step, {"warnings": self._read_record(step).get("warnings", [])})
                 self.echo(f"{head}: done before for the same inputs, skipped")
                 skipped += 1
                 continue
@@ -274,7 +274,8 @@ class PipelineRun:
             self._after(step, result)
             write_json_atomic(self._record_path(step), {"name": step.name, "digest": digests[step.name],
                                                         "status": "done", "inputs": step.inputs,
-                                                        "outputs": step.outputs, "seconds": seconds})
+                                                        "outputs": step.outputs, "seconds": seconds,
+                                                        "warnings": (result or {}).get("warnings", [])})
             self._write_state()
             self.echo(f"{head}: done in {seconds:.1f} s")
             ran += 1
