@@ -229,3 +229,50 @@ def test_killing_a_run_part_way_and_rerunning_it_ends_with_the_same_outputs(fini
     metrics = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in metrics] == [1, 2, 3]
     assert_same_results(reference, out)
+
+
+DATASET_VIEWS = """
+[visualize]
+units = 2
+latents = 2
+visualizers = ["dissection", "activation-atlas", "factorise", "activation-grid"]
+
+[visualize.dissection]
+formula_length = 2
+
+[visualize.activation-atlas]
+grid = 3
+steps = 4
+size = 16
+min_count = 1
+
+[visualize.factorise]
+groups = 2
+steps = 4
+size = 16
+
+[visualize.activation-grid]
+steps = 4
+size = 16
+"""
+
+
+def test_the_dataset_level_views_run_in_a_recipe_and_the_report_shows_them(tmp_path):
+    recipe = write_recipe(tmp_path, TINY_RECIPE.split("[visualize]")[0] + DATASET_VIEWS)
+    out = tmp_path / "run"
+    result = run_cli("run", str(recipe), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "pipeline.json").read_text())
+    overview = (out / "report" / "index.html").read_text()
+    for group in ("cnn", "topk"):
+        runs = state["visualizations"][group]["runs"]
+        assert set(runs) == {"dissection", "activation-atlas", "factorise", "activation-grid"}
+        for folder in runs.values():
+            figures = json.loads((out / folder / "record.json").read_text())["figures"]
+            assert figures and all((out / folder / f["path"]).is_file() for f in figures)
+            shown = [f for f in figures if f["unit"] is None]
+            assert all(f"../{folder}/{f['path']}" in overview for f in shown[:3])
+    dissection = json.loads((out / state["visualizations"]["cnn"]["runs"]["dissection"] / "record.json").read_text())
+    unit = next(f["unit"] for f in dissection["figures"] if f["unit"] is not None)
+    page = (out / "report" / "units" / f"cnn-{unit}.html").read_text()
+    assert any(f"dissection/{f['path']}" in page for f in dissection["figures"] if f["unit"] == unit)

@@ -48,6 +48,10 @@ BUILTIN_MODULES = (
     "convlens.plugins.visualizers.dataset_examples",
     "convlens.plugins.visualizers.activation_maps",
     "convlens.plugins.visualizers.conv_weights",
+    "convlens.plugins.visualizers.activation_grid",
+    "convlens.plugins.visualizers.activation_atlas",
+    "convlens.plugins.visualizers.factorise",
+    "convlens.plugins.visualizers.dissection",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"
