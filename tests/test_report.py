@@ -128,7 +128,6 @@ def build_run_fixture(root: Path) -> Path:
                            ("relu", ["--sae", "relu-l1", "--expansion", "1"])):
         _invoke("train-sae", "--store", store, *options, "--epochs", "1", "--log-every", "4", "--out",
                 run / "saes" / label, "--device", "cpu")
-    (run / "evaluation").mkdir()
     _invoke("evaluate-sae", "--model", model, "--sae", run / "saes" / "topk" / "sae.safetensors", "--data", data,
             "--max-images", "48", "--ablate", "2", "--ablation-images", "16", "--out", run / "evaluation" / "topk.json",
             "--device", "cpu")

@@ -342,7 +342,7 @@ def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
         assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
                                  str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
-                                 "--ablate", "2", "--ablation-images", "64", "--out", str(tmp_path / "eval.json"),
+                                 "--ablate", "2", "--ablation-images", "64", "--out", str(tmp_path / "new" / "eval.json"),
                                  "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -354,7 +354,7 @@ def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
     assert report["kl_sae"] < report["kl_zero_ablation"] and report["kl_recovered"] > 0.8
     assert len(report["ablation"]) == 2 and report["ablation_images"] == 64
     assert len(report["ablation"][0]["logit_change"]) == 8
-    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == top1
+    assert json.loads((tmp_path / "new" / "eval.json").read_text())["top1"] == top1
     text = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
                                str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
                                "--ablate", "0", "--max-images", "50"])

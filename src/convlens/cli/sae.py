@@ -163,6 +163,7 @@ def evaluate_sae_command(model_name: str, layer: str | None, sae_path: str, data
                              ablate=latents, ablation_images=ablation_images, seed=seed, device=resolved_device)
     result = {"model": model_record, "sae": str(sae_path), **result}
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(out), result)
     if as_json:
         echo_json(result)
