@@ -28,6 +28,7 @@ Nothing here knows a model or a plugin; the ``dissection`` visualizer feeds thes
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -486,7 +487,7 @@ def _resized(mask: np.ndarray, preprocessing: Preprocessing, size: tuple[int, in
     return np.asarray(aligned) >= 128
 
 
-class ConceptMasks:
+class ConceptMasks(abc.ABC):
     """Per-pixel masks of named concepts for images of an index; subclasses implement :meth:`image_masks`."""
 
     #: ``(category, concept)`` pairs, in the order of the mask axis
@@ -505,11 +506,11 @@ class ConceptMasks:
             found.setdefault(category, []).append(name)
         return found
 
+    @abc.abstractmethod
     def image_masks(self, position: int, size: tuple[int, int]) -> dict[int, np.ndarray] | None:
         """Concept number -> bool ``[H, W]`` mask at ``size`` of the image at index ``position`` (absent
         concepts: empty); ``None`` when the dataset has no concept information for the image (it is then left out
         of the tallies)."""
-        raise NotImplementedError
 
     def batch(self, positions: Sequence[int], size: tuple[int, int], device: Any = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,28 +45,22 @@ class ActivationGrid(Visualizer):
         super().__init__(params or ActivationGridParams())
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
-        from convlens.core.images import SkipLog
         from convlens.core.runs import write_json_atomic
 
-        from .direction_images import layer_maps_by_image, settings_record
+        from .direction_images import per_image_run
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        index = self.data_of(target)
-        kind = "latent" if target.sae is not None else "channel"
-        record: dict[str, Any] = {
-            "visualizer": self.name, "layer": target.layer, "unit_kind": kind, "params": self.params.to_dict(),
-            "settings": settings_record(self.params), "images": [], "figures": [],
-        }
         unit_images: dict[int, tuple[str, Any]] = {}  # unit -> (path, picture): one render per unit for all images
-        skip_log = SkipLog(index.root)
-        for entry, name, image, vectors in layer_maps_by_image(self, target, index, self.params.max_images, skip_log):
+        listed: set[int] = set()
+
+        def describe(entry: dict[str, Any], name: str, image: Any, vectors: Any, kind: str) -> list[dict[str, Any]]:
             entry.update(self._image(target, image, vectors, name, kind, unit_images, out_dir))
-            record["images"].append(entry)
-            record["figures"] += self._figures(entry, kind, target.layer, listed={f["unit"] for f in record["figures"]})
-            write_json_atomic(out_dir / "activation_grid.json", record)  # complete so far, also if a later one fails
-        if not record["images"]:
-            raise ConvlensError(f"none of the images under {index.root} could be read")
+            figures = self._figures(entry, kind, target.layer, listed=listed)
+            listed.update(f["unit"] for f in figures)
+            return figures
+
+        record, skip_log = per_image_run(self, target, out_dir, "activation_grid.json", describe)
+        kind = record["unit_kind"]
         first = record["images"][0]
         height, width = first["grid"]
         chosen = first["patch"]

@@ -9,7 +9,7 @@ for every code, so they point nowhere in particular). Importing this module does
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
@@ -58,6 +58,37 @@ def layer_maps_by_image(visualizer: Visualizer, target: VisualTarget, index: Any
             path = index.paths[position]
             yield ({"image": index.relative(path), "position": position}, f"{position:05d}-{Path(path).stem}",
                    images[row], maps[row])
+
+
+def per_image_run(visualizer: Visualizer, target: VisualTarget, out_dir: Path, json_name: str,
+                  describe: Callable[[dict[str, Any], str, Any, Any, str], list[dict[str, Any]]],
+                  **fields: Any) -> tuple[dict[str, Any], Any]:
+    """The run of a visualizer that draws images one by one: the record (``fields`` plus the unit kind, params,
+    feature-viz settings, ``images`` and ``figures``) written to ``json_name`` after every image, so it is complete
+    so far if a later image fails. ``describe(entry, name, image, maps, kind)`` adds an image's results to its
+    ``entry`` and returns its figures. Returns the record (with ``skipped``) and the skip log."""
+    from convlens.core.errors import ConvlensError
+    from convlens.core.images import SkipLog
+    from convlens.core.runs import write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = visualizer.data_of(target)
+    kind = "latent" if target.sae is not None else "channel"
+    record: dict[str, Any] = {
+        "visualizer": visualizer.name, "layer": target.layer, "unit_kind": kind, **fields,
+        "params": visualizer.params.to_dict(), "settings": settings_record(visualizer.params), "images": [],
+        "figures": [],
+    }
+    skip_log = SkipLog(index.root)
+    for entry, name, image, maps in layer_maps_by_image(visualizer, target, index, visualizer.params.max_images,
+                                                        skip_log):
+        record["figures"] += describe(entry, name, image, maps, kind)
+        record["images"].append(entry)
+        write_json_atomic(out_dir / json_name, record)
+    if not record["images"]:
+        raise ConvlensError(f"none of the images under {index.root} could be read")
+    record["skipped"] = skip_log.as_json()
+    return record, skip_log
 
 
 def render_settings(params: DirectionImageParams, count: int) -> Any:

@@ -133,27 +133,18 @@ class Factorise(Visualizer):
         super().__init__(params or FactoriseParams())
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
-        from convlens.core.images import SkipLog
         from convlens.core.runs import write_json_atomic
 
-        from .direction_images import layer_maps_by_image, settings_record
+        from .direction_images import per_image_run
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        index = self.data_of(target)
-        kind = "latent" if target.sae is not None else "channel"
-        record: dict[str, Any] = {
-            "visualizer": self.name, "layer": target.layer, "unit_kind": kind, "method": "HALS",
-            "params": self.params.to_dict(), "settings": settings_record(self.params), "images": [], "figures": [],
-        }
-        skip_log = SkipLog(index.root)
-        for entry, name, image, values in layer_maps_by_image(self, target, index, self.params.max_images, skip_log):
+
+        def describe(entry: dict[str, Any], name: str, image: Any, values: Any, kind: str) -> list[dict[str, Any]]:
             entry.update(self._image(target, image, values, entry["position"], f"factors/{name}", kind, out_dir))
-            record["images"].append(entry)
-            record["figures"] += self._figures(entry)
-            write_json_atomic(out_dir / "factorise.json", record)  # complete so far, also if a later image fails
-        if not record["images"]:
-            raise ConvlensError(f"none of the images under {index.root} could be read")
+            return self._figures(entry)
+
+        record, skip_log = per_image_run(self, target, out_dir, "factorise.json", describe, method="HALS")
+        kind = record["unit_kind"]
         errors = [entry["error"] for entry in record["images"]]
         clamped = sum(entry["clamped"]["count"] for entry in record["images"])
         record["skipped"] = skip_log.as_json()
