@@ -7,6 +7,7 @@ import click
 from convlens import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
+from .circuit import circuit_command
 from .compare_filters import compare_filters_command
 from .data import data
 from .extract import extract
@@ -49,7 +50,7 @@ def cli() -> None:
 for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command,
                 extract, compare_filters_command, train_sae_command, sae_info, evaluate_sae_command, sweep_command,
                 visualize_command, sanity_check_command, rank_units_command, run_command, demo_command,
-                report_command):
+                report_command, circuit_command):
     cli.add_command(command)
 
 

@@ -52,6 +52,7 @@ BUILTIN_MODULES = (
     "convlens.plugins.visualizers.activation_atlas",
     "convlens.plugins.visualizers.factorise",
     "convlens.plugins.visualizers.dissection",
+    "convlens.plugins.visualizers.circuit",
 )
 
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"
