@@ -200,3 +200,24 @@ def test_models_the_graph_cannot_follow_get_one_clear_message():
         ChannelGraph.trace(Gated(), (8, 8), "gated")
     with pytest.raises(ConvlensError, match="branching cannot be traced with torch.fx"):
         ChannelGraph.trace(Branching(), (8, 8), "branching")
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
+        self.second = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x) * self.scale - 0.5)
+
+
+def test_scaling_by_a_parameter_or_a_constant_is_channel_wise():
+    model = LayerScale().double().eval()
+    graph = ChannelGraph.trace(model, (8, 8))
+    assert [layer.name for layer in graph.layers] == ["input", "first", "second"]
+    assert [s.layer for s in graph.layer["second"].inputs[0]] == ["first"]
+    x = images()
+    with torch.no_grad():
+        assert torch.allclose(graph.run(x), model(x), atol=1e-12)

@@ -111,7 +111,8 @@ def test_a_planted_circuit_is_found_at_the_top_and_its_subgraph_reproduces_the_t
     assert saved["subgraph/conv2"].nonzero().tolist() == [[2, 1], [2, 4]]
     assert (saved["edges/conv2"][2, [0, 2, 3, 5]] == 0).all() and (saved["edges/conv2"][2, [1, 4]] > 0).all()
     assert record["figure8_ordering"] is True
-    assert {f["kind"] for f in record["figures"]} == {"circuit", "circuit-validation", "circuit-view"}
+    assert {f["kind"] for f in record["figures"]} == {"circuit", "circuit-validation"}
+    assert record["views"] == ["unit-2/view.html"] and (tmp_path / "out" / record["views"][0]).is_file()
     assert all((tmp_path / "out" / f["path"]).is_file() for f in record["figures"])
     assert len(list((tmp_path / "out" / "nodes").glob("*.png"))) == 3
 

@@ -13,8 +13,8 @@ from convlens.core.params import click_parameters, values_from_click
 from convlens.core.registry import default_registry
 
 from .output import echo_json, echo_table
-from .plugin_options import ModelOptionsCommand, load_model
-from .visualize import VISUALIZER_PREFIX, parse_units
+from .plugin_options import ModelOptionsCommand
+from .visualize import VISUALIZER_PREFIX, load_visual_target
 
 METHOD = "circuit"
 
@@ -55,23 +55,12 @@ def circuit_command(model_name: str, layer: str | None, units: str | None, sae_p
 
     Example: convlens circuit --model tiny-cnn --layer block3 --units 5 --data shapes/ --sparsity 0.1
     """
-    from convlens import VisualTarget
-    from convlens.core.device import resolve_device
-    from convlens.core.layers import activations_at
     from convlens.core.runs import versions, write_json_atomic
-    from convlens.core.sae import load_sae
-
-    import torch
 
     visualizer = default_registry().create("visualizer", METHOD, **values_from_click(options, VISUALIZER_PREFIX))
-    bundle, model_record = load_model(model_name, options)
-    layer = layer or bundle.default_layer
-    target_device = resolve_device(device)
-    bundle.module.to(target_device).eval()
-    probe = activations_at(bundle.module, torch.zeros(1, 3, *bundle.input_size, device=target_device), layer,
-                           model_name=model_record["name"]).activations[layer]
-    sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval() if sae_path else None
-    chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
+    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device,
+                                                             options)
+    layer, chosen = target.layer, target.units
     out_dir = Path(out or f"runs/circuit-{layer}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", {
@@ -80,7 +69,7 @@ def circuit_command(model_name: str, layer: str | None, units: str | None, sae_p
     })
     visualizer.progress = False if as_json else None
     started = time.perf_counter()
-    record = visualizer.run(VisualTarget(bundle, layer, chosen, sae, data), out_dir)
+    record = visualizer.run(target, out_dir)
     seconds = time.perf_counter() - started
     if as_json:
         echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})

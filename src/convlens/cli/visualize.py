@@ -57,6 +57,28 @@ def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(units))
 
 
+def load_visual_target(model_name: str, layer: str | None, units: str | None, sae_path: str | None, data: Any,
+                       device: str | None, options: dict[str, Any]):
+    """The :class:`VisualTarget` of the shared options (model on its device in eval mode, the layer's units or the
+    SAE's latents), the model's record and the device."""
+    import torch
+
+    from convlens import VisualTarget
+    from convlens.core.device import resolve_device
+    from convlens.core.layers import activations_at
+    from convlens.core.sae import load_sae
+
+    bundle, model_record = load_model(model_name, options)
+    layer = layer or bundle.default_layer
+    target_device = resolve_device(device)
+    bundle.module.to(target_device).eval()
+    probe = activations_at(bundle.module, torch.zeros(1, 3, *bundle.input_size, device=target_device), layer,
+                           model_name=model_record["name"]).activations[layer]
+    sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval() if sae_path else None
+    chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
+    return VisualTarget(bundle, layer, chosen, sae, data), model_record, target_device
+
+
 @click.command("visualize", cls=VisualizeCommand, context_settings={"ignore_unknown_options": False})
 @click.argument("name")
 @click.option("--model", "model_name", required=True,
@@ -77,13 +99,7 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
 
     Example: convlens visualize feature-viz --model tiny-cnn --layer block4 --units 0-7 --preset improved
     """
-    import torch
-
-    from convlens import VisualTarget
-    from convlens.core.device import resolve_device
-    from convlens.core.layers import activations_at
     from convlens.core.runs import versions, write_json_atomic
-    from convlens.core.sae import load_sae
 
     registry = default_registry()
     spec = registry.get("visualizer", name)
@@ -91,16 +107,9 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     visualizer = registry.create("visualizer", name, **visualizer_params)
     if getattr(visualizer, "needs_data", False) and data is None:
         raise ConvlensError(f"visualizer '{spec.name}' looks at images: pass --data (an image file or folder)")
-    bundle, model_record = load_model(model_name, options)
-    layer = layer or bundle.default_layer
-    target_device = resolve_device(device)
-    bundle.module.to(target_device).eval()
-    probe = activations_at(bundle.module, torch.zeros(1, 3, *bundle.input_size, device=target_device), layer,
-                           model_name=model_record["name"]).activations[layer]
-    sae = None
-    if sae_path:
-        sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval()
-    chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
+    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device,
+                                                             options)
+    layer, chosen, sae = target.layer, target.units, target.sae
     out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", {
@@ -112,7 +121,7 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     })
     visualizer.progress = None if not as_json else False
     started = time.perf_counter()
-    record = visualizer.run(VisualTarget(bundle, layer, chosen, sae, data), out_dir)
+    record = visualizer.run(target, out_dir)
     seconds = time.perf_counter() - started
     if as_json:
         echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})

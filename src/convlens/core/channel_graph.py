@@ -34,8 +34,7 @@ _WEIGHT_GRADIENT_ELEMENTS = 1 << 24  # per-image weight gradients held at once (
 _ADDITIONS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _CONCATENATIONS = {torch.cat, torch.concat, "cat"}
 _CHANNEL_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.linear, torch.matmul, torch.bmm,
-                             torch.einsum, operator.matmul, operator.mul, torch.mul, "mul", "mul_", operator.sub,
-                             torch.sub, "sub", operator.truediv, torch.div, "div"}
+                             torch.einsum, operator.matmul}
 _CHANNEL_MIXING_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                            nn.Linear, nn.MultiheadAttention, nn.LayerNorm, nn.GroupNorm)
 
@@ -137,11 +136,12 @@ class Gates:
 @dataclasses.dataclass
 class Recorded:
     """What a recording run keeps: each convolution's gated input and output, each addition's gated summands,
-    and each node layer's value where it is first read (the ``[N, C]`` mean over positions of its absolute value)."""
+    and for each node layer, where it is first read, the segment read and the ``[N, count]`` mean over positions of
+    its absolute value."""
 
     conv_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
     summands: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
-    node_magnitude: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    node_magnitude: dict[str, tuple[Segment, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class ChannelGraph:
@@ -171,8 +171,13 @@ class ChannelGraph:
                                 "circuit graph needs a model without data-dependent control flow") from exc
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         dtype = next((p.dtype for p in module.parameters()), torch.float32)
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+        training = module.training
+        try:
+            module.eval()
+            with torch.no_grad():
+                ShapeProp(graph_module).propagate(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+        finally:
+            module.train(training)
         builder = _GraphBuilder(graph_module, model_name)
         for node in graph_module.graph.nodes:
             builder.visit(node)
@@ -235,12 +240,11 @@ class ChannelGraph:
             rows, columns = layer.edge_shape
             if layer.kind == "conv":
                 kept = reached[:, None].expand(rows, columns).clone()
-                per_group = layer.in_channels // layer.groups
                 needed = kept.view(layer.groups, rows // layer.groups, columns).any(dim=1).flatten()
-                _mark_sources(nodes, layer.inputs[0], needed[: per_group * layer.groups])
+                _mark_sources(nodes, layer.inputs[0], needed)
             else:
                 kept = reached[None, :].expand(rows, columns).clone()
-                for summand, sources in enumerate(layer.inputs):
+                for sources in layer.inputs:
                     _mark_sources(nodes, sources, reached)
             edges[layer.name] = kept
         return nodes, {layer.name: edges[layer.name] for layer in self.edge_layers}
@@ -433,8 +437,7 @@ class _GraphBuilder:
             self.sources[node.name] = None  # flattened, pooled to a vector, ...: the graph ends here
             return
         mixing = isinstance(module, _CHANNEL_MIXING_MODULES) or (node.op != "call_module"
-                                                                  and node.target in _CHANNEL_MIXING_FUNCTIONS
-                                                                  and _mixes_tensors(node))
+                                                                  and node.target in _CHANNEL_MIXING_FUNCTIONS)
         if mixing:
             raise self._unsupported(node, "it mixes channels (only Conv2d layers may)")
         if shape[1] != channels:
@@ -490,15 +493,6 @@ def _output_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(node.args, found.append)
     return found
-
-
-def _mixes_tensors(node: fx.Node) -> bool:
-    """A multiplication or division mixes channels only when both operands are feature maps; by a scalar it is
-    channel-wise. Convolutions and matrix products written as functions always mix."""
-    if node.target in (operator.mul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div", operator.sub,
-                       torch.sub, "sub"):
-        return len(_tensor_args(node)) > 1
-    return True
 
 
 # --- derivatives of a target with respect to every gate -------------------------------------------------------------

@@ -118,8 +118,6 @@ class CircuitVisualizer(Visualizer):
                 if (folder / name).is_file():
                     figures.append({"unit": unit_number, "path": (folder / name).relative_to(out_dir).as_posix(),
                                     "kind": kind, "caption": caption})
-            figures.append({"unit": unit_number, "path": (folder / "view.html").relative_to(out_dir).as_posix(),
-                            "kind": "circuit-view", "caption": f"interactive circuit of {circuit.label}"})
         mean_table = _mean_table(tables) if tables else None
         if mean_table and len(tables) > 1:
             _validation_chart(mean_table, f"{len(tables)} targets at {target.layer}: correlation with the full model",
@@ -130,7 +128,7 @@ class CircuitVisualizer(Visualizer):
             "graph": {"layers": len(graph.layers), "nodes": sum(layer.channels for layer in graph.layers),
                       "edges": graph.edge_count()},
             "images": {"scored": len(fit), "held_out": len(held), "skipped": skip_log.as_json()},
-            "units": units, "validation": mean_table,
+            "units": units, "views": [f"{unit['folder']}/view.html" for unit in units], "validation": mean_table,
             "figure8_ordering": figure8_ordering_holds(mean_table) if mean_table else None,
             "figures": figures,
         }
