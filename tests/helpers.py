@@ -90,3 +90,20 @@ def assert_clean(module) -> None:
     assert count_hooks(module) == 0
     assert all(p.requires_grad for p in module.parameters())
     assert all(p.grad is None for p in module.parameters())
+
+
+def train_tiny_cnn(root: Path, model: str, *, images: int, size: int, epochs: int) -> Path:
+    """``root/shapes`` with ``images`` generated images of ``size`` px and a tiny-cnn (width 8, 4 blocks) trained on
+    them for ``epochs`` through ``convlens train-model`` into ``root/model``; returns ``root``."""
+    from click.testing import CliRunner
+
+    from convlens.cli import cli
+    from convlens.core.shapes import write_shapes
+
+    write_shapes(root / "shapes", n=images, size=size, seed=0)
+    result = CliRunner().invoke(cli, [
+        "train-model", "tiny-cnn", "--data", str(root / "shapes"), "--out", str(root / model), "--input-size",
+        str(size), "--width", "8", "--blocks", "4", "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.005",
+        "--no-augment", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    return root

@@ -11,14 +11,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import convlens
-from helpers import rescaled
+from helpers import rescaled, train_tiny_cnn
 from convlens import ConvlensError, ModelBundle
 from convlens.cli import cli
 from convlens.core.attribution import ExplainTarget, input_peaks, pointing_game
 from convlens.core.layers import count_hooks
 from convlens.core.sae import save_sae
 from convlens.core.sanity_checks import cascading_randomisation, randomisation_steps, randomise_
-from convlens.core.shapes import write_shapes
 
 
 def pytorch_grad_cam(module, layer, images, classes, size=None):
@@ -173,14 +172,7 @@ def test_randomisation_steps_and_reinitialisation():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny-cnn trained for 8 epochs on 800 shapes images of 64 px (about 15 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("attribution")
-    write_shapes(root / "shapes", n=800, size=64, seed=0)
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(root / "shapes"), "--out", str(root / "run"), "--input-size", "64",
-        "--width", "8", "--blocks", "4", "--epochs", "8", "--batch-size", "32", "--lr", "0.005", "--no-augment",
-        "--seed", "0"])
-    assert result.exit_code == 0, result.output
-    return root
+    return train_tiny_cnn(tmp_path_factory.mktemp("attribution"), "run", images=800, size=64, epochs=8)
 
 
 def test_gradcam_points_at_the_object_on_shapes(trained, tmp_path):

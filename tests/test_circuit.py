@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
-from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
+from helpers import train_tiny_cnn
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 from torch import nn
 
 import convlens
@@ -21,7 +22,6 @@ from convlens import ModelBundle, VisualTarget
 from convlens.cli import cli
 from convlens.core.channel_graph import ChannelGraph
 from convlens.core.errors import ConvlensError
-from convlens.core.shapes import write_shapes
 from convlens.plugins.visualizers.circuit import (
     CircuitTarget,
     extract_subgraph,
@@ -146,14 +146,7 @@ def test_criteria_and_contrasts_follow_their_definitions():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """tiny-cnn trained for 4 epochs on 480 shapes images of 32 px (a few seconds)."""
-    root = tmp_path_factory.mktemp("circuit")
-    write_shapes(root / "shapes", n=480, size=32, seed=0)
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(root / "shapes"), "--out", str(root / "model"), "--input-size", "32",
-        "--width", "8", "--blocks", "4", "--epochs", "4", "--batch-size", "32", "--lr", "0.005", "--no-augment",
-        "--seed", "0"])
-    assert result.exit_code == 0, result.output
-    return root
+    return train_tiny_cnn(tmp_path_factory.mktemp("circuit"), "model", images=480, size=32, epochs=4)
 
 
 def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_trained_tiny_cnn(trained, tmp_path):
@@ -263,7 +256,7 @@ def test_a_class_target_scores_the_whole_network(trained, tmp_path):
     assert len(unit["target"]["nodes"]) == 64 and "open" in result.output
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, no chromium on PATH)")
+@requires_chromium
 def test_the_view_of_a_real_circuit_opens_in_chromium(trained, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 from convlens.plugins.visualizers.circuit_view import (
     EXCITATORY,
@@ -139,7 +139,7 @@ def test_subgraph_png(tmp_path):
 NODE_IMAGE = "(() => { const i = document.getElementById('node-image'); return i ? i.naturalWidth : -1; })()"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, no chromium on PATH)")
+@requires_chromium
 def test_view_in_chromium(view, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_report import _close, _metric, _metrics
-from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_the_demo_report_states_the_numbers_of_the_run(demo):
     assert "CNN" in statement and "topk" in statement and "relu-l1" in statement
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, no chromium on PATH)")
+@requires_chromium
 def test_the_demo_report_opens_in_chromium_with_every_picture_and_no_error(demo, tmp_path):
     from playwright.sync_api import sync_playwright
 
