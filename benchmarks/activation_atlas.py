@@ -1,7 +1,7 @@
 """Activation atlas on CPU: 2,000 shapes images at 64 px, tiny-cnn, PCA, default parameters, against 2 minutes.
 
 The issue asks: "The atlas runs on 2,000 images in under 2 minutes on CPU with PCA". This script writes the shapes
-dataset (``convlens.core.shapes.write_shapes``; not timed), builds tiny-cnn (random init), and times one run of the
+dataset (``convlens.data.shapes.write_shapes``; not timed), builds tiny-cnn (random init), and times one run of the
 ``activation-atlas`` visualizer with ``projection="pca"`` and every other parameter at its default, at ``--layer``.
 The wall time is split into the feature visualisation (the time spent inside ``feature_viz_render.render``, all
 cells' inversions) and the rest (reading and decoding the images, the forwards, the PCA, the grid and the PNGs).
@@ -24,8 +24,8 @@ import torch
 
 import convlens
 from convlens import VisualTarget
-from convlens.core.shapes import write_shapes
-from convlens.plugins.visualizers import feature_viz_render
+from convlens.data.shapes import write_shapes
+from convlens.plugins.visualizers.feature_viz import render as feature_viz_render
 
 
 def main() -> None:
@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the fastest counts")
-    parser.add_argument("--keep", default=None, help="write the dataset and the atlas here instead of a temporary "
-                        "folder")
+    parser.add_argument(
+        "--keep", default=None, help="write the dataset and the atlas here instead of a temporary folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,8 +77,10 @@ def main() -> None:
     params = record["params"]
     rest = total - rendering
     print(f"{record['summary']}")
-    print(f"settings: layer {args.layer}, {args.threads} threads, steps {params['steps']}, size {params['size']} px, "
-          f"render_batch {params['render_batch']}, batch_size {params['batch_size']}, preset {params['preset']}")
+    print(
+        f"settings: layer {args.layer}, {args.threads} threads, steps {params['steps']}, size {params['size']} px, "
+        f"render_batch {params['render_batch']}, batch_size {params['batch_size']}, preset {params['preset']}"
+    )
     print(f"total {total:.1f} s against a budget of {args.budget:.0f} s ({total / args.budget:.2f} of it)")
     print(f"  feature visualisation of {len(record['cells'])} cells: {rendering:.1f} s ({rendering / total:.0%})")
     print(f"  reading, forwards, PCA, grid and PNGs for {record['images']} images: {rest:.1f} s ({rest / total:.0%})")

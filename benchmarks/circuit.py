@@ -20,8 +20,8 @@ import time
 import torch
 
 import convlens
-from convlens.core.channel_graph import ChannelGraph, Gates, gate_derivatives
 from convlens.plugins.visualizers.circuit import CircuitTarget, extract_subgraph, score_components, subgraph_gates
+from convlens.plugins.visualizers.circuit.graph import ChannelGraph, Gates, gate_derivatives
 
 
 def best_of(repeats: int, work) -> float:
@@ -91,18 +91,30 @@ def main() -> None:
     removal = best_of(args.repeats, one_removal)
     feature_edges = int(subgraph.feature.sum())
     result = {
-        "device": str(device), "size": args.size, "batch": args.batch, "graph_edges": graph.edge_count(),
-        "feature_edges": feature_edges, "bare_forward_backward_s": floor, "taylor_scores_s": scored,
-        "taylor_over_floor": scored / floor, "bare_forward_s": forward, "gated_subgraph_forward_s": gated,
-        "gated_over_forward": gated / forward, "one_removal_s": removal,
+        "device": str(device),
+        "size": args.size,
+        "batch": args.batch,
+        "graph_edges": graph.edge_count(),
+        "feature_edges": feature_edges,
+        "bare_forward_backward_s": floor,
+        "taylor_scores_s": scored,
+        "taylor_over_floor": scored / floor,
+        "bare_forward_s": forward,
+        "gated_subgraph_forward_s": gated,
+        "gated_over_forward": gated / forward,
+        "one_removal_s": removal,
         "removals_for_every_feature_edge_s": removal * feature_edges,
         "removals_over_taylor": removal * feature_edges / scored,
     }
-    print(f"Taylor scores of {graph.edge_count():,} edges: {scored:.3f} s per batch of {args.batch} = "
-          f"{scored / floor:.2f}x a bare forward+backward ({floor:.3f} s)")
+    print(
+        f"Taylor scores of {graph.edge_count():,} edges: {scored:.3f} s per batch of {args.batch} = "
+        f"{scored / floor:.2f}x a bare forward+backward ({floor:.3f} s)"
+    )
     print(f"gated subgraph forward: {gated:.3f} s = {gated / forward:.2f}x a bare forward ({forward:.3f} s)")
-    print(f"removing each of the {feature_edges:,} feature-graph edges in turn would take "
-          f"{removal * feature_edges:,.0f} s = {removal * feature_edges / scored:,.0f}x the Taylor scores")
+    print(
+        f"removing each of the {feature_edges:,} feature-graph edges in turn would take "
+        f"{removal * feature_edges:,.0f} s = {removal * feature_edges / scored:,.0f}x the Taylor scores"
+    )
     print(json.dumps(result))
 
 

@@ -24,8 +24,9 @@ BUDGET_SECONDS = 300.0
 
 def timed_demo(out: Path, env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "convlens", "demo", "--out", str(out)], env=env,
-                              capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-m", "convlens", "demo", "--out", str(out)], env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         sys.exit(f"convlens demo failed:\n{finished.stdout[-2000:]}\n{finished.stderr[-2000:]}")
@@ -49,9 +50,11 @@ def main() -> None:
     for step in steps:
         print(f"  {step['name']:<{width}}  {step['seconds']:7.1f} s")
     print(summary)
-    print(f"demo: {first:.1f} s wall = {first / BUDGET_SECONDS:.2f} x the 5-minute budget "
-          f"({'within' if first <= BUDGET_SECONDS else 'OVER'}); steps {step_seconds:.1f} s, so wall / steps = "
-          f"{first / step_seconds:.2f} (process start, model checks, report)")
+    print(
+        f"demo: {first:.1f} s wall = {first / BUDGET_SECONDS:.2f} x the 5-minute budget "
+        f"({'within' if first <= BUDGET_SECONDS else 'OVER'}); steps {step_seconds:.1f} s, so wall / steps = "
+        f"{first / step_seconds:.2f} (process start, model checks, report)"
+    )
     print(f"rerun with every step done: {again:.1f} s = {again / first:.3f} x the first run ({rerun})")
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import convlens
-from convlens.core.extraction import ExtractionSettings, extract
-from convlens.core.images import ImageDataset, Preprocessing, SkipLog, image_batches, scan_images
-from convlens.core.shapes import write_shapes
+from convlens.activations.extraction import ExtractionSettings, extract
+from convlens.data.images import ImageDataset, Preprocessing, SkipLog, image_batches, scan_images
+from convlens.data.shapes import write_shapes
 
 CASES = (("layer4", "magnitude"), ("layer1", "magnitude"), ("layer4", "gradcam"))
 
@@ -63,10 +63,14 @@ def main() -> None:
 
     def extraction(layer: str, filter_name: str) -> float:
         out = work / f"store-{layer}-{filter_name}"
-        settings = ExtractionSettings(model={"name": "resnet18-smooth"}, layer=layer, filter={"name": filter_name},
-                                      images_per_shard=args.n, batch_size=args.batch)
-        summary = extract(bundle, convlens.registry.create("filter", filter_name), index, out, settings,
-                          progress=False)
+        settings = ExtractionSettings(
+            model={"name": "resnet18-smooth"},
+            layer=layer,
+            filter={"name": filter_name},
+            images_per_shard=args.n,
+            batch_size=args.batch,
+        )
+        summary = extract(bundle, convlens.registry.create("filter", filter_name), index, out, settings, progress=False)
         shutil.rmtree(out)
         return summary["seconds"]
 
@@ -75,18 +79,26 @@ def main() -> None:
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, run in [("loader+forward", loader_forward), ("forward only", forward_only)] + [
-                (f"{f}@{layer}", lambda layer=layer, f=f: extraction(layer, f)) for layer, f in CASES]:
+            (f"{f}@{layer}", lambda layer=layer, f=f: extraction(layer, f)) for layer, f in CASES
+        ]:
             best[name] = min(best.get(name, float("inf")), run())
     rate = {name: args.n / seconds for name, seconds in best.items()}
     floor = rate["loader+forward"]
-    results = {name: {"images_per_second": round(value, 1), "ratio_to_loader_forward": round(value / floor, 3),
-                      "ratio_to_forward_only": round(value / rate["forward only"], 3)}
-               for name, value in rate.items()}
+    results = {
+        name: {
+            "images_per_second": round(value, 1),
+            "ratio_to_loader_forward": round(value / floor, 3),
+            "ratio_to_forward_only": round(value / rate["forward only"], 3),
+        }
+        for name, value in rate.items()
+    }
     print(json.dumps(results, indent=1))
     ratio = {name: results[name]["ratio_to_loader_forward"] for name in results}
-    print(f"against loader+forward ({floor:.1f} images/s): magnitude@layer4 {ratio['magnitude@layer4']:.2f}x "
-          f"(target >= 0.9); magnitude@layer1 {ratio['magnitude@layer1']:.2f}x (target > 1); gradcam@layer4 costs "
-          f"{1 / ratio['gradcam@layer4']:.2f}x (target <= 1.3)")
+    print(
+        f"against loader+forward ({floor:.1f} images/s): magnitude@layer4 {ratio['magnitude@layer4']:.2f}x "
+        f"(target >= 0.9); magnitude@layer1 {ratio['magnitude@layer1']:.2f}x (target > 1); gradcam@layer4 costs "
+        f"{1 / ratio['gradcam@layer4']:.2f}x (target <= 1.3)"
+    )
     shutil.rmtree(work)
 
 

@@ -33,8 +33,8 @@ import torch
 
 import convlens
 from convlens.plugins.visualizers.feature_viz import PRESETS
-from convlens.plugins.visualizers.feature_viz_objectives import parse_objective
-from convlens.plugins.visualizers.feature_viz_render import RenderSettings, render
+from convlens.plugins.visualizers.feature_viz.objectives import parse_objective
+from convlens.plugins.visualizers.feature_viz.render import RenderSettings, render
 
 LAYER = "layer4"
 
@@ -54,8 +54,16 @@ def best_of(repeats: int, run) -> float:
 
 def convlens_render(bundle, channels, preset: str, size: int, steps: int, device) -> None:
     settings = RenderSettings(**{**PRESETS[preset], "steps": steps}, size=(size, size), batch_size=len(channels))
-    render(bundle.module, LAYER, [parse_objective(f"channel:{c}") for c in channels], settings, mean=bundle.mean,
-           std=bundle.std, device=device, progress=False)
+    render(
+        bundle.module,
+        LAYER,
+        [parse_objective(f"channel:{c}") for c in channels],
+        settings,
+        mean=bundle.mean,
+        std=bundle.std,
+        device=device,
+        progress=False,
+    )
 
 
 def floor_step(module, batch: torch.Tensor, full: bool) -> None:
@@ -71,10 +79,18 @@ def floor_step(module, batch: torch.Tensor, full: bool) -> None:
 
 
 def lucent_render(module, channel: int, size: int, steps: int) -> None:
-    from lucent.optvis import param, render as lucent
+    from lucent.optvis import param
+    from lucent.optvis import render as lucent
 
-    lucent.render_vis(module, f"{LAYER}:{channel}", param_f=lambda: param.image(size), thresholds=(steps,),
-                      show_image=False, progress=False, verbose=False)
+    lucent.render_vis(
+        module,
+        f"{LAYER}:{channel}",
+        param_f=lambda: param.image(size),
+        thresholds=(steps,),
+        show_image=False,
+        progress=False,
+        verbose=False,
+    )
 
 
 def main() -> None:
@@ -97,14 +113,16 @@ def main() -> None:
 
     channels = list(range(args.batch))
     short = best_of(args.repeats, lambda: convlens_render(bundle, channels, "improved", 224, args.step_steps, device))
-    long = best_of(args.repeats, lambda: convlens_render(bundle, channels, "improved", 224, 2 * args.step_steps,
-                                                         device))
+    long = best_of(
+        args.repeats, lambda: convlens_render(bundle, channels, "improved", 224, 2 * args.step_steps, device)
+    )
     figures["improved step, s"] = (long - short) / args.step_steps
     batch = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     for full in (False, True):
         floor_step(module, batch, full)  # warm-up
         figures[f"floor fwd+bwd to {'logits' if full else LAYER}, s"] = best_of(
-            args.repeats * 3, lambda full=full: floor_step(module, batch, full))
+            args.repeats * 3, lambda full=full: floor_step(module, batch, full)
+        )
     ratios["step_vs_floor"] = figures["improved step, s"] / figures[f"floor fwd+bwd to {LAYER}, s"]
     ratios["step_vs_full_floor"] = figures["improved step, s"] / figures["floor fwd+bwd to logits, s"]
 
@@ -119,10 +137,12 @@ def main() -> None:
     else:
         channels = list(range(args.channels))
         for size in (224, 128):
-            ours = best_of(args.repeats, lambda size=size: convlens_render(bundle, channels, "fourier", size,
-                                                                           args.steps, device)) / len(channels)
-            theirs = best_of(args.repeats, lambda size=size: [lucent_render(module, c, size, args.steps)
-                                                              for c in channels]) / len(channels)
+            ours = best_of(
+                args.repeats, lambda size=size: convlens_render(bundle, channels, "fourier", size, args.steps, device)
+            ) / len(channels)
+            theirs = best_of(
+                args.repeats, lambda size=size: [lucent_render(module, c, size, args.steps) for c in channels]
+            ) / len(channels)
             figures[f"convlens fourier per channel at {size} px, s"] = ours
             figures[f"lucent per channel at {size} px, s"] = theirs
             ratios[f"lucent_vs_convlens_{size}px"] = theirs / ours
@@ -132,11 +152,24 @@ def main() -> None:
         targets["lucent_vs_convlens_224px"] = (">=", 5.0)
     else:
         targets.update({"lucent_vs_convlens_224px": (">=", 1.5), "lucent_vs_convlens_128px": (">=", 2.5)})
-    print(json.dumps({"model": "resnet18 (random init)", "layer": LAYER, "device": str(device),
-                      "threads": args.threads, "batch": args.batch, "channels": args.channels, "steps": args.steps,
-                      "torch": torch.__version__, "lucent": lucent_error or "measured",
-                      "figures": {k: round(v, 4) for k, v in figures.items()},
-                      "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": "resnet18 (random init)",
+                "layer": LAYER,
+                "device": str(device),
+                "threads": args.threads,
+                "batch": args.batch,
+                "channels": args.channels,
+                "steps": args.steps,
+                "torch": torch.__version__,
+                "lucent": lucent_error or "measured",
+                "figures": {k: round(v, 4) for k, v in figures.items()},
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
+            },
+            indent=1,
+        )
+    )
     missed = []
     for name, (relation, target) in targets.items():
         if name not in ratios:

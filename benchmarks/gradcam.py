@@ -21,7 +21,7 @@ import time
 import torch
 
 import convlens
-from convlens.core.attribution import ExplainTarget
+from convlens.attribution.base import ExplainTarget
 
 
 def main() -> None:
@@ -69,8 +69,10 @@ def main() -> None:
             synchronise()
             best[name] = min(best[name], time.perf_counter() - started)
     floor_seconds = best["bare no-grad forward (floor)"]
-    print(f"resnet18 layer4, batch {args.batch} at {args.size} px, {args.device}, {args.threads} threads, "
-          f"best of {args.repeats}")
+    print(
+        f"resnet18 layer4, batch {args.batch} at {args.size} px, {args.device}, {args.threads} threads, "
+        f"best of {args.repeats}"
+    )
     print(f"{'case':<30} {'ms/batch':>9} {'x floor':>8}")
     for name, seconds in best.items():
         print(f"{name:<30} {1000 * seconds:>9.1f} {seconds / floor_seconds:>8.2f}")

@@ -14,7 +14,7 @@ import json
 import torch
 
 import convlens
-from convlens.core.gradient_flow import zero_gradient_fraction
+from convlens.models.gradient_flow import zero_gradient_fraction
 
 
 def main() -> None:
@@ -42,13 +42,20 @@ def main() -> None:
             norms = torch.cat(norms)
             zero = float((norms == 0).float().mean())
             nonzero = norms[norms > 0]
-            results.append({
-                "model": name, "layer": layer, "pairs": args.pairs, "zero_gradient_fraction": zero,
-                "median_gradient_norm": float(norms.median()),
-                "median_nonzero_gradient_norm": float(nonzero.median()) if len(nonzero) else 0.0,
-            })
-            print(f"{name:16s} {layer}: {zero:6.1%} of {args.pairs} (unit, image) pairs have zero input gradient; "
-                  f"median |grad| {float(norms.median()):.3e}")
+            results.append(
+                {
+                    "model": name,
+                    "layer": layer,
+                    "pairs": args.pairs,
+                    "zero_gradient_fraction": zero,
+                    "median_gradient_norm": float(norms.median()),
+                    "median_nonzero_gradient_norm": float(nonzero.median()) if len(nonzero) else 0.0,
+                }
+            )
+            print(
+                f"{name:16s} {layer}: {zero:6.1%} of {args.pairs} (unit, image) pairs have zero input gradient; "
+                f"median |grad| {float(norms.median()):.3e}"
+            )
     print(json.dumps(results))
 
 

@@ -6,7 +6,7 @@ Every case, the peer library's and the floors included, uses the same optimiser:
 ``fused=True`` as convlens's SAE trainer builds it (``--adam default`` for torch's default for-loop Adam, about
 4x slower on CPU), so the optimiser costs the same everywhere and no ratio depends on that choice of trainer.
 The trainer's own bookkeeping (loss sync, fired latents, metric sums) is not part of a step; when
-``convlens.core.sae_training.training_step`` exists, a topk and a relu-l1 step through it are printed as
+``convlens.sae.training.training_step`` exists, a topk and a relu-l1 step through it are printed as
 information.
 
 - topk (``aux_k=0``) against relu-l1 (default parameters: untied, with biases, no clip). Target: <= 0.7x.
@@ -102,15 +102,16 @@ def convlens_step(sae: torch.nn.Module, x: torch.Tensor, lr: float, kind: str) -
 def trainer_step(sae: torch.nn.Module, x: torch.Tensor, lr: float, kind: str) -> Callable[[], None] | None:
     """A step through convlens's SAE trainer (its per-step bookkeeping included), where it exists."""
     try:
-        from convlens.core.sae_training import training_step
+        from convlens.sae.training import training_step
     except ImportError:
         return None
     optimizer = adam(sae.parameters(), lr, kind)
     return lambda: training_step(sae, optimizer, x, len(x))
 
 
-def overcomplete_step(sae: torch.nn.Module, x: torch.Tensor, lr: float, kind: str,
-                      clip: float | None) -> Callable[[], None]:
+def overcomplete_step(
+    sae: torch.nn.Module, x: torch.Tensor, lr: float, kind: str, clip: float | None
+) -> Callable[[], None]:
     sae.train()
     optimizer = adam(sae.parameters(), lr, kind)
 
@@ -154,8 +155,12 @@ def main() -> None:
     parser.add_argument("--aux-k", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--adam", choices=("fused", "default"), default="fused",
-                        help="Adam for every case: fused (as convlens's trainer) or torch's default implementation")
+    parser.add_argument(
+        "--adam",
+        choices=("fused", "default"),
+        default="fused",
+        help="Adam for every case: fused (as convlens's trainer) or torch's default implementation",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
@@ -192,8 +197,9 @@ def main() -> None:
             cases[f"{name} (trainer's training_step)"] = step
     if peer is not None:
         for name, clip in (("overcomplete topk", None), ("overcomplete topk+clip", 1.0)):
-            cases[name] = overcomplete_step(peer(args.input_dim, nb_concepts=args.latents, top_k=args.k), x, lr, kind,
-                                            clip)
+            cases[name] = overcomplete_step(
+                peer(args.input_dim, nb_concepts=args.latents, top_k=args.k), x, lr, kind, clip
+            )
 
     for step in cases.values():
         for _ in range(args.warmup):
@@ -209,8 +215,11 @@ def main() -> None:
     busy_after, wall = busy_cpu_seconds(), time.perf_counter() - started_all
     # the share of the machine's CPUs that other processes used while the rounds ran: above a few per cent, the
     # ratios are not to be trusted (with 2 threads on 2 cores, every parallel op then waits on a descheduled thread)
-    other_load = (None if busy_before is None or busy_after is None else
-                  max(0.0, (busy_after - busy_before) - (own_cpu_seconds() - own_before)) / (wall * os.cpu_count()))
+    other_load = (
+        None
+        if busy_before is None or busy_after is None
+        else max(0.0, (busy_after - busy_before) - (own_cpu_seconds() - own_before)) / (wall * os.cpu_count())
+    )
 
     ms = {name: 1000 * seconds for name, seconds in best.items()}
     ratios = {
@@ -219,41 +228,77 @@ def main() -> None:
         "relu_l1_vs_floor_without_adam": ms["relu-l1"] / ms["floor matmuls"],
         "relu_l1_vs_floor_with_relu": ms["relu-l1"] / ms["floor matmuls+relu+adam"],
         "auxk_vs_topk": ms["topk+auxk"] / ms["topk"],
-        **{f"{name}_trainer_step_vs_step": ms[f"{name} (trainer's training_step)"] / ms[name]
-           for name in ("relu-l1", "topk") if f"{name} (trainer's training_step)" in ms},
+        **{
+            f"{name}_trainer_step_vs_step": ms[f"{name} (trainer's training_step)"] / ms[name]
+            for name in ("relu-l1", "topk")
+            if f"{name} (trainer's training_step)" in ms
+        },
         "jumprelu_vs_relu_l1": ms["jumprelu"] / ms["relu-l1"],
     }
     if peer is not None:  # steps per second of topk over those of overcomplete's TopK SAE
         ratios["topk_vs_overcomplete"] = ms["overcomplete topk"] / ms["topk"]
         ratios["topk_vs_overcomplete_with_clip"] = ms["overcomplete topk+clip"] / ms["topk"]
-    print(json.dumps({
-        "shape": {"input_dim": args.input_dim, "latents": args.latents, "k": args.k, "aux_k": args.aux_k,
-                  "batch": args.batch, "dtype": "float32", "device": "cpu"},
-        "threads": args.threads, "cpus": os.cpu_count(), "adam": args.adam, "steps": args.steps,
-        "repeats": args.repeats, "torch": torch.__version__, "overcomplete": peer_version,
-        "other_processes_cpu_share": None if other_load is None else round(other_load, 3),
-        "cases": {name: {"ms_per_step": round(value, 2), "steps_per_second": round(1000 / value, 2)}
-                  for name, value in ms.items()},
-        "ratios": {name: round(value, 3) for name, value in ratios.items()},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "shape": {
+                    "input_dim": args.input_dim,
+                    "latents": args.latents,
+                    "k": args.k,
+                    "aux_k": args.aux_k,
+                    "batch": args.batch,
+                    "dtype": "float32",
+                    "device": "cpu",
+                },
+                "threads": args.threads,
+                "cpus": os.cpu_count(),
+                "adam": args.adam,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "overcomplete": peer_version,
+                "other_processes_cpu_share": None if other_load is None else round(other_load, 3),
+                "cases": {
+                    name: {"ms_per_step": round(value, 2), "steps_per_second": round(1000 / value, 2)}
+                    for name, value in ms.items()
+                },
+                "ratios": {name: round(value, 3) for name, value in ratios.items()},
+            },
+            indent=1,
+        )
+    )
 
-    peer_text = (f"topk {ratios['topk_vs_overcomplete']:.2f}x overcomplete TopK's steps/s (target >= "
-                 f"{TARGETS['topk_vs_overcomplete']}; {ratios['topk_vs_overcomplete_with_clip']:.2f}x with its "
-                 "clip_grad)" if peer is not None else f"topk vs overcomplete not measured ({peer_version})")
-    print(f"topk step {ratios['topk_vs_relu_l1']:.2f}x relu-l1 (target <= {TARGETS['topk_vs_relu_l1']}); "
-          f"{peer_text}; relu-l1 {ratios['relu_l1_vs_floor']:.2f}x the matmuls+Adam floor (target <= "
-          f"{TARGETS['relu_l1_vs_floor']}; {ratios['relu_l1_vs_floor_without_adam']:.2f}x matmuls without Adam, "
-          f"{ratios['relu_l1_vs_floor_with_relu']:.2f}x matmuls+ReLU+Adam); info: AuxK {ratios['auxk_vs_topk']:.2f}x "
-          f"topk, jumprelu {ratios['jumprelu_vs_relu_l1']:.2f}x relu-l1"
-          + "".join(f", {name} through the trainer's training_step {ratios[f'{name}_trainer_step_vs_step']:.2f}x"
-                    for name in ("topk", "relu-l1") if f"{name}_trainer_step_vs_step" in ratios)
-          + ("" if other_load is None else f"; other processes used {100 * other_load:.0f} % of the CPUs meanwhile"))
+    peer_text = (
+        f"topk {ratios['topk_vs_overcomplete']:.2f}x overcomplete TopK's steps/s (target >= "
+        f"{TARGETS['topk_vs_overcomplete']}; {ratios['topk_vs_overcomplete_with_clip']:.2f}x with its "
+        "clip_grad)"
+        if peer is not None
+        else f"topk vs overcomplete not measured ({peer_version})"
+    )
+    print(
+        f"topk step {ratios['topk_vs_relu_l1']:.2f}x relu-l1 (target <= {TARGETS['topk_vs_relu_l1']}); "
+        f"{peer_text}; relu-l1 {ratios['relu_l1_vs_floor']:.2f}x the matmuls+Adam floor (target <= "
+        f"{TARGETS['relu_l1_vs_floor']}; {ratios['relu_l1_vs_floor_without_adam']:.2f}x matmuls without Adam, "
+        f"{ratios['relu_l1_vs_floor_with_relu']:.2f}x matmuls+ReLU+Adam); info: AuxK {ratios['auxk_vs_topk']:.2f}x "
+        f"topk, jumprelu {ratios['jumprelu_vs_relu_l1']:.2f}x relu-l1"
+        + "".join(
+            f", {name} through the trainer's training_step {ratios[f'{name}_trainer_step_vs_step']:.2f}x"
+            for name in ("topk", "relu-l1")
+            if f"{name}_trainer_step_vs_step" in ratios
+        )
+        + ("" if other_load is None else f"; other processes used {100 * other_load:.0f} % of the CPUs meanwhile")
+    )
     if other_load is not None and other_load > 0.05:
-        print(f"warning: other processes used {100 * other_load:.0f} % of the CPUs during the rounds; the ratios may "
-              "reflect their load more than the code (run again on a quiet machine)", file=sys.stderr)
-    missed = (ratios["topk_vs_relu_l1"] > TARGETS["topk_vs_relu_l1"]
-              or ratios["relu_l1_vs_floor"] > TARGETS["relu_l1_vs_floor"]
-              or ratios.get("topk_vs_overcomplete", float("inf")) < TARGETS["topk_vs_overcomplete"])
+        print(
+            f"warning: other processes used {100 * other_load:.0f} % of the CPUs during the rounds; the ratios may "
+            "reflect their load more than the code (run again on a quiet machine)",
+            file=sys.stderr,
+        )
+    missed = (
+        ratios["topk_vs_relu_l1"] > TARGETS["topk_vs_relu_l1"]
+        or ratios["relu_l1_vs_floor"] > TARGETS["relu_l1_vs_floor"]
+        or ratios.get("topk_vs_overcomplete", float("inf")) < TARGETS["topk_vs_overcomplete"]
+    )
     if missed:
         sys.exit(1)
 

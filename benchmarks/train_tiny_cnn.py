@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import convlens
-from convlens.core.shapes import write_shapes
+from convlens.data.shapes import write_shapes
 
 BUDGET_SECONDS = 300.0
 TARGET_TOP1 = 0.90
@@ -63,9 +63,26 @@ def main() -> None:
     write_shapes(data, n=args.n, size=args.size, seed=args.seed)
     generate_seconds = time.perf_counter() - started
 
-    command = [sys.executable, "-m", "convlens", "train-model", "tiny-cnn", "--data", str(data), "--out", str(run),
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-               "--device", "cpu", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "convlens",
+        "train-model",
+        "tiny-cnn",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--device",
+        "cpu",
+        "--json",
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -77,13 +94,28 @@ def main() -> None:
     steps = args.epochs * (summary["train_images"] // args.batch_size)
     floor = optimisation_floor(steps, args.batch_size, args.size)
     top1 = summary["final"]["val_top1"]
-    print(json.dumps({"images": args.n, "size": args.size, "epochs": args.epochs, "threads": args.threads,
-                      "generate_seconds": round(generate_seconds, 1), "train_seconds": round(train_seconds, 1),
-                      "floor_seconds": round(floor, 1), "val_top1": top1, "val_top5": summary["final"]["val_top5"],
-                      "per_epoch": [round(r, 1) for r in _epoch_seconds(run)]}, indent=1))
-    print(f"val top-1 {100 * top1:.1f} % (target >= {100 * TARGET_TOP1:.0f} %) in {train_seconds:.0f} s: "
-          f"{train_seconds / BUDGET_SECONDS:.2f} of the {BUDGET_SECONDS:.0f} s budget; "
-          f"{train_seconds / floor:.2f}x the bare optimisation floor of {floor:.0f} s")
+    print(
+        json.dumps(
+            {
+                "images": args.n,
+                "size": args.size,
+                "epochs": args.epochs,
+                "threads": args.threads,
+                "generate_seconds": round(generate_seconds, 1),
+                "train_seconds": round(train_seconds, 1),
+                "floor_seconds": round(floor, 1),
+                "val_top1": top1,
+                "val_top5": summary["final"]["val_top5"],
+                "per_epoch": [round(r, 1) for r in _epoch_seconds(run)],
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"val top-1 {100 * top1:.1f} % (target >= {100 * TARGET_TOP1:.0f} %) in {train_seconds:.0f} s: "
+        f"{train_seconds / BUDGET_SECONDS:.2f} of the {BUDGET_SECONDS:.0f} s budget; "
+        f"{train_seconds / floor:.2f}x the bare optimisation floor of {floor:.0f} s"
+    )
     if top1 < TARGET_TOP1 or train_seconds > BUDGET_SECONDS:
         sys.exit(1)
 

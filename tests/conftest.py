@@ -13,7 +13,7 @@ def _plugin_env(monkeypatch):
 @pytest.fixture
 def renders(monkeypatch):
     """Every call of the feature-visualisation renderer: its objectives and settings (the render still runs)."""
-    from convlens.plugins.visualizers import feature_viz_render
+    from convlens.plugins.visualizers.feature_viz import render as feature_viz_render
 
     calls = []
     real = feature_viz_render.render

@@ -60,7 +60,9 @@ def child_environment(path: Path) -> Path:
     python = path / "bin" / "python"
     child_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     parent_site = sysconfig.get_paths()["purelib"]
     Path(child_site, "_convlens_parent.pth").write_text(f"import site; site.addsitedir({parent_site!r})\n")
@@ -73,7 +75,9 @@ def require_installed(dist: str, folder: Path) -> None:
     try:
         importlib.metadata.distribution(dist)
     except importlib.metadata.PackageNotFoundError:
-        raise AssertionError(f"{dist} is not installed; run the README install command (pip install -e {folder})")
+        raise AssertionError(
+            f"{dist} is not installed; run the README install command (pip install -e {folder})"
+        ) from None
 
 
 def rescaled(maps):
@@ -85,7 +89,7 @@ def rescaled(maps):
 
 def assert_clean(module) -> None:
     """No hook left behind, every parameter still trainable, and no weight gradient computed."""
-    from convlens.core.layers import count_hooks
+    from convlens.models.layers import count_hooks
 
     assert count_hooks(module) == 0
     assert all(p.requires_grad for p in module.parameters())
@@ -98,12 +102,34 @@ def train_tiny_cnn(root: Path, model: str, *, images: int, size: int, epochs: in
     from click.testing import CliRunner
 
     from convlens.cli import cli
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     write_shapes(root / "shapes", n=images, size=size, seed=0)
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(root / "shapes"), "--out", str(root / model), "--input-size",
-        str(size), "--width", "8", "--blocks", "4", "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.005",
-        "--no-augment", "--seed", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(root / "shapes"),
+            "--out",
+            str(root / model),
+            "--input-size",
+            str(size),
+            "--width",
+            "8",
+            "--blocks",
+            "4",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.005",
+            "--no-augment",
+            "--seed",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root

@@ -15,10 +15,10 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.images import Preprocessing, open_rgb, scan_images
-from convlens.core.shapes import write_shapes
-from convlens.plugins.visualizers import feature_viz_render
+from convlens.data.images import Preprocessing, open_rgb, scan_images
+from convlens.data.shapes import write_shapes
 from convlens.plugins.visualizers.activation_atlas import MARGIN, resolve_projection
+from convlens.plugins.visualizers.feature_viz import render as feature_viz_render
 from convlens.testing import check_component
 
 SIDE = 16  # input pixels; the 1x1 conv keeps them, so the layer's map is 16 x 16
@@ -125,8 +125,9 @@ def test_planted_clusters_land_where_a_float64_pca_puts_them(images, atlas):
         assert [unit["unit"] for unit in cell["top_units"]] == np.argsort(-mean, kind="stable")[:4].tolist()
         width = np.ptp(coordinates, axis=0) / GRID
         low = coordinates.min(axis=0)
-        assert cell["centre"] == pytest.approx([low[0] + (cell["column"] + 0.5) * width[0],
-                                                low[1] + (GRID - 1 - cell["row"] + 0.5) * width[1]], rel=1e-9)
+        assert cell["centre"] == pytest.approx(
+            [low[0] + (cell["column"] + 0.5) * width[0], low[1] + (GRID - 1 - cell["row"] + 0.5) * width[1]], rel=1e-9
+        )
         assert (out / cell["image"]).is_file()
     assert record["summary"] == f"atlas of 24 activations (PCA) on a 4 x 4 grid: {len(inverted)} cells inverted"
     kinds = [figure["kind"] for figure in record["figures"]]
@@ -144,7 +145,7 @@ def test_atlas_png_places_cells_and_shades_them_by_count(atlas, images, tmp_path
 
     def box(row, column):
         top, left = MARGIN + row * CELL, MARGIN + column * CELL
-        return atlas_png[top:top + CELL, left:left + CELL]
+        return atlas_png[top : top + CELL, left : left + CELL]
 
     filled = {(cell["row"], cell["column"]) for cell in record["cells"]}
     for row in range(GRID):
@@ -168,7 +169,7 @@ def test_atlas_png_places_cells_and_shades_them_by_count(atlas, images, tmp_path
     assert smallest["side"] == max(1, round(CELL * (0.25 + 0.75 * np.log1p(smallest["count"]) / np.log1p(most))))
     assert smallest["side"] < CELL
     top, left = MARGIN + smallest["row"] * CELL, MARGIN + smallest["column"] * CELL
-    assert (picture[top, left:left + CELL] == 255).all()  # the rim around a shrunk image stays white
+    assert (picture[top, left : left + CELL] == 255).all()  # the rim around a shrunk image stays white
 
 
 def test_same_seed_same_atlas_other_seed_other_positions(images, atlas, tmp_path):
@@ -178,8 +179,9 @@ def test_same_seed_same_atlas_other_seed_other_positions(images, atlas, tmp_path
     assert {**again, "params": None} == {**record, "params": None}  # another batch size draws the same positions
     for name in ("atlas.png", "projection.png", "points.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
-    assert all((tmp_path / "again" / c["image"]).read_bytes() == (out / c["image"]).read_bytes()
-               for c in record["cells"])
+    assert all(
+        (tmp_path / "again" / c["image"]).read_bytes() == (out / c["image"]).read_bytes() for c in record["cells"]
+    )
     other, other_points = run_atlas(cluster_model(), images, tmp_path / "other", seed=1)
     assert not torch.equal(other_points["positions"], points["positions"])
     subset, subset_points = run_atlas(cluster_model(), images, tmp_path / "subset", max_images=10, min_count=1)
@@ -237,8 +239,9 @@ def test_projection_choices_and_errors(images, tmp_path):
         assert not (tmp_path / "umap" / "points.safetensors").exists()  # refused before any work
     if importlib.util.find_spec("sklearn") is not None:
         record, points = run_atlas(cluster_model(), images, tmp_path / "tsne", projection="tsne", steps=1)
-        assert record["projection"]["method"] == "tsne" and record["summary"].startswith("atlas of 24 activations "
-                                                                                        "(t-SNE) on a 4 x 4 grid")
+        assert record["projection"]["method"] == "tsne" and record["summary"].startswith(
+            "atlas of 24 activations (t-SNE) on a 4 x 4 grid"
+        )
         assert torch.isfinite(points["coordinates"]).all() and sum(c["count"] for c in record["cells"]) <= 24
     atlas = convlens.registry.create("visualizer", "activation-atlas")
     with pytest.raises(ConvlensError, match=r"\[N, C, H, W\]; layer '2' gives \(24, 4\)"):
@@ -255,9 +258,30 @@ def test_atlas_through_the_cli(tmp_path):
     data = tmp_path / "shapes"
     write_shapes(data, n=16, size=32, seed=0)
     out = tmp_path / "out"
-    base = ["visualize", "activation-atlas", "--model", "tiny-cnn", "--model-blocks", "3", "--model-input-size", "32",
-            "--layer", "block3", "--data", str(data / "images"), "--grid", "4", "--steps", "5", "--size", "16",
-            "--min-count", "1", "--projection", "pca"]
+    base = [
+        "visualize",
+        "activation-atlas",
+        "--model",
+        "tiny-cnn",
+        "--model-blocks",
+        "3",
+        "--model-input-size",
+        "32",
+        "--layer",
+        "block3",
+        "--data",
+        str(data / "images"),
+        "--grid",
+        "4",
+        "--steps",
+        "5",
+        "--size",
+        "16",
+        "--min-count",
+        "1",
+        "--projection",
+        "pca",
+    ]
     result = CliRunner().invoke(cli, [*base, "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "activation_atlas.json").read_text())

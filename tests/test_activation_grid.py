@@ -14,8 +14,8 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.images import Preprocessing, open_rgb
-from convlens.core.layers import activations_at
+from convlens.data.images import Preprocessing, open_rgb
+from convlens.models.layers import activations_at
 from convlens.testing import check_component
 
 SIDE, STRIDE, CHANNELS = 16, 4, 6  # a 4 x 4 grid of patches
@@ -80,8 +80,9 @@ def test_patch_directions_are_the_activation_vectors_and_the_dictionary_their_so
         np.testing.assert_allclose([p["norm"] for p in entry["patches"]], vectors.norm(dim=1), rtol=1e-5)
 
         y, x = divmod(int(vectors.norm(dim=1).argmax()), GRID)
-        assert entry["patch"] == pytest.approx({"y": y, "x": x, "norm": float(vectors[y * GRID + x].norm()),
-                                                "chosen": "largest norm"})
+        assert entry["patch"] == pytest.approx(
+            {"y": y, "x": x, "norm": float(vectors[y * GRID + x].norm()), "chosen": "largest norm"}
+        )
         at_patch = expected[:, y, x]
         order = sorted(range(CHANNELS), key=lambda unit: -float(at_patch[unit]))[:4]
         assert [unit["unit"] for unit in entry["dictionary"]] == order
@@ -89,7 +90,7 @@ def test_patch_directions_are_the_activation_vectors_and_the_dictionary_their_so
         values = [unit["activation"] for unit in entry["dictionary"]]
         assert values == sorted(values, reverse=True)
         new = [unit for unit in order if unit not in rendered_units]  # a unit's image is rendered once per run
-        assert [o.label for o in call["objectives"][GRID * GRID:]] == [f"channel:{unit}" for unit in new]
+        assert [o.label for o in call["objectives"][GRID * GRID :]] == [f"channel:{unit}" for unit in new]
         rendered_units |= set(order)
         assert all((tmp_path / "out" / unit["image"]).is_file() for unit in entry["dictionary"])
 
@@ -113,7 +114,7 @@ def test_the_grid_has_one_tile_per_patch_in_the_layers_layout_and_the_same_seed_
     assert picture.shape[1] >= right and picture.shape[0] >= bottom
     for patch in entry["patches"]:
         y, x = top + 20 * patch["y"], left + 20 * patch["x"]
-        tile = picture[y: y + 20, x: x + 20]
+        tile = picture[y : y + 20, x : x + 20]
         with Image.open(tmp_path / "a" / patch["image"]) as saved:
             np.testing.assert_array_equal(tile, np.asarray(saved.convert("RGB")))
     assert entry["patch"]["chosen"] == "given" and (entry["patch"]["y"], entry["patch"]["x"]) == (1, 2)
@@ -148,7 +149,7 @@ def test_with_an_sae_the_patches_are_latent_codes_decoded_into_directions(images
     order = codes[:, y, x].argsort(descending=True, stable=True)[:3].tolist()
     assert [unit["unit"] for unit in entry["dictionary"]] == order
     np.testing.assert_allclose([unit["activation"] for unit in entry["dictionary"]], codes[order, y, x], rtol=1e-4)
-    assert [o.label for o in renders[0]["objectives"][GRID * GRID:]] == [f"latent:{unit}" for unit in order]
+    assert [o.label for o in renders[0]["objectives"][GRID * GRID :]] == [f"latent:{unit}" for unit in order]
     assert renders[0]["sae"] is sae
 
 
@@ -171,16 +172,49 @@ def test_check_component():
 def test_activation_grid_through_the_cli(images, tmp_path):
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-width", "8", "--model-input-size", "32"]
     out = tmp_path / "grid"
-    result = CliRunner().invoke(cli, ["visualize", "activation-grid-viz", *model, "--layer", "block2", "--data",
-                                      str(images), "--steps", "2", "--size", "8", "--dictionary-size", "3",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "activation-grid-viz",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(images),
+            "--steps",
+            "2",
+            "--size",
+            "8",
+            "--dictionary-size",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "activation grids of block2 (8 x 8 patches, channels) for 1 image; dictionary of patch" in result.output
     record = json.loads((out / "activation_grid.json").read_text())
     entry = record["images"][0]
     assert entry["grid"] == [8, 8] and len(entry["patches"]) == 64 and len(entry["dictionary"]) == 3
     assert all((out / path).is_file() for path in (entry["picture"], entry["dictionary_picture"]))
-    failed = CliRunner().invoke(cli, ["visualize", "activation-grid", *model, "--layer", "block2", "--data",
-                                      str(images), "--steps", "2", "--patch", "9,9", "--out", str(tmp_path / "bad")])
+    failed = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "activation-grid",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(images),
+            "--steps",
+            "2",
+            "--patch",
+            "9,9",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert failed.exit_code != 0 and "Traceback" not in failed.output
     assert "patch (9, 9) is outside the 8 x 8 grid of layer 'block2'" in failed.output

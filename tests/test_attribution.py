@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import convlens
-from helpers import rescaled, train_tiny_cnn
 from convlens import ConvlensError, ModelBundle
+from convlens.attribution.base import ExplainTarget, input_peaks, pointing_game
+from convlens.attribution.sanity_checks import cascading_randomisation, randomisation_steps, randomise_
 from convlens.cli import cli
-from convlens.core.attribution import ExplainTarget, input_peaks, pointing_game
-from convlens.core.layers import count_hooks
-from convlens.core.sae import save_sae
-from convlens.core.sanity_checks import cascading_randomisation, randomisation_steps, randomise_
+from convlens.models.layers import count_hooks
+from convlens.sae.base import save_sae
+from helpers import rescaled, train_tiny_cnn
 
 
 def pytorch_grad_cam(module, layer, images, classes, size=None):
@@ -31,10 +31,13 @@ def pytorch_grad_cam(module, layer, images, classes, size=None):
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 
 
-@pytest.mark.parametrize("model, params, layer", [
-    ("tiny-cnn", {"blocks": 4, "seed": 0}, "block3"),
-    ("resnet18-smooth", {"input_size": 64, "seed": 0}, "layer3"),
-])
+@pytest.mark.parametrize(
+    "model, params, layer",
+    [
+        ("tiny-cnn", {"blocks": 4, "seed": 0}, "block3"),
+        ("resnet18-smooth", {"input_size": 64, "seed": 0}, "layer3"),
+    ],
+)
 def test_gradcam_visualizer_matches_pytorch_grad_cam(model, params, layer):
     bundle = convlens.registry.create("model", model, **params)
     images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -82,7 +85,8 @@ def test_saliency_and_edge_detector_match_direct_computations():
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     classes = torch.tensor([2, 0, 5])
     saliency = convlens.registry.create("visualizer", "saliency").explain(
-        bundle, images, "block2", ExplainTarget(classes=classes))
+        bundle, images, "block2", ExplainTarget(classes=classes)
+    )
     module64 = bundle.module.double()
     pixels = images.double().requires_grad_(True)
     module64(pixels).gather(1, classes[:, None]).sum().backward()
@@ -91,8 +95,9 @@ def test_saliency_and_edge_detector_match_direct_computations():
 
     edges = convlens.registry.create("visualizer", "edge-detector").explain(bundle, images, "block2", ExplainTarget())
     grey = images.double().mean(dim=1).numpy()
-    expected = np.stack([np.hypot(ndimage.sobel(g, axis=0, mode="nearest"), ndimage.sobel(g, axis=1, mode="nearest"))
-                         for g in grey])
+    expected = np.stack(
+        [np.hypot(ndimage.sobel(g, axis=0, mode="nearest"), ndimage.sobel(g, axis=1, mode="nearest")) for g in grey]
+    )
     np.testing.assert_allclose(edges.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -103,7 +108,11 @@ def test_peaks_and_pointing_game_by_hand():
     assert input_peaks(maps, (4, 4))[:, 0].tolist() == [[1, 2], [3, 0]]
     assert input_peaks(maps[:1], (8, 8))[0, 0].tolist() in ([2, 4], [2, 5], [3, 4], [3, 5])  # the cell, upsampled
     assert pointing_game([True, False, True, True], [0.25, 0.5, 0.25, 0.0]) == {
-        "hits": 3, "images": 4, "accuracy": 0.75, "random_point": 0.25}
+        "hits": 3,
+        "images": 4,
+        "accuracy": 0.75,
+        "random_point": 0.25,
+    }
 
 
 def resident_bytes() -> int:
@@ -135,8 +144,13 @@ def test_attribution_errors_are_one_clear_message(tmp_path):
         gradcam.explain(bundle, images, "blok3", ExplainTarget())
     with pytest.raises(ConvlensError, match=r"target classes must lie in 0\.\.7"):
         gradcam.explain(bundle, images, "block3", ExplainTarget(classes=torch.tensor([0, 9])))
-    broken = ModelBundle(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)),
-                         (16, 16), (0.0,) * 3, (1.0,) * 3, default_layer="0")
+    broken = ModelBundle(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)),
+        (16, 16),
+        (0.0,) * 3,
+        (1.0,) * 3,
+        default_layer="0",
+    )
     broken.module(torch.zeros(1, 3, 16, 16))
     with torch.no_grad():
         broken.module[0].weight.fill_(float("nan"))
@@ -177,9 +191,26 @@ def trained(tmp_path_factory):
 
 def test_gradcam_points_at_the_object_on_shapes(trained, tmp_path):
     out = tmp_path / "gradcam"
-    result = CliRunner().invoke(cli, [
-        "visualize", "gradcam", "--model", str(trained / "run"), "--layer", "block4", "--data",
-        str(trained / "shapes"), "--max-images", "160", "--batch-size", "32", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam",
+            "--model",
+            str(trained / "run"),
+            "--layer",
+            "block4",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "160",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     game = record["pointing_game"]
@@ -188,13 +219,28 @@ def test_gradcam_points_at_the_object_on_shapes(trained, tmp_path):
     assert len(record["images"]) == 160 and all((out / entry["overlay"]).is_file() for entry in record["images"])
     assert {"class", "predicted", "probability", "peak", "peak_on_object"} <= set(record["images"][0])
     assert [(f["unit"], f["path"], f["kind"]) for f in record["figures"]] == [
-        (None, entry["overlay"], "attribution") for entry in record["images"]]  # class targets belong to no unit
+        (None, entry["overlay"], "attribution") for entry in record["images"]
+    ]  # class targets belong to no unit
     maps = load_file(out / "maps.safetensors")
     assert maps["maps"].shape == (160, 1, 8, 8) and maps["positions"].tolist() == list(range(160))
     assert json.loads((out / "attribution.json").read_text())["pointing_game"] == game
-    text = CliRunner().invoke(cli, [
-        "visualize", "gradcam", "--model", str(trained / "run"), "--layer", "block4", "--data",
-        str(trained / "shapes"), "--max-images", "8", "--out", str(tmp_path / "text")])
+    text = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam",
+            "--model",
+            str(trained / "run"),
+            "--layer",
+            "block4",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "8",
+            "--out",
+            str(tmp_path / "text"),
+        ],
+    )
     assert text.exit_code == 0 and "pointing game" in text.output and "explained 8 images" in text.output
 
 
@@ -202,10 +248,28 @@ def test_gradcam_of_sae_latents_through_the_cli(trained, tmp_path):
     sae = convlens.registry.create("sae", "topk", input_dim=64, latent_dim=96, k=8, seed=0)
     save_sae(sae, tmp_path / "sae.safetensors", name="topk", params={"input_dim": 64, "latent_dim": 96, "k": 8})
     out = tmp_path / "latents"
-    result = CliRunner().invoke(cli, [
-        "visualize", "gradcam", "--model", str(trained / "run"), "--layer", "block4", "--data",
-        str(trained / "shapes"), "--max-images", "6", "--sae", str(tmp_path / "sae.safetensors"), "--units", "3,17",
-        "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam",
+            "--model",
+            str(trained / "run"),
+            "--layer",
+            "block4",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "6",
+            "--sae",
+            str(tmp_path / "sae.safetensors"),
+            "--units",
+            "3,17",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["target"] == "latents" and [e["latent"] for e in record["images"][:2]] == [3, 17]
@@ -215,23 +279,41 @@ def test_gradcam_of_sae_latents_through_the_cli(trained, tmp_path):
     assert "pointing_game" not in record
     maps = load_file(out / "maps.safetensors")["maps"]
     assert maps.shape == (6, 2, 8, 8)
-    bundle = convlens.registry.create("model", "tiny-cnn", blocks=4, width=8, weights=str(trained / "run" /
-                                                                                        "model.safetensors"))
-    from convlens.core.images import Preprocessing, scan_images
+    bundle = convlens.registry.create(
+        "model", "tiny-cnn", blocks=4, width=8, weights=str(trained / "run" / "model.safetensors")
+    )
+    from convlens.data.images import Preprocessing, scan_images
 
     index = scan_images(trained / "shapes")
-    images = torch.stack([Preprocessing.of(bundle).eval_transform(convlens.core.images.open_rgb(index.paths[i]))
-                          for i in range(6)])
+    images = torch.stack(
+        [Preprocessing.of(bundle).eval_transform(convlens.data.images.open_rgb(index.paths[i])) for i in range(6)]
+    )
     direct = convlens.registry.create("visualizer", "gradcam").explain(
-        bundle, images, "block4", ExplainTarget(sae=convlens.load_sae(tmp_path / "sae.safetensors"), latent=17))
+        bundle, images, "block4", ExplainTarget(sae=convlens.load_sae(tmp_path / "sae.safetensors"), latent=17)
+    )
     torch.testing.assert_close(maps[:, 1], direct, atol=1e-5, rtol=0)
 
 
 def test_sanity_check_separates_gradcam_from_an_edge_detector(trained, tmp_path):
     out = tmp_path / "sanity"
-    result = CliRunner().invoke(cli, [
-        "sanity-check", "gradcam", "--model", str(trained / "run"), "--layer", "block3", "--data",
-        str(trained / "shapes"), "--max-images", "16", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "sanity-check",
+            "gradcam",
+            "--model",
+            str(trained / "run"),
+            "--layer",
+            "block3",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "16",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["steps"] == ["none", "fc", "block4", "block3", "block2", "block1"]
@@ -243,13 +325,30 @@ def test_sanity_check_separates_gradcam_from_an_edge_detector(trained, tmp_path)
         assert rows[("edge-detector", step)]["spearman_mean"] == pytest.approx(1.0)
     for name in ("spearman.png", "cascade-gradcam.png", "cascade-edge-detector.png", "sanity_check.json"):
         assert (out / name).is_file()
-    text = CliRunner().invoke(cli, [
-        "sanity-check", "saliency", "--model", str(trained / "run"), "--layer", "block3", "--data",
-        str(trained / "shapes"), "--max-images", "4", "--baseline", "none", "--out", str(tmp_path / "s2")])
+    text = CliRunner().invoke(
+        cli,
+        [
+            "sanity-check",
+            "saliency",
+            "--model",
+            str(trained / "run"),
+            "--layer",
+            "block3",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "4",
+            "--baseline",
+            "none",
+            "--out",
+            str(tmp_path / "s2"),
+        ],
+    )
     assert text.exit_code == 0, text.output
     assert "saliency spearman" in text.output and "blocks randomised" in text.output
-    wrong = CliRunner().invoke(cli, [
-        "sanity-check", "feature-viz", "--model", "tiny-cnn", "--data", str(trained / "shapes")])
+    wrong = CliRunner().invoke(
+        cli, ["sanity-check", "feature-viz", "--model", "tiny-cnn", "--data", str(trained / "shapes")]
+    )
     assert wrong.exit_code != 0 and "is not an attribution method" in wrong.output
 
 

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from convlens.core.channel_graph import ChannelGraph, Gates, gate_derivatives
 from convlens.core.errors import ConvlensError, UnknownComponentError
+from convlens.plugins.visualizers.circuit.graph import ChannelGraph, Gates, gate_derivatives
 
 
 class Residual(nn.Module):
@@ -72,8 +72,13 @@ def one_gate(shape, index, value: float) -> torch.Tensor:
 def test_the_graph_follows_a_residual_addition():
     graph = ChannelGraph.trace(Residual().double(), (8, 8))
     assert [(layer.name, layer.kind, layer.channels) for layer in graph.layers] == [
-        ("input", "input", 3), ("stem", "conv", 4), ("a", "conv", 5), ("b", "conv", 4), ("add", "add", 4),
-        ("head", "conv", 3)]
+        ("input", "input", 3),
+        ("stem", "conv", 4),
+        ("a", "conv", 5),
+        ("b", "conv", 4),
+        ("add", "add", 4),
+        ("head", "conv", 3),
+    ]
     add = graph.layer["add"]
     assert [[segment.layer for segment in sources] for sources in add.inputs] == [["b"], ["stem"]]
     assert add.edge_shape == (2, 4) and graph.layer["b"].edge_shape == (4, 5)
@@ -95,10 +100,14 @@ def test_removing_an_edge_through_a_residual_addition_changes_the_target_by_its_
     # the head is linear in these gates, so the first-order change is the exact change of removing the component
     removals = {
         "skip branch": (Gates(edges={"add": one_gate((2, 4), (1, 2), 0.0)}), derivatives.edge_taylor["add"][:, 1, 2]),
-        "residual branch": (Gates(edges={"add": one_gate((2, 4), (0, 3), 0.0)}),
-                            derivatives.edge_taylor["add"][:, 0, 3]),
-        "kernel inside the branch": (Gates(edges={"b": one_gate((4, 5), (3, 1), 0.0)}),
-                                     derivatives.edge_taylor["b"][:, 3, 1]),
+        "residual branch": (
+            Gates(edges={"add": one_gate((2, 4), (0, 3), 0.0)}),
+            derivatives.edge_taylor["add"][:, 0, 3],
+        ),
+        "kernel inside the branch": (
+            Gates(edges={"b": one_gate((4, 5), (3, 1), 0.0)}),
+            derivatives.edge_taylor["b"][:, 3, 1],
+        ),
         "sum node": (Gates(nodes={"add": one_gate(4, 0, 0.0)}), derivatives.node_taylor["add"][:, 0]),
     }
     for name, (gates, taylor) in removals.items():
@@ -154,7 +163,7 @@ def test_edge_activation_is_the_mean_of_each_kernels_output_map():
     conv = model.second
     for d in range(2):
         for c in range(4):
-            own = nn.functional.conv2d(first[:, c:c + 1], conv.weight[d:d + 1, c:c + 1], padding=1)
+            own = nn.functional.conv2d(first[:, c : c + 1], conv.weight[d : d + 1, c : c + 1], padding=1)
             assert torch.allclose(derivatives.edge_activation["second"][:, d, c], own.mean(dim=(1, 2, 3)))
     assert torch.allclose(derivatives.node_activation["first"], first.abs().mean(dim=(2, 3)))
 

@@ -13,21 +13,21 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
-from helpers import train_tiny_cnn
-from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 from torch import nn
 
 import convlens
 from convlens import ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.channel_graph import ChannelGraph
 from convlens.core.errors import ConvlensError
-from convlens.plugins.visualizers.circuit import (
+from convlens.plugins.visualizers.circuit.graph import ChannelGraph
+from convlens.plugins.visualizers.circuit.scoring import (
     CircuitTarget,
     extract_subgraph,
     score_components,
     subgraph_gates,
 )
+from helpers import train_tiny_cnn
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 SIZE = 16
 KERNEL_FROM_1 = torch.tensor([[0.0, 1.0, 0.0], [1.0, -2.0, 1.0], [0.0, 1.0, 0.0]])
@@ -94,10 +94,18 @@ def test_a_planted_circuit_is_found_at_the_top_and_its_subgraph_reproduces_the_t
 
     # the same through the visualizer, from image files, with the table and the view
     data = noise_images(tmp_path / "noise", 40)
-    visualizer = convlens.registry.create("visualizer", "circuit", sparsity=8 / 24, sparsities=(0.5, 8 / 24),
-                                          feature_viz_nodes=3, feature_viz_steps=4, batch_size=8)
-    record = visualizer.run(VisualTarget(bundle_of(Planted(), "relu2"), "relu2", (2,), None, str(data)),
-                            tmp_path / "out")
+    visualizer = convlens.registry.create(
+        "visualizer",
+        "circuit",
+        sparsity=8 / 24,
+        sparsities=(0.5, 8 / 24),
+        feature_viz_nodes=3,
+        feature_viz_steps=4,
+        batch_size=8,
+    )
+    record = visualizer.run(
+        VisualTarget(bundle_of(Planted(), "relu2"), "relu2", (2,), None, str(data)), tmp_path / "out"
+    )
     unit = json.loads((tmp_path / "out" / "unit-2" / "circuit.json").read_text())
     assert unit["subgraph"]["edges_kept"] == 8 and unit["target"]["nodes"] == ["conv2:2"]
     target_node = next(node for node in unit["nodes"] if node["target"])
@@ -126,8 +134,10 @@ def test_criteria_and_contrasts_follow_their_definitions():
     weight = score_components(graph, target, "weight")
     assert torch.allclose(weight.edges["conv2"][2, 1], KERNEL_FROM_1.double().norm())
     assert torch.allclose(weight.nodes["conv1"], model.conv1.weight.detach().flatten(1).norm(dim=1))
-    assert torch.equal(score_components(graph, target, "random", seed=3).edges["conv1"],
-                       score_components(graph, target, "random", seed=3).edges["conv1"])
+    assert torch.equal(
+        score_components(graph, target, "random", seed=3).edges["conv1"],
+        score_components(graph, target, "random", seed=3).edges["conv1"],
+    )
     for criterion in ("taylor", "activation"):
         alone = score_components(graph, target, criterion, [first])
         other = score_components(graph, target, criterion, [second])
@@ -151,10 +161,31 @@ def trained(tmp_path_factory):
 
 def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_trained_tiny_cnn(trained, tmp_path):
     out = tmp_path / "tiny"
-    result = CliRunner().invoke(cli, [
-        "circuit", "--model", str(trained / "model"), "--layer", "block3", "--units", "0-7", "--data",
-        str(trained / "shapes"), "--max-images", "160", "--sparsities", "0.5,0.3,0.2", "--random-draws", "3",
-        "--feature-viz-nodes", "0", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "circuit",
+            "--model",
+            str(trained / "model"),
+            "--layer",
+            "block3",
+            "--units",
+            "0-7",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "160",
+            "--sparsities",
+            "0.5,0.3,0.2",
+            "--random-draws",
+            "3",
+            "--feature-viz-nodes",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     table = record["validation"]
@@ -171,10 +202,35 @@ def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_resnet18(trained
     (A block's output, an addition node, has two incoming edges: random subgraphs at 20 % nearly always cut one and
     tie with the worst at 0.)"""
     out = tmp_path / "resnet"
-    result = CliRunner().invoke(cli, [
-        "circuit", "--model", "torchvision", "--model-arch", "resnet18", "--model-input-size", "64", "--layer",
-        "layer2.1.conv2", "--units", "0,32,64", "--data", str(trained / "shapes"), "--max-images", "64",
-        "--sparsities", "0.5,0.3,0.2", "--random-draws", "2", "--feature-viz-nodes", "0", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "circuit",
+            "--model",
+            "torchvision",
+            "--model-arch",
+            "resnet18",
+            "--model-input-size",
+            "64",
+            "--layer",
+            "layer2.1.conv2",
+            "--units",
+            "0,32,64",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "64",
+            "--sparsities",
+            "0.5,0.3,0.2",
+            "--random-draws",
+            "2",
+            "--feature-viz-nodes",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["graph"]["edges"] > 1_000_000
@@ -212,17 +268,29 @@ def test_sub_features_of_an_or_unit_give_separable_subgraphs(tmp_path):
         pixels = np.full((SIZE, SIZE, 3), 128, dtype=np.uint8) + rng.integers(-10, 10, (SIZE, SIZE, 3)).astype(np.uint8)
         colour = "red" if number % 2 else "blue"
         y, x = rng.integers(0, SIZE - 5, 2)
-        pixels[y:y + 5, x:x + 5] = (230, 40, 40) if colour == "red" else (40, 40, 230)
+        pixels[y : y + 5, x : x + 5] = (230, 40, 40) if colour == "red" else (40, 40, 230)
         Image.fromarray(pixels).save(data / f"{number:03d}.png")
         colours[f"{number:03d}.png"] = colour
-    visualizer = convlens.registry.create("visualizer", "circuit", subfeatures=True, patches=60, min_cluster_size=10,
-                                          sparsity=0.25, validate=False, shuffles=4, feature_viz_nodes=0)
-    record = visualizer.run(VisualTarget(bundle_of(OrUnit(), "relu2"), "relu2", (0,), None, str(data)),
-                            tmp_path / "out")
+    visualizer = convlens.registry.create(
+        "visualizer",
+        "circuit",
+        subfeatures=True,
+        patches=60,
+        min_cluster_size=10,
+        sparsity=0.25,
+        validate=False,
+        shuffles=4,
+        feature_viz_nodes=0,
+    )
+    record = visualizer.run(
+        VisualTarget(bundle_of(OrUnit(), "relu2"), "relu2", (0,), None, str(data)), tmp_path / "out"
+    )
     sub = json.loads((tmp_path / "out" / "unit-0" / "circuit.json").read_text())["subfeatures"]
     assert sub["clusters"] == 2 and sub["noise"] == 0
     assert [{colours[name] for name in member["images"]} for member in sub["members"]] in (
-        [{"red"}, {"blue"}], [{"blue"}, {"red"}])
+        [{"red"}, {"blue"}],
+        [{"blue"}, {"red"}],
+    )
     assert sub["separability"] == 0.0 and sub["shuffled"] > 0.3  # the paper: 0.24 against 0.70
     assert record["units"][0]["subfeatures"]["clusters"] == 2
     assert (tmp_path / "out" / "unit-0" / "subfeatures.png").is_file()
@@ -232,8 +300,17 @@ def test_sub_features_of_an_or_unit_give_separable_subgraphs(tmp_path):
 
 
 def test_the_circuit_command_reports_bad_input_in_one_line(trained, tmp_path):
-    base = ["circuit", "--model", str(trained / "model"), "--data", str(trained / "shapes"), "--max-images", "8",
-            "--out", str(tmp_path / "c")]
+    base = [
+        "circuit",
+        "--model",
+        str(trained / "model"),
+        "--data",
+        str(trained / "shapes"),
+        "--max-images",
+        "8",
+        "--out",
+        str(tmp_path / "c"),
+    ]
     for extra, message in [
         (["--layer", "block33", "--units", "0"], "has no layer 'block33'"),
         (["--layer", "block3", "--units", "99"], "out of range"),
@@ -246,13 +323,34 @@ def test_the_circuit_command_reports_bad_input_in_one_line(trained, tmp_path):
 
 
 def test_a_class_target_scores_the_whole_network(trained, tmp_path):
-    result = CliRunner().invoke(cli, [
-        "circuit", "--model", str(trained / "model"), "--class-index", "3", "--data", str(trained / "shapes"),
-        "--max-images", "32", "--sparsities", "0.5", "--feature-viz-nodes", "0", "--out", str(tmp_path / "c")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "circuit",
+            "--model",
+            str(trained / "model"),
+            "--class-index",
+            "3",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "32",
+            "--sparsities",
+            "0.5",
+            "--feature-viz-nodes",
+            "0",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     unit = json.loads((tmp_path / "c" / "class-3" / "circuit.json").read_text())
-    assert unit["subgraph"]["feature_edges"] == ChannelGraph.trace(
-        convlens.registry.create("model", "tiny-cnn", width=8, blocks=4, input_size=32).module, (32, 32)).edge_count()
+    assert (
+        unit["subgraph"]["feature_edges"]
+        == ChannelGraph.trace(
+            convlens.registry.create("model", "tiny-cnn", width=8, blocks=4, input_size=32).module, (32, 32)
+        ).edge_count()
+    )
     assert len(unit["target"]["nodes"]) == 64 and "open" in result.output
 
 
@@ -261,10 +359,31 @@ def test_the_view_of_a_real_circuit_opens_in_chromium(trained, tmp_path):
     from playwright.sync_api import sync_playwright
 
     out = tmp_path / "view"
-    result = CliRunner().invoke(cli, [
-        "circuit", "--model", str(trained / "model"), "--layer", "block3", "--units", "5", "--data",
-        str(trained / "shapes"), "--max-images", "48", "--no-validate", "--feature-viz-nodes", "6",
-        "--feature-viz-steps", "4", "--sparsity", "0.1", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "circuit",
+            "--model",
+            str(trained / "model"),
+            "--layer",
+            "block3",
+            "--units",
+            "5",
+            "--data",
+            str(trained / "shapes"),
+            "--max-images",
+            "48",
+            "--no-validate",
+            "--feature-viz-nodes",
+            "6",
+            "--feature-viz-steps",
+            "4",
+            "--sparsity",
+            "0.1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     unit = json.loads((out / "unit-5" / "circuit.json").read_text())
     pictured = next(node for node in unit["nodes"] if node["image"] and not node["target"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
-from convlens.plugins.visualizers.circuit_view import (
+from convlens.plugins.visualizers.circuit.view import (
     EXCITATORY,
     INHIBITORY,
     MIXED,
@@ -21,6 +21,7 @@ from convlens.plugins.visualizers.circuit_view import (
     subgraph_layout,
     write_view,
 )
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 POSITIVE = [[0.2, 0.5, 0.1], [0.3, 0.9, 0.2], [0.0, 0.4, -0.1]]
 NEGATIVE = [[-0.4, -0.6, 0.1], [-0.2, -0.8, -0.3], [0.0, -0.1, -0.2]]
@@ -34,23 +35,73 @@ def _input(source: str, score: float, kernel, kept: bool) -> dict:
 def make_record() -> dict:
     """input (3) -> block1.0 (4 conv channels) -> layer1.add (2 of 4 kept) -> block2.0:1, the target."""
     first, second = "nodes/block1.0-0.png", "nodes/block1.0-1.png"
-    nodes = [{"id": f"input:{c}", "layer": "input", "channel": c, "score": s, "target": False, "image": None,
-              "inputs": []} for c, s in enumerate((0.05, 0.03, 0.02))]
+    nodes = [
+        {"id": f"input:{c}", "layer": "input", "channel": c, "score": s, "target": False, "image": None, "inputs": []}
+        for c, s in enumerate((0.05, 0.03, 0.02))
+    ]
     nodes += [
-        {"id": "block1.0:0", "layer": "block1.0", "channel": 0, "score": 0.2, "target": False, "image": first,
-         "inputs": [_input("input:2", 0.02, MIXED_KERNEL, True)]},
-        {"id": "block1.0:1", "layer": "block1.0", "channel": 1, "score": 0.5, "target": False, "image": second,
-         "inputs": [_input("input:0", 0.3, POSITIVE, True), _input("input:1", 0.2, NEGATIVE, True),
-                    _input("input:2", 0.01, MIXED_KERNEL, False)]},
-        {"id": "block1.0:3", "layer": "block1.0", "channel": 3, "score": -0.05, "target": False, "image": first,
-         "inputs": [_input("input:0", 0.04, NEGATIVE, True)]},
-        {"id": "layer1.add:0", "layer": "layer1.add", "channel": 0, "score": 0.3, "target": False, "image": None,
-         "inputs": [_input("block1.0:0", 0.2, None, True), _input("block1.0:2", 0.01, None, False)]},
-        {"id": "layer1.add:1", "layer": "layer1.add", "channel": 1, "score": 0.6, "target": False, "image": second,
-         "inputs": [_input("block1.0:1", 0.45, None, True), _input("block1.0:3", 0.05, None, True)]},
-        {"id": "block2.0:1", "layer": "block2.0", "channel": 1, "score": 1.0, "target": True, "image": second,
-         "inputs": [_input("layer1.add:1", 0.8, POSITIVE, True), _input("layer1.add:0", 0.3, MIXED_KERNEL, True),
-                    _input("layer1.add:3", 0.02, NEGATIVE, False)]},
+        {
+            "id": "block1.0:0",
+            "layer": "block1.0",
+            "channel": 0,
+            "score": 0.2,
+            "target": False,
+            "image": first,
+            "inputs": [_input("input:2", 0.02, MIXED_KERNEL, True)],
+        },
+        {
+            "id": "block1.0:1",
+            "layer": "block1.0",
+            "channel": 1,
+            "score": 0.5,
+            "target": False,
+            "image": second,
+            "inputs": [
+                _input("input:0", 0.3, POSITIVE, True),
+                _input("input:1", 0.2, NEGATIVE, True),
+                _input("input:2", 0.01, MIXED_KERNEL, False),
+            ],
+        },
+        {
+            "id": "block1.0:3",
+            "layer": "block1.0",
+            "channel": 3,
+            "score": -0.05,
+            "target": False,
+            "image": first,
+            "inputs": [_input("input:0", 0.04, NEGATIVE, True)],
+        },
+        {
+            "id": "layer1.add:0",
+            "layer": "layer1.add",
+            "channel": 0,
+            "score": 0.3,
+            "target": False,
+            "image": None,
+            "inputs": [_input("block1.0:0", 0.2, None, True), _input("block1.0:2", 0.01, None, False)],
+        },
+        {
+            "id": "layer1.add:1",
+            "layer": "layer1.add",
+            "channel": 1,
+            "score": 0.6,
+            "target": False,
+            "image": second,
+            "inputs": [_input("block1.0:1", 0.45, None, True), _input("block1.0:3", 0.05, None, True)],
+        },
+        {
+            "id": "block2.0:1",
+            "layer": "block2.0",
+            "channel": 1,
+            "score": 1.0,
+            "target": True,
+            "image": second,
+            "inputs": [
+                _input("layer1.add:1", 0.8, POSITIVE, True),
+                _input("layer1.add:0", 0.3, MIXED_KERNEL, True),
+                _input("layer1.add:3", 0.02, NEGATIVE, False),
+            ],
+        },
     ]
     edges = [
         {"source": "input:0", "target": "block1.0:1", "kind": "kernel", "score": 0.3, "sign": 0.8},
@@ -65,13 +116,14 @@ def make_record() -> dict:
     ]
     return {
         "title": "tiny </script><b>cnn</b> & block2 unit 1",
-        "target": {"label": "block2 unit 1", "kind": "channel", "layer": "block2", "unit": 1,
-                   "nodes": ["block2.0:1"]},
+        "target": {"label": "block2 unit 1", "kind": "channel", "layer": "block2", "unit": 1, "nodes": ["block2.0:1"]},
         "criterion": "taylor",
-        "layers": [{"name": "input", "kind": "input", "channels": 3},
-                   {"name": "block1.0", "kind": "conv", "channels": 4},
-                   {"name": "layer1.add", "kind": "add", "channels": 4},
-                   {"name": "block2.0", "kind": "conv", "channels": 2}],
+        "layers": [
+            {"name": "input", "kind": "input", "channels": 3},
+            {"name": "block1.0", "kind": "conv", "channels": 4},
+            {"name": "layer1.add", "kind": "add", "channels": 4},
+            {"name": "block2.0", "kind": "conv", "channels": 2},
+        ],
         "subgraph": {"edges_kept": 9, "feature_edges": 180, "fraction": 0.05, "mode": "fraction"},
         "nodes": nodes,
         "edges": edges,
@@ -105,6 +157,21 @@ def test_view_embeds_the_record_and_stays_offline(view):
     assert "9 of 180 edges (5%)" in text
 
 
+def test_view_inlines_its_style_sheet_and_script_from_package_data(view, tmp_path):
+    _, path = view
+    assets = files("convlens.plugins.visualizers.circuit") / "assets"
+    css, js = ((assets / name).read_text(encoding="utf-8") for name in ("view.css", "view.js"))
+    text = path.read_text(encoding="utf-8")
+    assert f"<style>\n{css}</style>" in text
+    assert "%THRESHOLD%" in js and "%THRESHOLD%" not in text and "%INPUT_COLOURS%" not in text
+    assert "const THRESHOLD = 0.3;" in text and 'const INPUT_COLOURS = ["rgb(235, 95, 95)", ' in text
+    assert not re.search(r"<link |<script src|@import|url\(", text)
+    assert write_view(make_record(), tmp_path, "again.html").read_bytes() == path.read_bytes()
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "assets/*" in config["tool"]["setuptools"]["package-data"]["convlens.plugins.visualizers.circuit"]
+
+
 def test_layout_orders_columns_by_data_flow_and_nodes_by_score():
     record = make_record()
     columns = node_columns(record)
@@ -118,8 +185,10 @@ def test_layout_orders_columns_by_data_flow_and_nodes_by_score():
     assert first[0] == second[0] and first[1] < second[1]
     assert layout.radii["block1.0:1"] > layout.radii["block1.0:0"] > 0 and layout.radii["block1.0:3"] > 0
     assert size_text({"edges": [{}] * 3}) == "3 edges"
-    assert size_text({"subgraph": {"edges_kept": 300, "feature_edges": 2400}, "edges": [{}] * 200}) == \
-        "300 of 2,400 edges (12%), 200 strongest drawn"
+    assert (
+        size_text({"subgraph": {"edges_kept": 300, "feature_edges": 2400}, "edges": [{}] * 200})
+        == "300 of 2,400 edges (12%), 200 strongest drawn"
+    )
 
 
 def test_subgraph_png(tmp_path):
@@ -188,8 +257,10 @@ def test_view_in_chromium(view, tmp_path):
             assert page.locator("#panel .edge-entry").count() == 0
 
             page.click('[data-node="layer1.add:0"]')
-            assert [page.locator("#panel .edge-entry .kernel").nth(i).inner_text() for i in range(2)] == \
-                ["identity", "identity"]
+            assert [page.locator("#panel .edge-entry .kernel").nth(i).inner_text() for i in range(2)] == [
+                "identity",
+                "identity",
+            ]
         finally:
             browser.close()
     print(f"screenshot: {shot}")

@@ -72,13 +72,13 @@ def activations_file(tmp_path):
 def test_apply_filter_writes_the_filter_output(run, activations_file, tmp_path):
     path, a = activations_file
     out = tmp_path / "w.safetensors"
-    result = run("apply-filter", "active-count", str(path), "--out", str(out), "--epsilon", "0.5",
-                 "--device", "cpu", "--json")
+    result = run(
+        "apply-filter", "active-count", str(path), "--out", str(out), "--epsilon", "0.5", "--device", "cpu", "--json"
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["shape"] == [4, 5, 5] and summary["filter"] == "convlens:active-count"
-    np.testing.assert_array_equal(load_file(str(out))["weights"].numpy(),
-                                  (a.abs() > 0.5).sum(1).float().numpy())
+    np.testing.assert_array_equal(load_file(str(out))["weights"].numpy(), (a.abs() > 0.5).sum(1).float().numpy())
 
 
 def test_apply_filter_plugin_options_in_help(run):

@@ -10,13 +10,18 @@ from torch import nn
 
 import convlens
 from convlens import ActivationFilter
+from convlens.activations.filter_comparison import (
+    ComparisonSettings,
+    compare_filters,
+    paired_difference,
+    patch_foreground,
+)
 from convlens.cli import cli
-from convlens.core.concepts import load_concepts
 from convlens.core.contracts import ModelBundle
-from convlens.core.filter_comparison import ComparisonSettings, compare_filters, paired_difference, patch_foreground
-from convlens.core.images import Preprocessing, scan_images
-from convlens.core.shapes import write_shapes
-from convlens.core.statistics import average_ranks, rowwise_cosine, rowwise_spearman
+from convlens.data.concepts import load_concepts
+from convlens.data.images import Preprocessing, scan_images
+from convlens.data.shapes import write_shapes
+from convlens.runtime.rank_statistics import average_ranks, rowwise_cosine, rowwise_spearman
 
 
 def test_ranks_spearman_and_cosine_match_scipy_and_float64():
@@ -62,15 +67,27 @@ def write_planted_squares(root, count=12):
         image = np.zeros((32, 32), dtype=np.uint8)
         for cell in rng.choice(16, size=1 + number % 4, replace=False):
             y, x = divmod(int(cell), 4)
-            image[8 * y: 8 * y + 8, 8 * x: 8 * x + 8] = 255
+            image[8 * y : 8 * y + 8, 8 * x : 8 * x + 8] = 255
         name = f"square/{number:03d}.png"
-        for folder, mode_image in (("images", Image.fromarray(image).convert("RGB")), ("masks", Image.fromarray(image))):
+        for folder, mode_image in (
+            ("images", Image.fromarray(image).convert("RGB")),
+            ("masks", Image.fromarray(image)),
+        ):
             (root / folder / "square").mkdir(parents=True, exist_ok=True)
             mode_image.save(root / folder / name)
         records.append({"file": name, "mask": name, "shape": "square"})
-    (root / "concepts.json").write_text(json.dumps({
-        "format": "convlens-concepts/1", "image_root": "images", "mask_root": "masks",
-        "categories": {"shape": ["square"]}, "regions": {"shape": "foreground"}, "images": records}))
+    (root / "concepts.json").write_text(
+        json.dumps(
+            {
+                "format": "convlens-concepts/1",
+                "image_root": "images",
+                "mask_root": "masks",
+                "categories": {"shape": ["square"]},
+                "regions": {"shape": "foreground"},
+                "images": records,
+            }
+        )
+    )
     return root
 
 
@@ -93,12 +110,21 @@ class EveryOtherImageEmpty(ActivationFilter):
 def test_planted_squares_give_exact_precisions_verdicts_and_fallbacks(tmp_path):
     data = write_planted_squares(tmp_path / "squares")
     bundle = ModelBundle(nn.Sequential(nn.AvgPool2d(8)), (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "0")
-    filters = {"magnitude": convlens.registry.create("filter", "magnitude"),
-               "uniform": convlens.registry.create("filter", "uniform"),
-               "background": BackgroundFilter(), "sometimes-empty": EveryOtherImageEmpty()}
-    result = compare_filters(bundle, filters, scan_images(data), tmp_path / "out",
-                             ComparisonSettings(layer="0", batch_size=4, overlays=3),
-                             concepts=load_concepts(data), progress=False)
+    filters = {
+        "magnitude": convlens.registry.create("filter", "magnitude"),
+        "uniform": convlens.registry.create("filter", "uniform"),
+        "background": BackgroundFilter(),
+        "sometimes-empty": EveryOtherImageEmpty(),
+    }
+    result = compare_filters(
+        bundle,
+        filters,
+        scan_images(data),
+        tmp_path / "out",
+        ComparisonSettings(layer="0", batch_size=4, overlays=3),
+        concepts=load_concepts(data),
+        progress=False,
+    )
     precision = result["foreground_precision"]
     on_object = np.array([(1 + n % 4) / 16 for n in range(12)])
     assert precision["images"] == 12 and precision["uniform"] == pytest.approx(on_object.mean())
@@ -128,25 +154,65 @@ def test_planted_squares_give_exact_precisions_verdicts_and_fallbacks(tmp_path):
 def trained_shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     write_shapes(root / "shapes", n=480, size=32, seed=0)
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(root / "shapes"), "--out", str(root / "run"), "--input-size", "32",
-        "--width", "8", "--epochs", "6", "--batch-size", "32", "--lr", "0.005", "--no-augment", "--seed", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(root / "shapes"),
+            "--out",
+            str(root / "run"),
+            "--input-size",
+            "32",
+            "--width",
+            "8",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.005",
+            "--no-augment",
+            "--seed",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
 
 def test_compare_filters_on_shapes_finds_magnitude_above_uniform(trained_shapes, tmp_path):
     out = tmp_path / "cmp"
-    result = CliRunner().invoke(cli, [
-        "compare-filters", "--model", str(trained_shapes / "run"), "--layer", "block3",
-        "--data", str(trained_shapes / "shapes"), "--filters", "magnitude,median,gradcam,uniform",
-        "--filter-option", "median.even=mean", "--max-images", "200", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare-filters",
+            "--model",
+            str(trained_shapes / "run"),
+            "--layer",
+            "block3",
+            "--data",
+            str(trained_shapes / "shapes"),
+            "--filters",
+            "magnitude,median,gradcam,uniform",
+            "--filter-option",
+            "median.even=mean",
+            "--max-images",
+            "200",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["images"] == 200 and report["grid"] == [4, 4] and report["model"]["name"] == "convlens:tiny-cnn"
     assert report["filter_settings"]["median"]["params"]["even"] == "mean"
     precision = report["foreground_precision"]
-    assert precision["filters"]["magnitude"]["verdict"] == "above uniform"  # the premise the paper takes from Gorton 2024
+    assert (
+        precision["filters"]["magnitude"]["verdict"] == "above uniform"
+    )  # the premise the paper takes from Gorton 2024
     assert precision["filters"]["magnitude"]["sampled"] > precision["uniform"]
     for name, row in precision["filters"].items():
         if row["verdict"] != "above uniform" and name != "uniform":
@@ -155,24 +221,53 @@ def test_compare_filters_on_shapes_finds_magnitude_above_uniform(trained_shapes,
     assert (out / "cosine.png").is_file() and (out / "spearman.png").is_file()
     assert len(list((out / "overlays").glob("*.png"))) == 4
 
-    text = CliRunner().invoke(cli, [
-        "compare-filters", "--model", str(trained_shapes / "run"), "--layer", "block3", "--data",
-        str(trained_shapes / "shapes"), "--filters", "magnitude,max", "--max-images", "20", "--out", str(tmp_path / "b")])
+    text = CliRunner().invoke(
+        cli,
+        [
+            "compare-filters",
+            "--model",
+            str(trained_shapes / "run"),
+            "--layer",
+            "block3",
+            "--data",
+            str(trained_shapes / "shapes"),
+            "--filters",
+            "magnitude,max",
+            "--max-images",
+            "20",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert text.exit_code == 0, text.output
     assert "magnitude: foreground precision" in text.output and "compared 2 filters at block3" in text.output
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--filters", "magnitude"], "at least two filters"),
-    (["--filters", "magnitude,magnitude"], "names a filter twice"),
-    (["--filters", "magnitude,medain"], "medain"),
-    (["--filters", "magnitude,median", "--filter-option", "median=1"], "FILTER.PARAM=VALUE"),
-    (["--filters", "magnitude,median", "--filter-option", "max.x=1"], "not among --filters"),
-    (["--filters", "magnitude,median", "--filter-option", "median.even=lots"], "even"),
-    (["--filters", "magnitude,median", "--layer", "block33"], "block3"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--filters", "magnitude"], "at least two filters"),
+        (["--filters", "magnitude,magnitude"], "names a filter twice"),
+        (["--filters", "magnitude,medain"], "medain"),
+        (["--filters", "magnitude,median", "--filter-option", "median=1"], "FILTER.PARAM=VALUE"),
+        (["--filters", "magnitude,median", "--filter-option", "max.x=1"], "not among --filters"),
+        (["--filters", "magnitude,median", "--filter-option", "median.even=lots"], "even"),
+        (["--filters", "magnitude,median", "--layer", "block33"], "block3"),
+    ],
+)
 def test_compare_filters_errors_are_one_clear_message(trained_shapes, tmp_path, arguments, message):
-    result = CliRunner().invoke(cli, ["compare-filters", "--model", str(trained_shapes / "run"), "--data",
-                                      str(trained_shapes / "shapes"), "--out", str(tmp_path / "x"), *arguments])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare-filters",
+            "--model",
+            str(trained_shapes / "run"),
+            "--data",
+            str(trained_shapes / "shapes"),
+            "--out",
+            str(tmp_path / "x"),
+            *arguments,
+        ],
+    )
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output

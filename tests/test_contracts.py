@@ -10,7 +10,7 @@ from torch import nn
 
 import convlens
 from convlens import ContractError, ModelBundle, ModelSpec, Params, SAESpec, VisualizerSpec, hookimpl, param
-from convlens.core.sae import SAEOutput, SparseAutoencoder
+from convlens.sae.base import SAEOutput, SparseAutoencoder
 from convlens.testing import check_component
 
 
@@ -68,8 +68,14 @@ class KindsPlugin:
     @hookimpl
     def register_models(self, register):
         register(ModelSpec(name="tiny", factory=tiny_model))
-        register(ModelSpec(name="wrong-layer", factory=lambda p: ModelBundle(
-            tiny_model(p).module, (16, 16), (0.5,) * 3, (0.2,) * 3, default_layer="layer9")))
+        register(
+            ModelSpec(
+                name="wrong-layer",
+                factory=lambda p: ModelBundle(
+                    tiny_model(p).module, (16, 16), (0.5,) * 3, (0.2,) * 3, default_layer="layer9"
+                ),
+            )
+        )
 
     @hookimpl
     def register_saes(self, register):

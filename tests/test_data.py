@@ -11,9 +11,9 @@ from PIL import Image
 
 import convlens
 from convlens.cli import cli
-from convlens.core.concepts import load_concepts
 from convlens.core.errors import ConvlensError
-from convlens.core.images import (
+from convlens.data.concepts import load_concepts
+from convlens.data.images import (
     ImageDataset,
     Preprocessing,
     SkipLog,
@@ -23,7 +23,7 @@ from convlens.core.images import (
     open_rgb,
     scan_images,
 )
-from convlens.core.shapes import COLOURS, SHAPES, TEXTURES, render_shape_image, write_shapes
+from convlens.data.shapes import COLOURS, SHAPES, TEXTURES, render_shape_image, write_shapes
 
 
 def write_bad_files(folder):
@@ -47,14 +47,20 @@ def test_awkward_modes_become_8_bit_rgb(tmp_path):
         "grey.png": (Image.new("L", (8, 8), 77), (77, 77, 77)),
         "rgba.png": (Image.new("RGBA", (8, 8), (10, 20, 30, 0)), (255, 255, 255)),  # transparent goes over white
         "half.png": (Image.new("RGBA", (8, 8), (0, 0, 0, 128)), (127, 127, 127)),
-        "palette.png": (Image.new("RGB", (8, 8), (0, 200, 0)).convert("P", palette=Image.Palette.ADAPTIVE), (0, 200, 0)),
+        "palette.png": (
+            Image.new("RGB", (8, 8), (0, 200, 0)).convert("P", palette=Image.Palette.ADAPTIVE),
+            (0, 200, 0),
+        ),
         "bilevel.png": (Image.new("1", (8, 8), 1), (255, 255, 255)),
     }
     for name, (image, expected) in cases.items():
         image.save(tmp_path / name)
         decoded = open_rgb(tmp_path / name)
         assert decoded.mode == "RGB", name
-        assert all(abs(a - b) <= 2 for a, b in zip(decoded.getpixel((3, 3)), expected)), (name, decoded.getpixel((3, 3)))
+        assert all(abs(a - b) <= 2 for a, b in zip(decoded.getpixel((3, 3)), expected)), (
+            name,
+            decoded.getpixel((3, 3)),
+        )
 
 
 def test_unreadable_files_say_why(tmp_path):
@@ -100,8 +106,10 @@ def test_batches_skip_bad_files_and_name_them(tmp_path):
     with pytest.warns(SkippedImageWarning) as caught:
         batches = list(image_batches(dataset, batch_size=2, skip_log=log))
     assert sorted(str(w.message) for w in caught) == [
-        "skipping a/empty.jpg: empty file", "skipping a/text.jpg: not an image",
-        "skipping a/truncated.jpg: truncated image"]
+        "skipping a/empty.jpg: empty file",
+        "skipping a/text.jpg: not an image",
+        "skipping a/truncated.jpg: truncated image",
+    ]
     used = sorted(index.paths[i].name for batch in batches for i in batch.positions.tolist())
     assert used == ["cmyk.jpg", "good.png", "grey16.png"]
     assert all(batch.images.shape[1:] == (3, 16, 16) for batch in batches)

@@ -13,10 +13,10 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.layers import receptive_field
-from convlens.core.sae import save_sae
-from convlens.core.unit_ranking import rank_units
+from convlens.models.layers import receptive_field
 from convlens.plugins.visualizers.dataset_examples import RunningExamples
+from convlens.sae.base import save_sae
+from convlens.units.ranking import rank_units
 
 
 def identity_model(size: int = 6) -> ModelBundle:
@@ -56,8 +56,10 @@ def brute_force(maps: np.ndarray, k: int, position=None):
     for unit in range(units):
         top = np.lexsort((np.arange(images), -values[:, unit]))[:k]
         bottom = np.lexsort((np.arange(images), values[:, unit]))[:k]
-        result[unit] = {side: [(int(i), float(values[i, unit]), divmod(int(where[i, unit]), maps.shape[3]))
-                               for i in order] for side, order in (("top", top), ("bottom", bottom))}
+        result[unit] = {
+            side: [(int(i), float(values[i, unit]), divmod(int(where[i, unit]), maps.shape[3])) for i in order]
+            for side, order in (("top", top), ("bottom", bottom))
+        }
     return result
 
 
@@ -69,8 +71,9 @@ def as_tuples(record_unit, side):
 def test_streaming_examples_equal_brute_force_with_ties(tied_images, tmp_path, batch_size, position):
     folder, pixels = tied_images
     maps = pixels.transpose(0, 3, 1, 2)  # [images, channels, 6, 6]
-    visualizer = convlens.registry.create("visualizer", "dataset-examples", k=4, batch_size=batch_size,
-                                          position=position, tile=16)
+    visualizer = convlens.registry.create(
+        "visualizer", "dataset-examples", k=4, batch_size=batch_size, position=position, tile=16
+    )
     record = visualizer.run(VisualTarget(identity_model(), "0", units=(0, 1, 2), data=folder), tmp_path / "out")
     expected = brute_force(maps, 4, position)
     for unit_record in record["units"]:
@@ -93,15 +96,19 @@ def test_streaming_examples_equal_brute_force_with_ties(tied_images, tmp_path, b
                 assert crop.size == (16, 16)
     assert json.loads((tmp_path / "out" / "dataset_examples.json").read_text())["units"] == record["units"]
     assert json.loads((tmp_path / "out" / "dataset_examples.json").read_text())["figures"] == record["figures"]
-    expected_figures = [(u["unit"], kind, path) for u in record["units"] for kind, path in
-                        [("montage", u["montage"])] + [(side, e["overlay"]) for side in ("top", "bottom")
-                                                       for e in u[side]]]
+    expected_figures = [
+        (u["unit"], kind, path)
+        for u in record["units"]
+        for kind, path in [("montage", u["montage"])]
+        + [(side, e["overlay"]) for side in ("top", "bottom") for e in u[side]]
+    ]
     assert [(f["unit"], f["kind"], f["path"]) for f in record["figures"]] == expected_figures
     assert all((tmp_path / "out" / f["path"]).is_file() for f in record["figures"])
     first_top = next(f for f in record["figures"] if f["kind"] == "top")
     example = record["units"][0]["top"][0]
-    assert first_top["caption"] == (f"top 1: {example['image']}, value {example['value']:.3g}, "
-                                    f"peak ({example['peak'][0]}, {example['peak'][1]})")
+    assert first_top["caption"] == (
+        f"top 1: {example['image']}, value {example['value']:.3g}, peak ({example['peak'][0]}, {example['peak'][1]})"
+    )
 
 
 def test_examples_of_sae_latents_equal_brute_force(tied_images, tmp_path):
@@ -124,8 +131,9 @@ def test_running_examples_memory_depends_on_units_and_k_not_images():
     generator = torch.Generator().manual_seed(0)
     for start in range(0, 400, 40):
         scores = torch.randn(40, 5, generator=generator)
-        running.update(scores, torch.arange(start, start + 40), torch.zeros(40, 5, 2, dtype=torch.long),
-                       torch.zeros(40, 5, 2, 2))
+        running.update(
+            scores, torch.arange(start, start + 40), torch.zeros(40, 5, 2, dtype=torch.long), torch.zeros(40, 5, 2, 2)
+        )
     for ranked in running.sides.values():
         assert ranked.values.shape == (5, 3) and ranked.maps.shape == (5, 3, 2, 2)
 
@@ -145,18 +153,49 @@ def test_receptive_fields_match_the_architecture():
 
 
 def test_dataset_examples_cli_with_feature_visualisation_and_clear_errors(tmp_path):
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     write_shapes(tmp_path / "shapes", n=24, size=32, seed=0)
     (tmp_path / "shapes" / "images" / "circle" / "broken.png").write_bytes(b"not a png")
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-width", "8", "--model-input-size", "32"]
-    feature_viz = CliRunner().invoke(cli, ["visualize", "feature-viz", *model, "--layer", "block2", "--units", "0-2",
-                                           "--steps", "3", "--out", str(tmp_path / "fv")])
+    feature_viz = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "feature-viz",
+            *model,
+            "--layer",
+            "block2",
+            "--units",
+            "0-2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "fv"),
+        ],
+    )
     assert feature_viz.exit_code == 0, feature_viz.output
     out = tmp_path / "examples"
-    result = CliRunner().invoke(cli, ["visualize", "dataset-examples", *model, "--layer", "block2", "--units", "0-2",
-                                      "--data", str(tmp_path / "shapes"), "--k", "3", "--feature-viz",
-                                      str(tmp_path / "fv"), "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "dataset-examples",
+            *model,
+            "--layer",
+            "block2",
+            "--units",
+            "0-2",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--k",
+            "3",
+            "--feature-viz",
+            str(tmp_path / "fv"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "top and bottom 3 of 24 images for 3 channels" in result.output
     assert "skipped 1 unreadable file" in result.output
@@ -167,10 +206,30 @@ def test_dataset_examples_cli_with_feature_visualisation_and_clear_errors(tmp_pa
         assert montage.width > 4 * 96
     errors = {
         "needs units": ["visualize", "dataset-examples", *model, "--data", str(tmp_path / "shapes")],
-        "outside the 8 x 8 map": ["visualize", "dataset-examples", *model, "--layer", "block2", "--units", "0",
-                                  "--data", str(tmp_path / "shapes"), "--position", "9,9"],
-        "cannot read": ["visualize", "dataset-examples", *model, "--units", "0", "--data", str(tmp_path / "shapes"),
-                        "--feature-viz", str(tmp_path)],
+        "outside the 8 x 8 map": [
+            "visualize",
+            "dataset-examples",
+            *model,
+            "--layer",
+            "block2",
+            "--units",
+            "0",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--position",
+            "9,9",
+        ],
+        "cannot read": [
+            "visualize",
+            "dataset-examples",
+            *model,
+            "--units",
+            "0",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--feature-viz",
+            str(tmp_path),
+        ],
     }
     for message, arguments in errors.items():
         failed = CliRunner().invoke(cli, [*arguments, "--out", str(tmp_path / "bad")])
@@ -200,10 +259,10 @@ def test_rank_units_equals_a_float64_computation_and_counts_active_units(tmp_pat
         ranked = result[key]
         expected = sorted(range(len(magnitudes)), key=lambda u: (-float(magnitudes[u]), u))
         assert [r["unit"] for r in ranked["top"]] == expected[:4]
-        assert [r["unit"] for r in ranked["least"]] == sorted(range(len(magnitudes)),
-                                                              key=lambda u: (float(magnitudes[u]), u))[:4]
-        np.testing.assert_allclose([r["magnitude"] for r in ranked["top"]], magnitudes[expected[:4]].numpy(),
-                                   rtol=1e-6)
+        assert [r["unit"] for r in ranked["least"]] == sorted(
+            range(len(magnitudes)), key=lambda u: (float(magnitudes[u]), u)
+        )[:4]
+        np.testing.assert_allclose([r["magnitude"] for r in ranked["top"]], magnitudes[expected[:4]].numpy(), rtol=1e-6)
         assert ranked["active"] == int((maps.abs().flatten(1) > 0).any(dim=1).sum())
         assert ranked["top_share"] == pytest.approx(float(magnitudes[expected[:4]].sum() / magnitudes.sum()))
     # a TopK SAE keeps 3 latents per position: at most 3 x 16 positions of 64 latents can be active
@@ -213,15 +272,41 @@ def test_rank_units_equals_a_float64_computation_and_counts_active_units(tmp_pat
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image_path)
     save_sae(sae, tmp_path / "sae.safetensors", name="topk", params={"input_dim": 32, "latent_dim": 64, "k": 3})
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-width", "8", "--model-input-size", "32"]
-    cli_result = CliRunner().invoke(cli, ["rank-units", *model, "--layer", "block3", "--image", str(image_path),
-                                          "--sae", str(tmp_path / "sae.safetensors"), "--top", "3", "--out",
-                                          str(tmp_path / "rank"), "--json"])
+    cli_result = CliRunner().invoke(
+        cli,
+        [
+            "rank-units",
+            *model,
+            "--layer",
+            "block3",
+            "--image",
+            str(image_path),
+            "--sae",
+            str(tmp_path / "sae.safetensors"),
+            "--top",
+            "3",
+            "--out",
+            str(tmp_path / "rank"),
+            "--json",
+        ],
+    )
     assert cli_result.exit_code == 0, cli_result.output
     ranked = json.loads(cli_result.output)
     assert len(ranked["channels"]["top"]) == 3 and ranked["latents"]["units"] == 64
     assert (tmp_path / "rank" / "top-latents.png").is_file() and (tmp_path / "rank" / "ranking.json").is_file()
     text = CliRunner().invoke(cli, ["rank-units", *model, "--layer", "block3", "--image", str(image_path)])
     assert text.exit_code == 0 and re.search(r"\d+ of 32 channels active", text.output)
-    mismatch = CliRunner().invoke(cli, ["rank-units", *model, "--layer", "block2", "--image", str(image_path),
-                                        "--sae", str(tmp_path / "sae.safetensors")])
+    mismatch = CliRunner().invoke(
+        cli,
+        [
+            "rank-units",
+            *model,
+            "--layer",
+            "block2",
+            "--image",
+            str(image_path),
+            "--sae",
+            str(tmp_path / "sae.safetensors"),
+        ],
+    )
     assert mismatch.exit_code != 0 and "32-dimensional inputs" in mismatch.output

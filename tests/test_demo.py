@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from test_report import _close, _metric, _metrics
 from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
@@ -18,8 +19,9 @@ from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "run"
-    finished = subprocess.run([sys.executable, "-m", "convlens", "demo", "--out", str(out)], capture_output=True,
-                              text=True)
+    finished = subprocess.run(
+        [sys.executable, "-m", "convlens", "demo", "--out", str(out)], capture_output=True, text=True
+    )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return out, finished.stdout
 
@@ -33,8 +35,9 @@ def test_the_demo_runs_the_whole_recipe_and_prints_the_report_path(demo):
     assert set(state["visualizations"]) == {"cnn", "topk", "relu-l1"}
     for group in state["visualizations"].values():
         assert len(group["units"]) == 8 and set(group["runs"]) == {"feature-viz", "dataset-examples", "gradcam"}
-    printed = subprocess.run([sys.executable, "-m", "convlens", "demo", "--print-recipe"], capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "convlens", "demo", "--print-recipe"], capture_output=True, text=True, check=True
+    ).stdout
     assert (out / "recipe.toml").read_text() == printed
 
 
@@ -77,8 +80,12 @@ def test_the_demo_report_opens_in_chromium_with_every_picture_and_no_error(demo,
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = watched_page(browser, problems, requests)
-            for name, shot in (("units.html", "demo-index"), (f"units/cnn-{unit}.html", f"demo-cnn-{unit}"),
-                               (f"units/topk-{latent}.html", f"demo-topk-{latent}"), ("index.html", "demo-overview")):
+            for name, shot in (
+                ("units.html", "demo-index"),
+                (f"units/cnn-{unit}.html", f"demo-cnn-{unit}"),
+                (f"units/topk-{latent}.html", f"demo-topk-{latent}"),
+                ("index.html", "demo-overview"),
+            ):
                 page.goto((site / name).as_uri())
                 page.wait_for_load_state("load")
                 images = page.locator("img").count()

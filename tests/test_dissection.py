@@ -20,10 +20,12 @@ from torch.nn import functional as F
 
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
+from convlens.attribution.base import aligned_mask
 from convlens.cli import cli
-from convlens.core.attribution import aligned_mask
-from convlens.core.concepts import load_concepts
-from convlens.core.dissection import (
+from convlens.data.concepts import load_concepts
+from convlens.data.images import Preprocessing, open_rgb, scan_images
+from convlens.data.shapes import write_shapes
+from convlens.plugins.visualizers.dissection.engine import (
     FormulaTally,
     IoUTally,
     StreamingQuantile,
@@ -34,8 +36,6 @@ from convlens.core.dissection import (
     formula_text,
     leaves,
 )
-from convlens.core.images import Preprocessing, open_rgb, scan_images
-from convlens.core.shapes import write_shapes
 
 SIZE = 32
 CROP = 0.8  # the model sees a centre crop: concept masks must follow it to stay aligned
@@ -84,8 +84,9 @@ def planted_bundle(root) -> ModelBundle:
         image = preprocessing.eval_transform(open_rgb(concepts.image_path(number)))
         foreground = aligned_mask(concepts.foreground(number), preprocessing).astype(np.float64)
         table[image_key(image)] = (foreground, record["shape"], record["colour"])
-    module = nn.Sequential(OrderedDict(feat=Planted(table), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
-                                       head=nn.Linear(4, 8)))
+    module = nn.Sequential(
+        OrderedDict(feat=Planted(table), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(4, 8))
+    )
     return ModelBundle(module.eval(), (SIZE, SIZE), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "feat", crop_fraction=CROP)
 
 
@@ -140,8 +141,9 @@ def brute_force(bundle: ModelBundle, root, units: list[int], level: float = 0.99
 @pytest.fixture(scope="module")
 def dissected(planted, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("dissected")
-    visualizer = convlens.registry.create("visualizer", "dissection", formula_length=3, compositional_units=2,
-                                          examples=3, batch_size=16)
+    visualizer = convlens.registry.create(
+        "visualizer", "dissection", formula_length=3, compositional_units=2, examples=3, batch_size=16
+    )
     record = visualizer.run(VisualTarget(planted, "feat", (), None, str(shapes)), out)
     return record, out
 
@@ -154,8 +156,10 @@ def test_planted_units_get_their_concepts_and_noise_gets_none(dissected, planted
     record, out = dissected
     units = by_unit(record)
     red, star, noise = units[PLANTED["redness"]], units[PLANTED["star"]], units[PLANTED["noise"]]
-    print(f"\nredness: {red['concept']} IoU {red['iou']:.3f}; star: {star['concept']} IoU {star['iou']:.3f}; "
-          f"noise: best {noise['concept']} IoU {noise['iou']:.4f}")
+    print(
+        f"\nredness: {red['concept']} IoU {red['iou']:.3f}; star: {star['concept']} IoU {star['iou']:.3f}; "
+        f"noise: best {noise['concept']} IoU {noise['iou']:.4f}"
+    )
     assert red["concept"] == "colour=red" and red["iou"] > 0.04 and red["detector"]
     assert star["concept"] == "shape=star" and star["iou"] == pytest.approx(1.0) and star["detector"]
     assert noise["iou"] < 0.04 and not noise["detector"]
@@ -173,9 +177,11 @@ def test_planted_units_get_their_concepts_and_noise_gets_none(dissected, planted
     assert counts["unit_kind"] == "channel" and counts["units"] == 4 and counts["detectors"] == len(detectors) == 3
     assert counts["unique_concepts"] == len({e["concept"] for e in detectors})
     assert counts["detectors_by_category"] == {"shape": 1, "colour": 2, "texture": 0}
-    assert record["summary"].startswith(f"3 of 4 channels are detectors (IoU > 0.04) of "
-                                        f"{counts['unique_concepts']} unique concepts; detectors per category: "
-                                        "shape 1, colour 2, texture 0")
+    assert record["summary"].startswith(
+        f"3 of 4 channels are detectors (IoU > 0.04) of "
+        f"{counts['unique_concepts']} unique concepts; detectors per category: "
+        "shape 1, colour 2, texture 0"
+    )
     assert json.loads((out / "dissection.json").read_text())["units"] == record["units"]
     kinds = [(f["unit"], f["kind"]) for f in record["figures"]]
     assert (None, "detectors") in kinds and (PLANTED["star"], "dissection") in kinds
@@ -193,16 +199,19 @@ def test_an_or_unit_is_explained_by_the_or_of_its_two_concepts(dissected, plante
     assert [f["length"] for f in formulas] == [1, 2, 3]
     assert set(formulas[1]["formula"].split(" OR ")) == {"colour=red", "colour=blue"}
     alone = {t["concept"]: t["iou"] for t in either["top"]}
-    assert formulas[1]["iou"] == pytest.approx(1.0) and formulas[1]["iou"] > max(alone["colour=red"],
-                                                                                 alone["colour=blue"])
+    assert formulas[1]["iou"] == pytest.approx(1.0) and formulas[1]["iou"] > max(
+        alone["colour=red"], alone["colour=blue"]
+    )
     assert formulas[0] == {"length": 1, "formula": either["concept"], "iou": either["iou"]}
     assert formulas[2]["iou"] <= 1.0 + 1e-12
     _, _, names, binary, masks = brute_force(planted, shapes, [PLANTED["red_or_blue"]])
     wanted = masks[:, names.index("colour=red")] | masks[:, names.index("colour=blue")]
     assert bool((binary[:, 0] == wanted).all())  # the planted unit's binary maps are exactly the formula's mask
     # compositional_units=2: the two units of highest IoU (star 1.0, red or blue 0.55) get formulas, the others not
-    assert [u for u in range(4) if by_unit(record)[u]["formulas"] is not None] == [PLANTED["star"],
-                                                                                   PLANTED["red_or_blue"]]
+    assert [u for u in range(4) if by_unit(record)[u]["formulas"] is not None] == [
+        PLANTED["star"],
+        PLANTED["red_or_blue"],
+    ]
     compositional = [f for f in record["figures"] if f["kind"] == "compositional"]
     assert [f["unit"] for f in compositional] == [PLANTED["star"], PLANTED["red_or_blue"]]
     assert f"2: {formulas[1]['formula']} (IoU 1.000)" in compositional[1]["caption"]
@@ -222,8 +231,11 @@ def test_formula_scores_equal_a_brute_force_on_random_masks():
         for w, formula in enumerate(beam):
             mask = evaluate(formula, concept_masks)
             for c in range(concepts):
-                joined = {"and": mask & concept_masks[:, c], "or": mask | concept_masks[:, c],
-                          "and not": mask & ~concept_masks[:, c]}
+                joined = {
+                    "and": mask & concept_masks[:, c],
+                    "or": mask | concept_masks[:, c],
+                    "and not": mask & ~concept_masks[:, c],
+                }
                 for operation, built in joined.items():
                     inter = (built & unit_masks[:, u]).sum().item()
                     union = (built | unit_masks[:, u]).sum().item()
@@ -233,8 +245,13 @@ def test_formula_scores_equal_a_brute_force_on_random_masks():
     for u, beam in enumerate(step):
         assert len(beam) == 3 and len({canonical(f) for f, _ in beam}) == 3
         assert [value for _, value in beam] == sorted((value for _, value in beam), reverse=True)
-        best = max(scores[operation][u, w, c].item() for operation in scores for w, formula in enumerate(beams[u])
-                   for c in range(concepts) if c not in leaves(formula))
+        best = max(
+            scores[operation][u, w, c].item()
+            for operation in scores
+            for w, formula in enumerate(beams[u])
+            for c in range(concepts)
+            if c not in leaves(formula)
+        )
         assert beam[0][1] == pytest.approx(best)
         assert all(f[1] in beams[u] and formula_length(f) == formula_length(f[1]) + 1 for f, _ in beam)
     a, b, c = ("concept", 0), ("concept", 1), ("concept", 2)
@@ -248,14 +265,16 @@ def test_formula_scores_equal_a_brute_force_on_random_masks():
 @pytest.mark.parametrize("bins, buffer", [(1024, 2048), (1024, 16), (4, 3)])
 def test_streaming_quantile_equals_torch_quantile(bins, buffer):
     generator = torch.Generator().manual_seed(1)
-    values = torch.cat([
-        torch.randn(1, 6000, generator=generator),
-        torch.randn(1, 6000, generator=generator).relu(),  # half zeros
-        (torch.rand(1, 6000, generator=generator) < 0.002).float() * torch.rand(1, 6000, generator=generator),
-        torch.randint(0, 4, (1, 6000), generator=generator).float(),  # heavy ties
-        torch.exp(torch.randn(1, 6000, generator=generator) * 6),  # spread over many orders of magnitude
-        torch.full((1, 6000), 2.5),  # constant
-    ])
+    values = torch.cat(
+        [
+            torch.randn(1, 6000, generator=generator),
+            torch.randn(1, 6000, generator=generator).relu(),  # half zeros
+            (torch.rand(1, 6000, generator=generator) < 0.002).float() * torch.rand(1, 6000, generator=generator),
+            torch.randint(0, 4, (1, 6000), generator=generator).float(),  # heavy ties
+            torch.exp(torch.randn(1, 6000, generator=generator) * 6),  # spread over many orders of magnitude
+            torch.full((1, 6000), 2.5),  # constant
+        ]
+    )
     passes = []
     for level in (0.995, 0.5, 0.0, 1.0):
         search = StreamingQuantile(len(values), level, bins=bins, buffer=buffer, max_passes=64)
@@ -275,8 +294,15 @@ def test_streaming_quantile_equals_torch_quantile(bins, buffer):
 def test_memory_does_not_grow_with_the_number_of_images(planted, shapes, tmp_path):
     memory = {}
     for count in (20, 60):
-        visualizer = convlens.registry.create("visualizer", "dissection", formula_length=2, compositional_units=2,
-                                              figures=0, batch_size=10, max_images=count)
+        visualizer = convlens.registry.create(
+            "visualizer",
+            "dissection",
+            formula_length=2,
+            compositional_units=2,
+            figures=0,
+            batch_size=10,
+            max_images=count,
+        )
         record = visualizer.run(VisualTarget(planted, "feat", (), None, str(shapes)), tmp_path / str(count))
         assert record["images"] == count
         memory[count] = record["memory"]
@@ -319,12 +345,19 @@ def test_sae_latents_are_labelled_like_the_channels_they_copy(dissected, planted
 
 
 def test_a_trained_tiny_cnn_and_its_sae_report_their_unique_concept_detectors(shapes, tmp_path):
-    from convlens.core.training import TrainingParams, prepare_data, train_model
+    from convlens.models.fine_tuning import TrainingParams, prepare_data, train_model
 
     params = TrainingParams(epochs=2, batch_size=16, augment=False, seed=0, lr=0.01)
     bundle = convlens.registry.create("model", "tiny-cnn", width=4, blocks=3, input_size=SIZE, seed=0)
-    train_model(bundle, prepare_data(shapes, params), tmp_path / "model", params, model={"name": "tiny-cnn"},
-                device="cpu", progress=False)
+    train_model(
+        bundle,
+        prepare_data(shapes, params),
+        tmp_path / "model",
+        params,
+        model={"name": "tiny-cnn"},
+        device="cpu",
+        progress=False,
+    )
     bundle.module.eval()
     index = scan_images(shapes)
     preprocessing = Preprocessing.of(bundle)
@@ -343,8 +376,9 @@ def test_a_trained_tiny_cnn_and_its_sae_report_their_unique_concept_detectors(sh
 
     reports = {}
     for label, target_sae in (("channels", None), ("latents", sae)):
-        visualizer = convlens.registry.create("visualizer", "dissection", formula_length=2, compositional_units=2,
-                                              figures=2, examples=2)
+        visualizer = convlens.registry.create(
+            "visualizer", "dissection", formula_length=2, compositional_units=2, figures=2, examples=2
+        )
         record = visualizer.run(VisualTarget(bundle, "block3", (), target_sae, str(shapes)), tmp_path / label)
         counts = record["counts"]
         detectors = [e for e in record["units"] if e["detector"]]
@@ -358,9 +392,11 @@ def test_a_trained_tiny_cnn_and_its_sae_report_their_unique_concept_detectors(sh
         kind = "channel" if label == "channels" else "latent"
         assert record["summary"].startswith(f"{counts['detectors']} of {counts['units']} {kind}s are detectors")
         reports[label] = counts
-    print(f"\nunique concept detectors: CNN channels {reports['channels']['unique_concepts']} "
-          f"({reports['channels']['detectors']} of 16 channels are detectors), SAE latents "
-          f"{reports['latents']['unique_concepts']} ({reports['latents']['detectors']} of 32 latents)")
+    print(
+        f"\nunique concept detectors: CNN channels {reports['channels']['unique_concepts']} "
+        f"({reports['channels']['detectors']} of 16 channels are detectors), SAE latents "
+        f"{reports['latents']['unique_concepts']} ({reports['latents']['detectors']} of 32 latents)"
+    )
 
 
 def test_concept_mask_folders_give_the_same_iou_as_concepts_json(dissected, planted, shapes, tmp_path):
@@ -389,14 +425,35 @@ def test_cli_runs_dissection_and_refuses_data_without_concepts(shapes, tmp_path)
     shutil.copytree(shapes, data)
     (data / "images" / "circle" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["visualize", "network-dissection", *model, "--layer", "block2", "--data",
-                                      str(data), "--formula-length", "2", "--compositional-units", "2",
-                                      "--examples", "2", "--iou-threshold", "0.01", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "network-dissection",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(data),
+            "--formula-length",
+            "2",
+            "--compositional-units",
+            "2",
+            "--examples",
+            "2",
+            "--iou-threshold",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "dissection.json").read_text())
     counts = record["counts"]
-    assert f"{counts['detectors']} of 8 channels are detectors (IoU > 0.01) of {counts['unique_concepts']} unique " \
-           "concepts" in result.output
+    assert (
+        f"{counts['detectors']} of 8 channels are detectors (IoU > 0.01) of {counts['unique_concepts']} unique "
+        "concepts" in result.output
+    )
     assert "formulas up to length 2 for 2 channels; skipped 1 unreadable file" in result.output
     assert (out / "detectors.png").is_file() and (out / "iou.safetensors").is_file()
     assert all((out / f["path"]).is_file() for f in record["figures"])
@@ -405,13 +462,21 @@ def test_cli_runs_dissection_and_refuses_data_without_concepts(shapes, tmp_path)
 
     with pytest.raises(ConvlensError, match="channel 9 is out of range: there are 8 channels"):
         convlens.registry.create("visualizer", "dissection").run(
-            VisualTarget(convlens.registry.create("model", "tiny-cnn", blocks=3, width=4, input_size=32), "block2",
-                         (0, 9), None, str(shapes)), tmp_path / "range")
+            VisualTarget(
+                convlens.registry.create("model", "tiny-cnn", blocks=3, width=4, input_size=32),
+                "block2",
+                (0, 9),
+                None,
+                str(shapes),
+            ),
+            tmp_path / "range",
+        )
     plain = tmp_path / "plain"
     plain.mkdir()
     for path in list(scan_images(shapes).paths)[:3]:
         shutil.copy(path, plain / path.name)
-    failed = CliRunner().invoke(cli, ["visualize", "dissection", *model, "--data", str(plain), "--out",
-                                      str(tmp_path / "bad")])
+    failed = CliRunner().invoke(
+        cli, ["visualize", "dissection", *model, "--data", str(plain), "--out", str(tmp_path / "bad")]
+    )
     assert failed.exit_code != 0 and "has no concept masks" in failed.output and "Traceback" not in failed.output
     assert len(failed.output.strip().splitlines()) == 1

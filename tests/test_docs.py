@@ -3,9 +3,8 @@
 import inspect
 import re
 
-from helpers import ROOT, readme_section
-
 from convlens.core import hookspecs
+from helpers import ROOT, readme_section
 
 
 def hookspec_functions():
@@ -19,8 +18,13 @@ def hookspec_functions():
 def test_every_hookspec_is_documented_with_its_signature():
     reference = readme_section("Writing a plugin")
     specs = hookspec_functions()
-    assert set(specs) == {"register_models", "register_filters", "register_saes", "register_visualizers",
-                          "register_commands"}
+    assert set(specs) == {
+        "register_models",
+        "register_filters",
+        "register_saes",
+        "register_visualizers",
+        "register_commands",
+    }
     for name, fn in specs.items():
         signature = f"{name}({', '.join(inspect.signature(fn).parameters)})"
         assert f"- `{signature}`:" in reference, f"README hook reference lacks `{signature}`"

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
+from convlens.activations.sampling import sample_activations, sampling_probabilities
+from convlens.activations.store import ActivationStore
 from convlens.core.errors import ConvlensError
-from convlens.core.sampling import sample_activations, sampling_probabilities
-from convlens.core.shapes import write_shapes
-from convlens.core.store import ActivationStore
+from convlens.data.shapes import write_shapes
 
 
 def test_sample_frequencies_match_the_weights():
@@ -26,8 +26,13 @@ def test_sample_frequencies_match_the_weights():
     assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
     assert samples.position[:, 0].tolist()[:5] == (samples.vectors[:5, 0].long() // 2).tolist()
     # the same image index gives the same draws whatever batch it is in
-    again = sample_activations(torch.cat([activations * 0, activations]), torch.cat([weights, weights]),
-                               torch.tensor([3, 7]), per_image=draws, seed=0)
+    again = sample_activations(
+        torch.cat([activations * 0, activations]),
+        torch.cat([weights, weights]),
+        torch.tensor([3, 7]),
+        per_image=draws,
+        seed=0,
+    )
     assert torch.equal(again.vectors[draws:], samples.vectors)
 
 
@@ -51,9 +56,32 @@ def shapes_data(tmp_path_factory):
 
 
 def extract_command(data, out, *extra):
-    return [sys.executable, "-m", "convlens", "extract", "--model", "tiny-cnn", "--model-input-size", "32",
-            "--model-width", "4", "--layer", "block3", "--data", str(data), "--out", str(out), "--images-per-shard",
-            "8", "--batch-size", "4", "--device", "cpu", "--json", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "convlens",
+        "extract",
+        "--model",
+        "tiny-cnn",
+        "--model-input-size",
+        "32",
+        "--model-width",
+        "4",
+        "--layer",
+        "block3",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--images-per-shard",
+        "8",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        *extra,
+    ]
 
 
 def samples_of(store_path):
@@ -72,14 +100,22 @@ def assert_same_samples(a, b):
 
 def test_extract_killed_and_rerun_gives_exactly_the_uninterrupted_samples(shapes_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(extract_command(shapes_data, tmp_path / "straight", "--filter", "gradcam"),
-                              capture_output=True, text=True, env=env)
+    straight = subprocess.run(
+        extract_command(shapes_data, tmp_path / "straight", "--filter", "gradcam"),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert straight.returncode == 0, straight.stderr
     summary = json.loads(straight.stdout)
     assert summary["images"] == 40 and summary["total_samples"] == 40 * 16
 
-    process = subprocess.Popen(extract_command(shapes_data, tmp_path / "killed", "--filter", "gradcam"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        extract_command(shapes_data, tmp_path / "killed", "--filter", "gradcam"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     shards = tmp_path / "killed" / "shards"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(shards.glob("*.json"))) < 2:
@@ -88,14 +124,22 @@ def test_extract_killed_and_rerun_gives_exactly_the_uninterrupted_samples(shapes
     process.wait()
     written = len(list(shards.glob("*.json")))
     assert 2 <= written and not (tmp_path / "killed" / "manifest.json").exists()
-    rerun = subprocess.run(extract_command(shapes_data, tmp_path / "killed", "--filter", "gradcam"),
-                           capture_output=True, text=True, env=env)
+    rerun = subprocess.run(
+        extract_command(shapes_data, tmp_path / "killed", "--filter", "gradcam"),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["chunks_reused"] == written or written == 5
     assert_same_samples(samples_of(tmp_path / "straight"), samples_of(tmp_path / "killed"))
 
-    changed = subprocess.run(extract_command(shapes_data, tmp_path / "killed", "--filter", "magnitude"),
-                             capture_output=True, text=True, env=env)
+    changed = subprocess.run(
+        extract_command(shapes_data, tmp_path / "killed", "--filter", "magnitude"),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert changed.returncode == 1 and "holds an extraction with other settings (filter differ)" in changed.stderr
 
 
@@ -103,8 +147,18 @@ def test_torchrun_with_two_processes_gives_the_same_samples(shapes_data, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(extract_command(shapes_data, tmp_path / "one"), capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                "-m", "convlens", *extract_command(shapes_data, tmp_path / "two")[3:]]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "convlens",
+        *extract_command(shapes_data, tmp_path / "two")[3:],
+    ]
     double = subprocess.run(torchrun, capture_output=True, text=True, env=env)
     assert double.returncode == 0, double.stderr
     assert json.loads(double.stdout)["world_size"] == 2
@@ -116,8 +170,10 @@ def test_store_reads_splits_batches_and_reports_a_corrupted_shard(shapes_data, t
 
     from convlens.cli import cli
 
-    result = CliRunner().invoke(cli, extract_command(shapes_data, tmp_path / "s", "--per-image", "5",
-                                                     "--val-fraction", "0.25", "--save-maps")[3:])
+    result = CliRunner().invoke(
+        cli,
+        extract_command(shapes_data, tmp_path / "s", "--per-image", "5", "--val-fraction", "0.25", "--save-maps")[3:],
+    )
     assert result.exit_code == 0, result.output
     store = ActivationStore(tmp_path / "s")
     assert len(store) == 200 and store.dim == 16 and store.manifest["grid"] == [4, 4]

@@ -15,10 +15,10 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.images import Preprocessing, open_rgb
-from convlens.core.layers import activations_at
-from convlens.core.seeding import derive_seed
+from convlens.data.images import Preprocessing, open_rgb
+from convlens.models.layers import activations_at
 from convlens.plugins.visualizers.factorise import nmf
+from convlens.runtime.seeding import derive_seed
 from convlens.testing import check_component
 
 SIDE = 16
@@ -172,8 +172,7 @@ def test_factorise_recovers_the_planted_colour_groups_end_to_end(quadrants, rend
     assert "group 0" in record["figures"][1]["caption"] and "group 2" in record["figures"][-1]["caption"]
     with Image.open(tmp_path / "out" / entry["groups"][0]["map"]) as overlay:
         assert overlay.size == (32, 32)
-    assert record["summary"] == "NMF of 1 (channels) into 3 groups for 1 image; relative error " \
-                                f"{entry['error']:.3g}"
+    assert record["summary"] == f"NMF of 1 (channels) into 3 groups for 1 image; relative error {entry['error']:.3g}"
 
 
 def test_negative_activations_are_clamped_and_reported(quadrants, tmp_path):
@@ -213,15 +212,49 @@ def test_check_component():
 def test_factorise_through_the_cli(quadrants, tmp_path):
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-width", "8", "--model-input-size", "32"]
     out = tmp_path / "nmf"
-    result = CliRunner().invoke(cli, ["visualize", "nmf", *model, "--layer", "block2", "--data", str(quadrants),
-                                      "--groups", "3", "--iterations", "50", "--steps", "2", "--size", "8",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "nmf",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(quadrants),
+            "--groups",
+            "3",
+            "--iterations",
+            "50",
+            "--steps",
+            "2",
+            "--size",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "NMF of block2 (channels) into 3 groups for 1 image; relative error" in result.output
     record = json.loads((out / "factorise.json").read_text())
     assert len(record["images"][0]["groups"]) == 3 and (out / record["images"][0]["overlay"]).is_file()
-    failed = CliRunner().invoke(cli, ["visualize", "factorise", *model, "--layer", "block2", "--data", str(quadrants),
-                                      "--groups", "17", "--out", str(tmp_path / "bad")])
+    failed = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "factorise",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(quadrants),
+            "--groups",
+            "17",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert failed.exit_code != 0 and "Traceback" not in failed.output
-    assert "17 groups: layer 'block2' has 16 channels and 8 x 8 = 64 positions; give --groups at most 16" in \
-        failed.output
+    assert (
+        "17 groups: layer 'block2' has 16 channels and 8 x 8 = 64 positions; give --groups at most 16" in failed.output
+    )

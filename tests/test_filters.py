@@ -44,8 +44,13 @@ def inputs():
     ties = torch.randint(-2, 3, (3, 10, 5, 5), generator=g).to(torch.float64) * 0.5
     at_epsilon = torch.full((1, 4, 2, 2), 0.1, dtype=torch.float64)
     at_epsilon[0, 0] = -0.1000001
-    return {"random": random, "even": even_channels, "all-negative": all_negative, "ties": ties,
-            "at-epsilon": at_epsilon}
+    return {
+        "random": random,
+        "even": even_channels,
+        "all-negative": all_negative,
+        "ties": ties,
+        "at-epsilon": at_epsilon,
+    }
 
 
 @pytest.mark.parametrize("name", FILTERS)

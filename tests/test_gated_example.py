@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import require_installed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "convlens-gated-sae"
@@ -26,7 +27,7 @@ try:
 except ModuleNotFoundError:  # not installed: use the source folder (the entry point is then absent)
     sys.path.insert(0, str(EXAMPLE))
     from convlens_gated_sae import GatedParams
-from convlens_gated_sae.model import GatedSAE
+from convlens_gated_sae.model import GatedSAE  # noqa: E402  (after the fallback above)
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_registry_lists_gated_from_the_example_distribution(installed_example, c
 
 def test_checkpoint_round_trip_through_the_registry(installed_example, convlens_registry, tmp_path):
     import convlens
-    from convlens.core.sae import save_sae
+    from convlens.sae.base import save_sae
 
     params = {"input_dim": 8, "latent_dim": 24, "l1": 0.2, "seed": 3}
     sae = convlens_registry.create("sae", "gated", **params)
@@ -75,9 +76,11 @@ def test_checkpoint_round_trip_through_the_registry(installed_example, convlens_
 
 
 def test_listing_the_plugin_does_not_import_torch(installed_example):
-    code = ("import sys, convlens.registry as r\n"
-            "assert [c.dist for c in r.list('sae', 'gated')] == ['convlens-gated-sae']\n"
-            "assert 'torch' not in sys.modules, 'listing imported torch'\n")
+    code = (
+        "import sys, convlens.registry as r\n"
+        "assert [c.dist for c in r.list('sae', 'gated')] == ['convlens-gated-sae']\n"
+        "assert 'torch' not in sys.modules, 'listing imported torch'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import convlens
-from helpers import rescaled
 from convlens import FilterContext
 from convlens.core.errors import ContractError
-from convlens.core.layers import activations_at, count_hooks
-from convlens.plugins.filters.gradcam import gradcam_maps
+from convlens.models.layers import activations_at, count_hooks
+from convlens.plugins.gradcam import gradcam_maps
+from helpers import rescaled
 
 
 def reference_gradcam(model, layer_module, images, classes, grid):
@@ -20,10 +20,13 @@ def reference_gradcam(model, layer_module, images, classes, grid):
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 
 
-@pytest.mark.parametrize("model, params, layer", [
-    ("tiny-cnn", {"blocks": 4, "seed": 0}, "block3"),
-    ("resnet18-smooth", {"input_size": 64, "seed": 0}, "layer3"),
-])
+@pytest.mark.parametrize(
+    "model, params, layer",
+    [
+        ("tiny-cnn", {"blocks": 4, "seed": 0}, "block3"),
+        ("resnet18-smooth", {"input_size": 64, "seed": 0}, "layer3"),
+    ],
+)
 def test_gradcam_filter_matches_pytorch_grad_cam(model, params, layer):
     bundle = convlens.registry.create("model", model, **params)
     module = bundle.module

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import convlens
-from helpers import assert_clean, require_installed, rescaled
 from convlens import FilterContext
-from convlens.core.attribution import ExplainTarget
+from convlens.attribution.base import ExplainTarget
 from convlens.core.errors import ContractError, ConvlensError
-from convlens.core.layers import activations_at
+from convlens.models.layers import activations_at
+from helpers import assert_clean, require_installed, rescaled
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "convlens-gradcam-pp"
 DIST = "convlens-gradcam-pp"
@@ -77,16 +77,23 @@ def test_both_components_come_from_the_example_distribution(installed_example, c
         # the built-in Grad-CAM of the same kind is still there, and still convlens's own
         assert convlens.registry.get(kind, "gradcam").dist == "convlens"
     assert {p["name"] for p in convlens_registry.describe("visualizer", "gradcam++")["params"]} == {
-        "class_index", "max_images", "batch_size", "alpha", "map_layer"}
+        "class_index",
+        "max_images",
+        "batch_size",
+        "alpha",
+        "map_layer",
+    }
     assert [p["name"] for p in convlens_registry.describe("filter", "gradcam++")["params"]] == ["class_index"]
     assert convlens.registry.create("filter", "gradcam++").needs_gradients
 
 
 def test_listing_the_plugin_does_not_import_torch(installed_example):
-    code = ("import sys, convlens.registry as r\n"
-            "assert sorted(c.kind for c in r.list(None, 'gradcam++') if c.dist == 'convlens-gradcam-pp') "
-            "== ['filter', 'visualizer']\n"
-            "assert 'torch' not in sys.modules, 'listing imported torch'\n")
+    code = (
+        "import sys, convlens.registry as r\n"
+        "assert sorted(c.kind for c in r.list(None, 'gradcam++') if c.dist == 'convlens-gradcam-pp') "
+        "== ['filter', 'visualizer']\n"
+        "assert 'torch' not in sys.modules, 'listing imported torch'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
@@ -167,16 +174,22 @@ def test_filter_gives_the_visualizer_maps(installed_example, model, params, laye
     torch.testing.assert_close(extracted, expected, rtol=0, atol=1e-6)
     # no labels: the predicted classes; class_index: one class for every image
     unlabelled = gradcam_pp(activations, FilterContext(model=bundle, images=images, layer=layer))
-    torch.testing.assert_close(unlabelled, visualizer.attribute(bundle, images, layer, ExplainTarget()),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        unlabelled, visualizer.attribute(bundle, images, layer, ExplainTarget()), rtol=0, atol=1e-6
+    )
     fixed = convlens.registry.create("filter", "gradcam++", class_index=2)(
-        activations, FilterContext(model=bundle, images=images, labels=labels, layer=layer))
-    torch.testing.assert_close(fixed, visualizer.attribute(bundle, images, layer,
-                                                           ExplainTarget(classes=torch.full((4,), 2))),
-                               rtol=0, atol=1e-6)
+        activations, FilterContext(model=bundle, images=images, labels=labels, layer=layer)
+    )
+    torch.testing.assert_close(
+        fixed,
+        visualizer.attribute(bundle, images, layer, ExplainTarget(classes=torch.full((4,), 2))),
+        rtol=0,
+        atol=1e-6,
+    )
     with pytest.raises(ConvlensError, match="class_index 5000 is out of range"):
         convlens.registry.create("filter", "gradcam++", class_index=5000)(
-            activations, FilterContext(model=bundle, images=images, layer=layer))
+            activations, FilterContext(model=bundle, images=images, layer=layer)
+        )
     with pytest.raises(ContractError, match="do not match activations"):
         gradcam_pp(activations, FilterContext(gradients=activations[:, :1]))
 
@@ -193,8 +206,9 @@ def test_contract_checks(installed_example):
     activations, gradients = torch.randn(2, 3, 16, 5, 6, generator=generator)
     weights = gradcam_pp(activations, FilterContext(gradients=gradients))
     assert weights.shape == (3, 5, 6) and weights.is_floating_point() and bool((weights >= 0).all())
-    one_by_one = torch.cat([gradcam_pp(activations[i:i + 1], FilterContext(gradients=gradients[i:i + 1]))
-                            for i in range(3)])
+    one_by_one = torch.cat(
+        [gradcam_pp(activations[i : i + 1], FilterContext(gradients=gradients[i : i + 1])) for i in range(3)]
+    )
     torch.testing.assert_close(weights, one_by_one)
     assert torch.equal(weights, gradcam_pp(activations, FilterContext(gradients=gradients)))
     # the visualizer runs the helper's own end-to-end check (a small model, two PNGs)
@@ -207,22 +221,41 @@ def test_visualize_through_the_cli(installed_example, tmp_path):
     from safetensors.torch import load_file
 
     from convlens.cli import cli
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     write_shapes(tmp_path / "shapes", n=8, size=32, seed=0)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, [
-        "visualize", "gradcam++", "--model", "tiny-cnn", "--model-blocks", "3", "--model-input-size", "32",
-        "--layer", "block2", "--data", str(tmp_path / "shapes"), "--out", str(out), "--json",
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam++",
+            "--model",
+            "tiny-cnn",
+            "--model-blocks",
+            "3",
+            "--model-input-size",
+            "32",
+            "--layer",
+            "block2",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "attribution.json").read_text())
-    printed = json.loads(result.output[result.output.index("{"):])
+    printed = json.loads(result.output[result.output.index("{") :])
     assert printed["out"] == str(out) and {k: v for k, v in printed.items() if k not in ("out", "seconds")} == record
     assert record["visualizer"] == "gradcam++" and record["layer"] == "block2" and record["target"] == "class"
     assert len(record["images"]) == 8 and sorted(e["position"] for e in record["images"]) == list(range(8))
-    images = sorted(p.relative_to(tmp_path / "shapes").as_posix() for p in (tmp_path / "shapes").rglob("*.png")
-                    if p.parts[-3] == "images")
+    images = sorted(
+        p.relative_to(tmp_path / "shapes").as_posix()
+        for p in (tmp_path / "shapes").rglob("*.png")
+        if p.parts[-3] == "images"
+    )
     assert len(images) == 8
     assert sorted(Path(e["image"]).name for e in record["images"]) == sorted(Path(p).name for p in images)
     for entry in record["images"]:

@@ -52,12 +52,15 @@ def test_readme_plugin_installs_lists_creates_and_uninstalls(child, tmp_path):
     assert any(line.split()[:3] == ["filter", "energy", "convlens-energy"] for line in listing.splitlines())
     info = json.loads(convlens(child, "info", "filter", "energy", "--json").stdout)
     assert info["params"][0]["name"] == "power" and info["params"][0]["default"] == 2.0
-    created = child("-c", (
-        "import torch, convlens\n"
-        "f = convlens.registry.create('filter', 'energy', power=3)\n"
-        "a = torch.tensor([[[[1.0]], [[-2.0]]]])\n"
-        "print(f(a).item())\n"
-    ))
+    created = child(
+        "-c",
+        (
+            "import torch, convlens\n"
+            "f = convlens.registry.create('filter', 'energy', power=3)\n"
+            "a = torch.tensor([[[[1.0]], [[-2.0]]]])\n"
+            "print(f(a).item())\n"
+        ),
+    )
     assert created.stdout.strip() == "9.0"
 
     removed = convlens(child, "uninstall", "convlens-energy", "-y")
@@ -68,8 +71,12 @@ def test_readme_plugin_installs_lists_creates_and_uninstalls(child, tmp_path):
 
 def test_broken_and_conflicting_plugins(child, tmp_path):
     already = plugin_rows(child)  # plugins the parent environment has (e.g. the gated SAE example)
-    broken = write_package(tmp_path / "broken", "convlens-broken", "convlens_broken",
-                           "raise ImportError('this plugin is broken on purpose')\n")
+    broken = write_package(
+        tmp_path / "broken",
+        "convlens-broken",
+        "convlens_broken",
+        "raise ImportError('this plugin is broken on purpose')\n",
+    )
     conflict = """
         import convlens
         from convlens.plugins.filters.maximum import MaximumFilter
@@ -107,12 +114,17 @@ def test_broken_and_conflicting_plugins(child, tmp_path):
     ambiguous = convlens(child, "info", "filter", "peak", check=False)
     assert ambiguous.returncode == 1
     assert "'convlens-peak-one:peak'" in ambiguous.stderr and "'convlens-peak-two:peak'" in ambiguous.stderr
-    assert json.loads(convlens(child, "info", "filter", "convlens-peak-two:peak", "--json").stdout)["dist"] == "convlens-peak-two"
+    assert (
+        json.loads(convlens(child, "info", "filter", "convlens-peak-two:peak", "--json").stdout)["dist"]
+        == "convlens-peak-two"
+    )
 
     allow = convlens(child, "plugins", "--json", env={"CONVLENS_LOAD_PLUGINS": "convlens-peak-one"})
     status = {row["dist"]: row["status"] for row in json.loads(allow.stdout) if row["dist"] not in already}
     assert status == {"convlens-broken": "disabled", "convlens-peak-one": "ok", "convlens-peak-two": "disabled"}
 
-    removed = convlens(child, "uninstall", "-y", "convlens-broken", "convlens-peak-one", "convlens-peak-two", env=strict)
+    removed = convlens(
+        child, "uninstall", "-y", "convlens-broken", "convlens-peak-one", "convlens-peak-two", env=strict
+    )
     assert removed.stdout.count("removed plugin") == 3
     assert plugin_rows(child) == already

@@ -12,8 +12,8 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
-from convlens.core.charts import heat_colours
-from convlens.core.images import Preprocessing, open_rgb
+from convlens.data.images import Preprocessing, open_rgb
+from convlens.drawing.charts import heat_colours
 from convlens.testing import check_component
 
 SIDE = 16  # input pixels; the 1x1 conv keeps the grid, so a tile of 64 pixels gives each cell 4 x 4 pixels
@@ -59,7 +59,7 @@ def cells(picture, box):
     upsampled with nearest neighbour."""
     left, top, right, bottom = box
     tile = np.asarray(picture)[top:bottom, left:right]
-    centres = tile[CELL // 2::CELL, CELL // 2::CELL]
+    centres = tile[CELL // 2 :: CELL, CELL // 2 :: CELL]
     np.testing.assert_array_equal(tile, centres.repeat(CELL, axis=0).repeat(CELL, axis=1))
     return centres
 
@@ -134,8 +134,10 @@ def test_activation_maps_of_sae_latents_and_several_images(images, tmp_path):
     record, entry, picture = run_maps(bundle, images, tmp_path / "out", sae=sae, max_images=2, batch_size=1)
     assert record["tiles"] == "latents" and record["units"] == list(range(6))
     assert [entry["image"] for entry in record["images"]] == ["image0.png", "image1.png"]
-    assert sorted(path.name for path in (tmp_path / "out" / "maps").iterdir()) == ["00000-image0.png",
-                                                                                    "00001-image1.png"]
+    assert sorted(path.name for path in (tmp_path / "out" / "maps").iterdir()) == [
+        "00000-image0.png",
+        "00001-image1.png",
+    ]
     with torch.no_grad():
         latents = sae.encode(layer_output(bundle, images / "image0.png")[None])[0]
     top = float(latents.max())
@@ -195,8 +197,11 @@ def test_conv_weights_colours_shared_and_per_kernel(tmp_path):
     red, green, zero = (colour_of(picture, kernel["box"]) for kernel in record["kernels"])
     assert (red, green, zero) == ((255, 128, 128), (128, 64, 128), (128, 128, 128))
     assert [kernel["l2_norm"] for kernel in record["kernels"]] == pytest.approx([2.0, 1.0, 0.0])
-    assert [kernel["mean_colour"] for kernel in record["kernels"]] == [[1.0, 0.0, 0.0], [0.0, -0.5, 0.0],
-                                                                       [0.0, 0.0, 0.0]]
+    assert [kernel["mean_colour"] for kernel in record["kernels"]] == [
+        [1.0, 0.0, 0.0],
+        [0.0, -0.5, 0.0],
+        [0.0, 0.0, 0.0],
+    ]
     assert record["kernels"][0]["box"][2] - record["kernels"][0]["box"][0] == 8
     assert record["summary"].startswith("drew 3 kernels 3x2x2 of 0 (shared scale)")
     record, picture = run_weights(bundle, tmp_path / "per-kernel", units=(1, 2), scale="per-kernel", tile=8)
@@ -229,15 +234,30 @@ def test_check_component(name):
 def test_both_through_the_cli(images, tmp_path):
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-input-size", "32"]
     out = tmp_path / "maps"
-    result = CliRunner().invoke(cli, ["visualize", "activation-maps", *model, "--layer", "block2", "--data",
-                                      str(images), "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "activation-maps",
+            *model,
+            "--layer",
+            "block2",
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["units"] == list(range(32)) and len(record["images"]) == 1
     assert (out / "activation_maps.json").is_file() and (out / record["images"][0]["picture"]).is_file()
     out = tmp_path / "weights"
-    result = CliRunner().invoke(cli, ["visualize", "conv-weights", *model, "--units", "0-3", "--scale",
-                                      "per-kernel", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["visualize", "conv-weights", *model, "--units", "0-3", "--scale", "per-kernel", "--out", str(out), "--json"],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["layer"] == "block1.0" and record["kernel_shape"] == [3, 3, 3] and len(record["kernels"]) == 4

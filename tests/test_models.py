@@ -12,10 +12,10 @@ from torch import nn
 import convlens
 from convlens import ConvlensError, UnknownComponentError
 from convlens.cli import cli
-from convlens.core.checkpoints import load_state_dict, save_weights
-from convlens.core.gradient_flow import zero_gradient_fraction
-from convlens.core.layers import capture, class_logit_target, count_hooks, layer_table, resolve_layer
-from convlens.plugins.models.smooth import smooth_network
+from convlens.models.checkpoints import load_state_dict, save_weights
+from convlens.models.gradient_flow import zero_gradient_fraction
+from convlens.models.layers import capture, class_logit_target, count_hooks, layer_table, resolve_layer
+from convlens.models.smoothing import smooth_network
 from convlens.testing import check_component
 
 
@@ -23,9 +23,15 @@ def create(name, **params):
     return convlens.registry.create("model", name, **params)
 
 
-@pytest.mark.parametrize("name, params", [("tiny-cnn", {}), ("resnet18-smooth", {"input_size": 64}),
-                                          ("torchvision", {"arch": "vgg11", "input_size": 64}),
-                                          ("tiny-cnn", {"smooth": True})])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("tiny-cnn", {}),
+        ("resnet18-smooth", {"input_size": 64}),
+        ("torchvision", {"arch": "vgg11", "input_size": 64}),
+        ("tiny-cnn", {"smooth": True}),
+    ],
+)
 def test_models_pass_the_contract(name, params):
     check_component("model", name, **params)
 
@@ -130,7 +136,8 @@ def test_python_model_from_a_file(tmp_path):
     source.write_text(
         "from torch import nn\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(4, 2))\n"
     )
     bundle = create("python", target=f"{source}:build", input_size=32, mean="0.5,0.5,0.5")
     assert bundle.default_layer == "0" and bundle.input_size == (32, 32) and bundle.mean == (0.5, 0.5, 0.5)

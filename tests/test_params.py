@@ -28,10 +28,22 @@ def test_defaults_and_python_values():
 
 
 def test_cli_strings_are_coerced_the_same_way():
-    p = coerce(Example, {"steps": "7", "lr": "1e-3", "flip": "yes", "units": "0,5,9", "scale": "0.5, 2",
-                         "clip": "none", "space": "fourier", "mode": "exact"})
-    assert p == Example(steps=7, lr=1e-3, flip=True, units=(0, 5, 9), scale=(0.5, 2.0), clip=None,
-                        space="fourier", mode="exact")
+    p = coerce(
+        Example,
+        {
+            "steps": "7",
+            "lr": "1e-3",
+            "flip": "yes",
+            "units": "0,5,9",
+            "scale": "0.5, 2",
+            "clip": "none",
+            "space": "fourier",
+            "mode": "exact",
+        },
+    )
+    assert p == Example(
+        steps=7, lr=1e-3, flip=True, units=(0, 5, 9), scale=(0.5, 2.0), clip=None, space="fourier", mode="exact"
+    )
 
 
 def test_dashes_in_keys_are_accepted():
@@ -75,8 +87,15 @@ def test_direct_construction_validates_too():
 
 def test_describe_is_json_ready():
     rows = {row["name"]: row for row in describe(Example)}
-    assert rows["steps"] == {"name": "steps", "type": "int", "default": 200, "help": "optimisation steps",
-                             "choices": None, "min": 1, "max": 10_000}
+    assert rows["steps"] == {
+        "name": "steps",
+        "type": "int",
+        "default": 200,
+        "help": "optimisation steps",
+        "choices": None,
+        "min": 1,
+        "max": 10_000,
+    }
     assert rows["units"]["default"] == [0] and rows["units"]["type"] == "list of int"
     assert rows["clip"]["type"] == "float or none"
     assert rows["mode"]["choices"] == ["fast", "exact"]

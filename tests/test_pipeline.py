@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from convlens.cli import cli
-from convlens.core.recipes import RecipeError, load_recipe
+from convlens.workflow.recipes import RecipeError, load_recipe
 
 TINY_RECIPE = """
 title = "tiny"
@@ -76,17 +76,20 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-@pytest.mark.parametrize("change, message", [
-    (('"median"', '"medain"'), "unknown filter 'medain'; did you mean 'median'?"),
-    (("k = 4,", "kk = 4,"), "has no parameter 'kk'; did you mean 'k'?"),
-    (('layer = "block3"', 'layer = "blok3"'), "has no layer 'blok3'"),
-    (('map_layer = "block2"', 'map_layer = "block7"'), "[visualize.gradcam] map_layer"),
-    (("steps = 8", "steps = -1"), "parameter 'steps' must be >= 1"),
-    (('"gradcam"]', '"gradcam", "grad-cam-xx"]'), "unknown visualizer 'grad-cam-xx'"),
-    (("[evaluate]", "[evalute]"), "the recipe has no key 'evalute'; did you mean 'evaluate'?"),
-    (("epochs = 3,", "epochs = 'three',"), "[model.train]: parameter 'epochs' must be"),
-    (('name = "topk"', 'name = "topk"\nstore = "uniform"'), "store 'uniform' is not one of the filters"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('"median"', '"medain"'), "unknown filter 'medain'; did you mean 'median'?"),
+        (("k = 4,", "kk = 4,"), "has no parameter 'kk'; did you mean 'k'?"),
+        (('layer = "block3"', 'layer = "blok3"'), "has no layer 'blok3'"),
+        (('map_layer = "block2"', 'map_layer = "block7"'), "[visualize.gradcam] map_layer"),
+        (("steps = 8", "steps = -1"), "parameter 'steps' must be >= 1"),
+        (('"gradcam"]', '"gradcam", "grad-cam-xx"]'), "unknown visualizer 'grad-cam-xx'"),
+        (("[evaluate]", "[evalute]"), "the recipe has no key 'evalute'; did you mean 'evaluate'?"),
+        (("epochs = 3,", "epochs = 'three',"), "[model.train]: parameter 'epochs' must be"),
+        (('name = "topk"', 'name = "topk"\nstore = "uniform"'), "store 'uniform' is not one of the filters"),
+    ],
+)
 def test_a_bad_recipe_fails_before_any_work_with_one_message(tmp_path, change, message):
     recipe = write_recipe(tmp_path, TINY_RECIPE.replace(*change))
     assert TINY_RECIPE.replace(*change) != TINY_RECIPE
@@ -120,13 +123,19 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
 
 
 def tensors_of(root: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(path.relative_to(root)): load_file(str(path)) for path in sorted(root.rglob("*.safetensors"))
-            if "checkpoints" not in path.parts}
+    return {
+        str(path.relative_to(root)): load_file(str(path))
+        for path in sorted(root.rglob("*.safetensors"))
+        if "checkpoints" not in path.parts
+    }
 
 
 def pictures_of(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for folder in ("units", "latents")
-            for path in sorted((root / folder).rglob("*.png"))}
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for folder in ("units", "latents")
+        for path in sorted((root / folder).rglob("*.png"))
+    }
 
 
 def assert_same_results(first: Path, second: Path) -> None:
@@ -139,8 +148,9 @@ def assert_same_results(first: Path, second: Path) -> None:
             assert torch.equal(value, tensors_b[name][key]), f"{name}: {key} differs"
     pictures_a = pictures_of(first)
     assert pictures_a and pictures_a == pictures_of(second)
-    statistics = [json.loads((root / "statistics" / "statistics.json").read_text())["groups"]
-                  for root in (first, second)]
+    statistics = [
+        json.loads((root / "statistics" / "statistics.json").read_text())["groups"] for root in (first, second)
+    ]
     assert statistics[0] == statistics[1]
     for root in (first, second):
         assert (root / "report" / "index.html").is_file()
@@ -185,7 +195,8 @@ def test_a_run_writes_the_layout_the_report_reads(finished_run):
     top = maxima["maxima.cnn"][:, unit].argsort(descending=True, stable=True)[:2]
     paths = json.loads((out / "activations" / "magnitude" / "images.json").read_text())
     assert [entry["image"].split("/")[-1] for entry in explained["images"]] == [
-        paths[int(maxima["positions"][i])].split("/")[-1] for i in top]
+        paths[int(maxima["positions"][i])].split("/")[-1] for i in top
+    ]
     assert "report:" in output and output.strip().splitlines()[-1].startswith("ran ")
 
 
@@ -201,16 +212,21 @@ def test_a_second_run_skips_every_step_and_a_changed_setting_reruns_only_what_de
     changed = write_recipe(tmp_path, recipe.read_text().replace("steps = 8", "steps = 9"))
     plan = json.loads(run_cli("run", str(changed), "--out", str(out), "--check", "--json").output)["steps"]
     to_run = [row["name"] for row in plan if row["status"] != "done"]
-    assert to_run == ["visualize:cnn:feature-viz", "visualize:cnn:dataset-examples", "visualize:cnn:gradcam",
-                      "visualize:topk:feature-viz", "visualize:topk:dataset-examples", "visualize:topk:gradcam"]
+    assert to_run == [
+        "visualize:cnn:feature-viz",
+        "visualize:cnn:dataset-examples",
+        "visualize:cnn:gradcam",
+        "visualize:topk:feature-viz",
+        "visualize:topk:dataset-examples",
+        "visualize:topk:gradcam",
+    ]
 
 
 def test_killing_a_run_part_way_and_rerunning_it_ends_with_the_same_outputs(finished_run, tmp_path):
     recipe, reference, _ = finished_run
     out = tmp_path / "run"
     command = [sys.executable, "-m", "convlens", "run", str(recipe), "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # kill it inside the model's training, after its first epoch's checkpoint
     deadline = time.monotonic() + 120
     while not (out / "model" / "checkpoints" / "epoch-001.safetensors").is_file():

@@ -1,9 +1,9 @@
 import importlib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import convlens
 from convlens import (
@@ -15,8 +15,8 @@ from convlens import (
     UnknownComponentError,
     hookimpl,
 )
-from convlens.core import plugins as plugin_loading
-from convlens.core.registry import Registry
+from convlens.core import loader as plugin_loading
+from convlens.core.component_registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FILTERS = ["active-count", "gradcam", "magnitude", "max", "median", "uniform"]
@@ -79,7 +79,9 @@ def test_unknown_names_suggest_the_closest():
 def test_create_validates_parameters():
     registry = Registry()
     assert registry.create("filter", "active-count", epsilon="0.5").params.epsilon == 0.5
-    with pytest.raises(ParameterError, match="filter 'active-count' has no parameter 'epsillon'; did you mean 'epsilon'"):
+    with pytest.raises(
+        ParameterError, match="filter 'active-count' has no parameter 'epsillon'; did you mean 'epsilon'"
+    ):
         registry.create("filter", "active-count", epsillon=0.5)
     with pytest.raises(ParameterError, match="must be >= 0.0"):
         registry.create("filter", "active-count", epsilon=-1)
@@ -90,8 +92,17 @@ def test_create_validates_parameters():
 def test_describe_is_json_ready():
     d = Registry().describe("filter", "active-count")
     assert d["dist"] == "convlens" and d["aliases"] == ["neurons"]
-    assert d["params"] == [{"name": "epsilon", "type": "float", "default": 0.1, "min": 0.0, "max": None,
-                            "choices": None, "help": d["params"][0]["help"]}]
+    assert d["params"] == [
+        {
+            "name": "epsilon",
+            "type": "float",
+            "default": 0.1,
+            "min": 0.0,
+            "max": None,
+            "choices": None,
+            "help": d["params"][0]["help"],
+        }
+    ]
     assert "epsilon" in d["params"][0]["help"]
 
 
@@ -191,14 +202,16 @@ def test_unloadable_lazy_factory_names_component(convlens_registry):
             register(FilterSpec(name="ghost", factory="no_such_module_xyz:Thing"))
 
     convlens_registry.add_plugin(Plugin(), dist="ghost-pkg")
-    with pytest.raises(ConvlensError, match="filter 'ghost-pkg:ghost': cannot load its factory 'no_such_module_xyz:Thing'"):
+    with pytest.raises(
+        ConvlensError, match="filter 'ghost-pkg:ghost': cannot load its factory 'no_such_module_xyz:Thing'"
+    ):
         convlens_registry.create("filter", "ghost")
 
 
 def test_register_plugin_fixture_is_scoped_to_one_test(register_plugin):
     registry = register_plugin(filter_plugin("scoped"))
     assert convlens.registry.get("filter", "scoped").dist == "test-plugin"
-    assert registry is convlens.core.registry.default_registry()
+    assert registry is convlens.core.component_registry.default_registry()
 
 
 def test_previous_test_plugin_is_gone():

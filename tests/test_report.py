@@ -8,6 +8,7 @@ import re
 import shutil
 import urllib.parse
 from html.parser import HTMLParser
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,16 @@ def _plausible_figures(record: dict, run: Path, visualizer: str, units: list[int
     figures = []
     if visualizer == "feature-viz":
         for unit, objective in zip(units, record.get("objectives", [])):
-            figures.append({"unit": unit, "path": objective["image"], "kind": "feature-viz",
-                            "caption": f"image optimised for {objective['objective']}"})
+            figures.append(
+                {
+                    "unit": unit,
+                    "path": objective["image"],
+                    "kind": "feature-viz",
+                    "caption": f"image optimised for {objective['objective']}",
+                    "small": True,
+                    "thumbnail": True,
+                }
+            )
         if record.get("grid"):
             figures.append({"unit": None, "path": record["grid"], "kind": "grid", "caption": "all units"})
     elif visualizer == "dataset-examples":
@@ -43,8 +52,16 @@ def _plausible_figures(record: dict, run: Path, visualizer: str, units: list[int
                 figures.append({"unit": unit, "path": montage, "kind": "montage", "caption": "top and bottom images"})
             for side in ("top", "bottom"):
                 for rank, example in enumerate(entry.get(side, []), 1):
-                    figures.append({"unit": unit, "path": example["overlay"], "kind": side,
-                                    "caption": f"{side} {rank}: {example['image']}, peak at {example['peak']}"})
+                    figures.append(
+                        {
+                            "unit": unit,
+                            "path": example["overlay"],
+                            "kind": side,
+                            "caption": f"{side} {rank}: {example['image']}, peak at {example['peak']}",
+                            "small": True,
+                            "top_example": side == "top",
+                        }
+                    )
     else:
         overlays = sorted(p.relative_to(run).as_posix() for p in run.rglob("*.png"))
         for unit, overlay in zip(units, overlays):
@@ -52,32 +69,61 @@ def _plausible_figures(record: dict, run: Path, visualizer: str, units: list[int
     return figures
 
 
-def _visualize(run: Path, folder: str, visualizer: str, model: Path, units: list[int], data: Path,
-               sae: Path | None = None) -> None:
+def _visualize(
+    run: Path, folder: str, visualizer: str, model: Path, units: list[int], data: Path, sae: Path | None = None
+) -> None:
     out = run / folder
-    extra = {"feature-viz": ["--steps", "8"],
-             "dataset-examples": ["--data", data, "--k", "3", "--max-images", "64"],
-             "gradcam": ["--data", data, "--max-images", "3"]}[visualizer]
-    printed = _invoke("visualize", visualizer, "--model", model, "--layer", "block3", "--units",
-                      ",".join(map(str, sorted(units))), "--out", out, "--device", "cpu", "--json",
-                      *(["--sae", sae] if sae else []), *extra)
+    extra = {
+        "feature-viz": ["--steps", "8"],
+        "dataset-examples": ["--data", data, "--k", "3", "--max-images", "64"],
+        "gradcam": ["--data", data, "--max-images", "3"],
+    }[visualizer]
+    printed = _invoke(
+        "visualize",
+        visualizer,
+        "--model",
+        model,
+        "--layer",
+        "block3",
+        "--units",
+        ",".join(map(str, sorted(units))),
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+        *(["--sae", sae] if sae else []),
+        *extra,
+    )
     record = json.loads(printed)
     if not isinstance(record.get("figures"), list):
         record["figures"] = _plausible_figures(record, out, visualizer, sorted(units))
     if visualizer == "gradcam" and sae is None:  # a third-party kind, markup in a caption, a file that is not there
         existing = next(f["path"] for f in record["figures"] if f.get("unit") is not None)
-        record["figures"] += [{"unit": units[0], "path": existing, "kind": "my-custom-kind",
-                               "caption": "<b>not bold</b> & co"},
-                              {"unit": units[0], "path": "overlays/not-there.png", "kind": "attribution"}]
+        record["figures"] += [
+            {"unit": units[0], "path": existing, "kind": "my-custom-kind", "caption": "<b>not bold</b> & co"},
+            {"unit": units[0], "path": "overlays/not-there.png", "kind": "attribution"},
+        ]
     (out / "record.json").write_text(json.dumps(record, indent=1))
 
 
 def _statistics(run: Path, groups: dict[str, tuple[str, int]]) -> dict:
     """A statistics.json in the unit-statistics format, with deterministic made-up values."""
-    values = {"shape": ["circle", "crescent", "cross", "heart", "ring", "square", "star", "triangle"],
-              "colour": ["red", "green", "blue"], "texture": ["plain", "striped"]}
-    record = {"layer": "block3", "images": 160, "positions_per_image": 16, "seed": 0, "selective_auroc": 0.9,
-              "concepts": values, "skipped": [], "groups": {}}
+    values = {
+        "shape": ["circle", "crescent", "cross", "heart", "ring", "square", "star", "triangle"],
+        "colour": ["red", "green", "blue"],
+        "texture": ["plain", "striped"],
+    }
+    record = {
+        "layer": "block3",
+        "images": 160,
+        "positions_per_image": 16,
+        "seed": 0,
+        "selective_auroc": 0.9,
+        "concepts": values,
+        "skipped": [],
+        "groups": {},
+    }
     for label, (kind, count) in groups.items():
         units, by_attribute = [], dict.fromkeys(values, 0)
         for unit in range(count):
@@ -89,18 +135,37 @@ def _statistics(run: Path, groups: dict[str, tuple[str, int]]) -> dict:
             if selective:
                 by_attribute[attribute] += 1
             frequency = 0.0 if dead else ((unit * 13) % 97) / 100 + 0.001
-            units.append({"unit": unit, "rank": 0, "frequency": frequency, "image_frequency": min(1.0, 2 * frequency),
-                          "mean": frequency / 3, "max": 0.0 if dead else 1 + unit / 10, "mean_image_max": frequency,
-                          "share": 0.0, "dead": dead, "best_concept": {"attribute": attribute, "value": value,
-                                                                       "auroc": auroc}, "selective": selective})
+            units.append(
+                {
+                    "unit": unit,
+                    "rank": 0,
+                    "frequency": frequency,
+                    "image_frequency": min(1.0, 2 * frequency),
+                    "mean": frequency / 3,
+                    "max": 0.0 if dead else 1 + unit / 10,
+                    "mean_image_max": frequency,
+                    "share": 0.0,
+                    "dead": dead,
+                    "best_concept": {"attribute": attribute, "value": value, "auroc": auroc},
+                    "selective": selective,
+                }
+            )
         total = sum(u["mean"] for u in units)
         for u in units:
             u["share"] = u["mean"] / total
         for rank, u in enumerate(sorted(units, key=lambda u: (-u["share"], u["unit"])), 1):
             u["rank"] = rank
-        record["groups"][label] = {"kind": kind, "count": count, "units": units, "summary": {
-            "units": count, "dead": sum(u["dead"] for u in units),
-            "selective": sum(bool(u["selective"]) for u in units), "selective_by_attribute": by_attribute}}
+        record["groups"][label] = {
+            "kind": kind,
+            "count": count,
+            "units": units,
+            "summary": {
+                "units": count,
+                "dead": sum(u["dead"] for u in units),
+                "selective": sum(bool(u["selective"]) for u in units),
+                "selective_by_attribute": by_attribute,
+            },
+        }
     (run / "statistics").mkdir(parents=True)
     (run / "statistics" / "statistics.json").write_text(json.dumps(record, indent=1))
     return record
@@ -117,49 +182,151 @@ def build_run_fixture(root: Path) -> Path:
         shutil.rmtree(root)
     model = run / "model"
     _invoke("data", "shapes", "--out", data, "--n", "160", "--size", "32")
-    _invoke("train-model", "tiny-cnn", "--data", data, "--out", model, "--epochs", "1", "--input-size", "32",
-            "--width", "8", "--device", "cpu")
+    _invoke(
+        "train-model",
+        "tiny-cnn",
+        "--data",
+        data,
+        "--out",
+        model,
+        "--epochs",
+        "1",
+        "--input-size",
+        "32",
+        "--width",
+        "8",
+        "--device",
+        "cpu",
+    )
     store = run / "activations" / "magnitude"
-    _invoke("extract", "--model", model, "--data", data, "--layer", "block3", "--filter", "magnitude", "--out", store,
-            "--per-image", "8", "--device", "cpu")
-    _invoke("compare-filters", "--model", model, "--data", data, "--layer", "block3", "--filters",
-            "magnitude,active-count", "--out", run / "filters", "--max-images", "48", "--device", "cpu")
-    for label, options in (("topk", ["--sae", "topk", "--k", "4", "--expansion", "2"]),
-                           ("relu", ["--sae", "relu-l1", "--expansion", "1"])):
-        _invoke("train-sae", "--store", store, *options, "--epochs", "1", "--log-every", "4", "--out",
-                run / "saes" / label, "--device", "cpu")
-    _invoke("evaluate-sae", "--model", model, "--sae", run / "saes" / "topk" / "sae.safetensors", "--data", data,
-            "--max-images", "48", "--ablate", "2", "--ablation-images", "16", "--out", run / "evaluation" / "topk.json",
-            "--device", "cpu")
+    _invoke(
+        "extract",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--layer",
+        "block3",
+        "--filter",
+        "magnitude",
+        "--out",
+        store,
+        "--per-image",
+        "8",
+        "--device",
+        "cpu",
+    )
+    _invoke(
+        "compare-filters",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--layer",
+        "block3",
+        "--filters",
+        "magnitude,active-count",
+        "--out",
+        run / "filters",
+        "--max-images",
+        "48",
+        "--device",
+        "cpu",
+    )
+    for label, options in (
+        ("topk", ["--sae", "topk", "--k", "4", "--expansion", "2"]),
+        ("relu", ["--sae", "relu-l1", "--expansion", "1"]),
+    ):
+        _invoke(
+            "train-sae",
+            "--store",
+            store,
+            *options,
+            "--epochs",
+            "1",
+            "--log-every",
+            "4",
+            "--out",
+            run / "saes" / label,
+            "--device",
+            "cpu",
+        )
+    _invoke(
+        "evaluate-sae",
+        "--model",
+        model,
+        "--sae",
+        run / "saes" / "topk" / "sae.safetensors",
+        "--data",
+        data,
+        "--max-images",
+        "48",
+        "--ablate",
+        "2",
+        "--ablation-images",
+        "16",
+        "--out",
+        run / "evaluation" / "topk.json",
+        "--device",
+        "cpu",
+    )
     sweep_config = root / "sweep.json"
-    sweep_config.write_text(json.dumps([{"sae": "topk", "params": {"k": k, "expansion": 2.0}, "group": "frontier"}
-                                        for k in (2, 4)]))
-    _invoke("sweep", "--store", store, "--config", sweep_config, "--steps", "3", "--out", run / "sweep",
-            "--device", "cpu")
+    sweep_config.write_text(
+        json.dumps([{"sae": "topk", "params": {"k": k, "expansion": 2.0}, "group": "frontier"} for k in (2, 4)])
+    )
+    _invoke(
+        "sweep", "--store", store, "--config", sweep_config, "--steps", "3", "--out", run / "sweep", "--device", "cpu"
+    )
     _statistics(run, {"cnn": ("channel", 32), "topk": ("latent", 64), "relu": ("latent", 32)})
     visualizations = {"cnn": {"units": CNN_VISUALISED, "runs": {}}, "topk": {"units": LATENT_VISUALISED, "runs": {}}}
-    for group, units, sae in (("cnn", CNN_VISUALISED, None),
-                              ("topk", LATENT_VISUALISED, run / "saes" / "topk" / "sae.safetensors")):
+    for group, units, sae in (
+        ("cnn", CNN_VISUALISED, None),
+        ("topk", LATENT_VISUALISED, run / "saes" / "topk" / "sae.safetensors"),
+    ):
         for visualizer in ("feature-viz", "dataset-examples", "gradcam"):
             folder = f"units/{visualizer}" if sae is None else f"latents/{group}/{visualizer}"
             _visualize(run, folder, visualizer, model, units, data, sae)
             visualizations[group]["runs"][visualizer] = folder
     (run / "recipe.toml").write_text('title = "report fixture"\n')
     pipeline = {
-        "title": "report <fixture> & friends", "started": "2025-01-01T00:00:00+00:00",
-        "finished": "2025-01-01T00:01:00+00:00", "versions": {"convlens": "0.1.0"},
-        "model": {"name": "tiny-cnn", "params": {"width": 8, "input_size": 32}, "run": "model"}, "layer": "block3",
+        "title": "report <fixture> & friends",
+        "started": "2025-01-01T00:00:00+00:00",
+        "finished": "2025-01-01T00:01:00+00:00",
+        "versions": {"convlens": "0.1.0"},
+        "model": {"name": "tiny-cnn", "params": {"width": 8, "input_size": 32}, "run": "model"},
+        "layer": "block3",
         "data": {"path": "data", "images": 160, "concepts": True},
-        "filters": {"names": ["magnitude", "active-count"], "stores": {"magnitude": "activations/magnitude"},
-                    "comparison": "filters"},
-        "saes": [{"label": "topk", "name": "topk", "params": {"k": 4, "expansion": 2}, "run": "saes/topk",
-                  "store": "activations/magnitude", "evaluation": "evaluation/topk.json"},
-                 {"label": "relu", "name": "relu-l1", "params": {"expansion": 1}, "run": "saes/relu",
-                  "store": "activations/magnitude", "evaluation": None}],
-        "sweep": "sweep", "statistics": "statistics", "visualizations": visualizations,
-        "steps": [{"name": "train-model", "status": "done", "seconds": 3.2, "outputs": ["model"]},
-                  {"name": "extract:magnitude", "status": "skipped", "seconds": 0.0, "outputs": ["activations"]},
-                  {"name": "evaluate:relu", "status": "failed", "seconds": None, "outputs": []}],
+        "filters": {
+            "names": ["magnitude", "active-count"],
+            "stores": {"magnitude": "activations/magnitude"},
+            "comparison": "filters",
+        },
+        "saes": [
+            {
+                "label": "topk",
+                "name": "topk",
+                "params": {"k": 4, "expansion": 2},
+                "run": "saes/topk",
+                "store": "activations/magnitude",
+                "evaluation": "evaluation/topk.json",
+            },
+            {
+                "label": "relu",
+                "name": "relu-l1",
+                "params": {"expansion": 1},
+                "run": "saes/relu",
+                "store": "activations/magnitude",
+                "evaluation": None,
+            },
+        ],
+        "sweep": "sweep",
+        "statistics": "statistics",
+        "visualizations": visualizations,
+        "steps": [
+            {"name": "train-model", "status": "done", "seconds": 3.2, "outputs": ["model"]},
+            {"name": "extract:magnitude", "status": "skipped", "seconds": 0.0, "outputs": ["activations"]},
+            {"name": "evaluate:relu", "status": "failed", "seconds": None, "outputs": []},
+        ],
         "warnings": ["relu: 3 of 32 units never fired <script>alert(1)</script>"],
     }
     (run / "pipeline.json").write_text(json.dumps(pipeline, indent=1))
@@ -207,8 +374,12 @@ def _metrics(site: Path) -> list[dict[str, str]]:
 
 
 def _metric(metrics: list[dict[str, str]], name: str, **match: object) -> dict[str, str]:
-    found = [m for m in metrics if m["data-metric"] == name
-             and all(m.get(f"data-{key.replace('_', '-')}") == str(value) for key, value in match.items())]
+    found = [
+        m
+        for m in metrics
+        if m["data-metric"] == name
+        and all(m.get(f"data-{key.replace('_', '-')}") == str(value) for key, value in match.items())
+    ]
     assert len(found) >= 1, f"no element with data-metric={name} {match}"
     assert len({m["data-value"] for m in found}) == 1, f"data-metric={name} {match} differs between elements"
     return found[0]
@@ -331,14 +502,23 @@ def test_the_metrics_are_the_numbers_of_the_run_files(report_run, site):
     for label in ("topk", "relu"):
         rows = [json.loads(line) for line in (report_run / "saes" / label / "metrics.jsonl").read_text().splitlines()]
         final = rows[-1]["val"]
-        for name, key in (("compression", "compression"), ("val-mse", "mse"), ("fve", "fve"), ("l0", "l0"),
-                          ("dead-fraction", "dead_fraction")):
+        for name, key in (
+            ("compression", "compression"),
+            ("val-mse", "mse"),
+            ("fve", "fve"),
+            ("l0", "l0"),
+            ("dead-fraction", "dead_fraction"),
+        ):
             _close(_metric(metrics, name, sae=label), final[key])
         assert _metric(metrics, "compression", sae=label)["text"] == f"{final['compression']:.4g}"
     evaluation = json.loads((report_run / "evaluation" / "topk.json").read_text())
-    for name, value in (("top1-model", evaluation["top1"]["model"]), ("top1-sae", evaluation["top1"]["sae"]),
-                        ("top1-zero", evaluation["top1"]["zero"]), ("kl-sae", evaluation["kl_sae"]),
-                        ("kl-recovered", evaluation["kl_recovered"])):
+    for name, value in (
+        ("top1-model", evaluation["top1"]["model"]),
+        ("top1-sae", evaluation["top1"]["sae"]),
+        ("top1-zero", evaluation["top1"]["zero"]),
+        ("kl-sae", evaluation["kl_sae"]),
+        ("kl-recovered", evaluation["kl_recovered"]),
+    ):
         _close(_metric(metrics, name, sae="topk"), value)
     assert _metric(metrics, "top1-sae", sae="topk")["text"] == f"{100 * evaluation['top1']['sae']:.1f} %"
     assert not [m for m in metrics if m["data-metric"] == "top1-sae" and m.get("data-sae") == "relu"]
@@ -360,8 +540,15 @@ def test_the_overview_holds_steps_warnings_and_figures_escaped(site):
     assert "report &lt;fixture&gt; &amp; friends" in index and "<fixture>" not in index
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in index and "<script>alert" not in index
     assert 'data-step="evaluate:relu">failed' in index and 'class="status-skipped"' in index
-    for picture in ("filters/cosine.png", "filters/spearman.png", "filters/foreground-precision.png",
-                    "filters/overlays/", "saes/topk/curves.png", "sweep/pareto.png", "model/curves.png"):
+    for picture in (
+        "filters/cosine.png",
+        "filters/spearman.png",
+        "filters/foreground-precision.png",
+        "filters/overlays/",
+        "saes/topk/curves.png",
+        "sweep/pareto.png",
+        "model/curves.png",
+    ):
         assert f'src="../{picture}' in index, picture
     assert 'id="sweep-table"' in index and 'id="splice-table"' in index
     assert "SAE &#x27;relu&#x27;: not spliced into the model" in index
@@ -418,8 +605,13 @@ def test_missing_parts_leave_notes_and_stale_pages_go(report_run, tmp_path):
     site = run / "report"
     _check_links(site)
     notes = json.loads((site / "report.json").read_text())["notes"]
-    for expected in ("sweep: sweep/sweep.json is missing", "visualizer run 'gradcam' (units/gradcam) is missing",
-                     "evaluation: evaluation/topk.json is missing", "no filter comparison", "no concepts"):
+    for expected in (
+        "sweep: sweep/sweep.json is missing",
+        "visualizer run 'gradcam' (units/gradcam) is missing",
+        "evaluation: evaluation/topk.json is missing",
+        "no filter comparison",
+        "no concepts",
+    ):
         assert any(expected in line for line in notes), (expected, notes)
     index = (site / "index.html").read_text()
     assert "No filter comparison in this run." in index and "no single concept" not in index
@@ -428,8 +620,9 @@ def test_missing_parts_leave_notes_and_stale_pages_go(report_run, tmp_path):
 
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "pipeline.json").write_text(json.dumps({"title": "nothing yet", "steps": [{"name": "train-model",
-                                                                                       "status": "pending"}]}))
+    (bare / "pipeline.json").write_text(
+        json.dumps({"title": "nothing yet", "steps": [{"name": "train-model", "status": "pending"}]})
+    )
     code, output = _build(bare, "--json")
     assert code == 0, output
     summary = json.loads(output)
@@ -454,13 +647,42 @@ def test_json_summary_and_no_torch_import(report_run, tmp_path):
     assert code == 0, output
     summary = json.loads(output)
     assert summary["index"] == str(tmp_path / "site" / "index.html")
-    assert summary["groups"]["cnn"] == {"kind": "channel", "pages": 32, "visualised": 3,
-                                        "figures": summary["groups"]["cnn"]["figures"]}
+    assert summary["groups"]["cnn"] == {
+        "kind": "channel",
+        "pages": 32,
+        "visualised": 3,
+        "figures": summary["groups"]["cnn"]["figures"],
+    }
     assert summary["pages"] == 3 + 32 + 64 + 32 and summary["warnings"]
     import subprocess
     import sys
 
-    script = ("import sys; from convlens.core.report import build_report; "
-              f"build_report({str(report_run)!r}, {str(tmp_path / 'again')!r}); "
-              "assert 'torch' not in sys.modules, 'the report imported torch'")
+    script = (
+        "import sys; from convlens.report.site import build_report; "
+        f"build_report({str(report_run)!r}, {str(tmp_path / 'again')!r}); "
+        "assert 'torch' not in sys.modules, 'the report imported torch'"
+    )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_the_style_sheet_and_script_are_package_data_inlined_into_the_pages(tmp_path):
+    assets = files("convlens.report") / "assets"
+    style, script = (assets / name for name in ("report.css", "report.js"))
+    assert style.is_file() and script.is_file()
+    css, js = style.read_text(encoding="utf-8"), script.read_text(encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"title": "assets"}))
+    code, output = _build(run)
+    assert code == 0, output
+    for name in ("index.html", "units.html", "compare.html"):
+        text = (run / "report" / name).read_text(encoding="utf-8")
+        assert text.count("<style>") == 1 and f"<style>\n{css}</style>" in text
+        assert (f"<script>\n{js}</script>" in text) == (name == "units.html")
+        assert not re.search(r"https?://|<link rel=\"stylesheet\"|<script src|@import|url\(", text), name
+
+
+def test_the_assets_are_declared_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "assets/*" in config["tool"]["setuptools"]["package-data"]["convlens.report"]

@@ -11,17 +11,25 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from convlens.report.site import build_report
 from test_report import CNN_VISUALISED, LATENT_VISUALISED, build_run_fixture
 
-from convlens.core.report import build_report
-
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 # .ci/run installs Chromium, so CI always runs these; the skip is for a machine without it
-requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, "
-                                                                "no chromium on PATH)")
+requires_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (no /usr/bin/chromium, no chromium on PATH)"
+)
 pytestmark = requires_chromium
 
 BROKEN_IMAGES = "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
@@ -113,7 +121,8 @@ def test_the_report_in_chromium(site, tmp_path):
             page.check("#visualised-only")
             visualised = page.evaluate(VISIBLE_ROWS)
             assert sorted((r["group"], r["unit"]) for r in visualised) == sorted(
-                [("cnn", u) for u in CNN_VISUALISED] + [("topk", u) for u in LATENT_VISUALISED])
+                [("cnn", u) for u in CNN_VISUALISED] + [("topk", u) for u in LATENT_VISUALISED]
+            )
             assert page.evaluate(BROKEN_IMAGES) == []
 
             unit = CNN_VISUALISED[0]

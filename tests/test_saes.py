@@ -9,11 +9,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import convlens
+from convlens.activations.store import ActivationStore, store_from_tensors
 from convlens.cli import cli
 from convlens.core.errors import ConvlensError
-from convlens.core.sae import read_sae_metadata
-from convlens.core.sae_training import SAETrainingParams, evaluate, train_sae
-from convlens.core.store import ActivationStore, store_from_tensors
+from convlens.sae.base import read_sae_metadata
+from convlens.sae.training import SAETrainingParams, evaluate, train_sae
 
 
 def planted_dictionary(dim=64, atoms=256, samples=8192, active=4, seed=0):
@@ -43,10 +43,17 @@ def planted(tmp_path_factory):
 
 def train(store, name, out, steps=600, training=None, **params):
     sae = convlens.registry.create("sae", name, input_dim=store.dim, latent_dim=256, **params)
-    settings = SAETrainingParams(steps=steps, batch_size=256, lr=3e-3, log_every=100, val_samples=1024,
-                                 **(training or {}))
-    summary = train_sae(sae, {"name": name, "params": {"input_dim": store.dim, "latent_dim": 256, **params}},
-                        store, out, settings, progress=False)
+    settings = SAETrainingParams(
+        steps=steps, batch_size=256, lr=3e-3, log_every=100, val_samples=1024, **(training or {})
+    )
+    summary = train_sae(
+        sae,
+        {"name": name, "params": {"input_dim": store.dim, "latent_dim": 256, **params}},
+        store,
+        out,
+        settings,
+        progress=False,
+    )
     return sae, summary
 
 
@@ -173,8 +180,9 @@ def stop_at(step):
 
 def test_interrupted_training_resumes_to_the_same_weights(planted, tmp_path):
     store, _ = planted
-    settings = SAETrainingParams(epochs=2, batch_size=256, lr=3e-3, log_every=10, checkpoint_every=20,
-                                 normalize_input=True)
+    settings = SAETrainingParams(
+        epochs=2, batch_size=256, lr=3e-3, log_every=10, checkpoint_every=20, normalize_input=True
+    )
     record = {"name": "topk", "params": {"input_dim": 64, "latent_dim": 128, "k": 4, "aux_k": 16, "dead_after": 512}}
 
     def fresh():
@@ -214,17 +222,55 @@ def test_checkpoint_round_trip_and_a_dimension_mismatch_names_both(planted, tmp_
 
 
 def test_train_sae_cli_on_an_extracted_store_and_sae_info(tmp_path):
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     write_shapes(tmp_path / "shapes", n=40, size=32, seed=0)
-    extract = CliRunner().invoke(cli, [
-        "extract", "--model", "tiny-cnn", "--model-input-size", "32", "--model-width", "4", "--layer", "block3",
-        "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "store"), "--device", "cpu"])
+    extract = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--model",
+            "tiny-cnn",
+            "--model-input-size",
+            "32",
+            "--model-width",
+            "4",
+            "--layer",
+            "block3",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--out",
+            str(tmp_path / "store"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert extract.exit_code == 0, extract.output
-    result = CliRunner().invoke(cli, [
-        "train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--k", "4", "--expansion", "4",
-        "--steps", "30", "--batch-size", "32", "--log-every", "10", "--out", str(tmp_path / "sae"), "--json",
-        "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-sae",
+            "--store",
+            str(tmp_path / "store"),
+            "--sae",
+            "topk",
+            "--k",
+            "4",
+            "--expansion",
+            "4",
+            "--steps",
+            "30",
+            "--batch-size",
+            "32",
+            "--log-every",
+            "10",
+            "--out",
+            str(tmp_path / "sae"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["input_dim"] == 16 and summary["latent_dim"] == 64 and summary["steps"] == 30
@@ -236,8 +282,20 @@ def test_train_sae_cli_on_an_extracted_store_and_sae_info(tmp_path):
     assert metadata["model"]["name"] == "convlens:tiny-cnn" and metadata["params"]["k"] == 4
     info = CliRunner().invoke(cli, ["sae-info", str(tmp_path / "sae" / "sae.safetensors")])
     assert info.exit_code == 0 and "convlens:topk (16 -> 64 latents)" in info.output and "layer block3" in info.output
-    again = CliRunner().invoke(cli, ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--steps", "5",
-                                     "--out", str(tmp_path / "sae")])
+    again = CliRunner().invoke(
+        cli,
+        [
+            "train-sae",
+            "--store",
+            str(tmp_path / "store"),
+            "--sae",
+            "topk",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / "sae"),
+        ],
+    )
     assert again.exit_code != 0 and "--resume" in again.output
     unknown = CliRunner().invoke(cli, ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topq"])
     assert unknown.exit_code != 0 and "topk" in unknown.output
@@ -246,14 +304,52 @@ def test_train_sae_cli_on_an_extracted_store_and_sae_info(tmp_path):
 def test_one_process_and_two_torchrun_processes_agree(planted, tmp_path):
     store, _ = planted
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = ["train-sae", "--store", str(store.path), "--sae", "relu-l1", "--latent-dim", "128", "--steps", "40",
-            "--batch-size", "256", "--lr", "0.003", "--log-every", "20", "--device", "cpu", "--json"]
-    single = subprocess.run([sys.executable, "-m", "convlens", *base, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True)
+    base = [
+        "train-sae",
+        "--store",
+        str(store.path),
+        "--sae",
+        "relu-l1",
+        "--latent-dim",
+        "128",
+        "--steps",
+        "40",
+        "--batch-size",
+        "256",
+        "--lr",
+        "0.003",
+        "--log-every",
+        "20",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "convlens", *base, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             "29518", "-m", "convlens", *base,
-                             "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29518",
+            "-m",
+            "convlens",
+            *base,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert double.returncode == 0, double.stderr
     one, two = load_file(tmp_path / "one" / "sae.safetensors"), load_file(tmp_path / "two" / "sae.safetensors")
     for key in one:
@@ -277,7 +373,7 @@ def test_evaluate_reports_fraction_of_variance_explained_against_float64(planted
 
 
 def test_pareto_front_keeps_only_undominated_points():
-    from convlens.core.sae_sweep import pareto_front
+    from convlens.sae.sweep import pareto_front
 
     points = [(4, 0.5), (8, 0.3), (8, 0.4), (16, 0.3), (32, 0.1), (2, 0.9)]
     assert pareto_front(points) == [5, 0, 1, 4]
@@ -294,14 +390,35 @@ def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, m
 
     monkeypatch.setattr(ActivationStore, "batches", counting)
     config = [{"sae": "topk", "params": {"k": k, "latent_dim": 256, "aux_k": 0}} for k in (2, 4, 8)]
-    config += [{"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": value}, "group": "latent-size"}
-               for value in (64, 256)]
-    config += [{"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": 256, "clip": value}, "group": "clip"}
-               for value in (0.0, 0.1)]  # clip 0 is the latent-size group's 256 run again: trained once
+    config += [
+        {"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": value}, "group": "latent-size"} for value in (64, 256)
+    ]
+    config += [
+        {"sae": "relu-l1", "params": {"l1": 0.05, "latent_dim": 256, "clip": value}, "group": "clip"}
+        for value in (0.0, 0.1)
+    ]  # clip 0 is the latent-size group's 256 run again: trained once
     (tmp_path / "sweep.json").write_text(json.dumps(config))
-    result = CliRunner().invoke(cli, ["sweep", "--store", str(store.path), "--config", str(tmp_path / "sweep.json"),
-                                      "--epochs", "3", "--batch-size", "256", "--lr", "0.003", "--val-samples", "512",
-                                      "--out", str(tmp_path / "out"), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "sweep",
+            "--store",
+            str(store.path),
+            "--config",
+            str(tmp_path / "sweep.json"),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "256",
+            "--lr",
+            "0.003",
+            "--val-samples",
+            "512",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     sweep = json.loads(result.output)
     assert reads.count("train") == 3  # one read per epoch feeds all six distinct configurations
@@ -325,25 +442,86 @@ def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, m
 
 
 def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     write_shapes(tmp_path / "shapes", n=480, size=32, seed=0)
     runner = CliRunner()
     steps = [
-        ["train-model", "tiny-cnn", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "model"),
-         "--input-size", "32", "--width", "8", "--epochs", "6", "--batch-size", "32", "--lr", "0.005", "--no-augment"],
-        ["extract", "--model", str(tmp_path / "model"), "--layer", "block3", "--data", str(tmp_path / "shapes"),
-         "--out", str(tmp_path / "store"), "--device", "cpu"],
-        ["train-sae", "--store", str(tmp_path / "store"), "--sae", "topk", "--k", "16", "--expansion", "4",
-         "--epochs", "20", "--lr", "0.002", "--normalize-input", "--out", str(tmp_path / "sae"), "--device", "cpu"],
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--out",
+            str(tmp_path / "model"),
+            "--input-size",
+            "32",
+            "--width",
+            "8",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.005",
+            "--no-augment",
+        ],
+        [
+            "extract",
+            "--model",
+            str(tmp_path / "model"),
+            "--layer",
+            "block3",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--out",
+            str(tmp_path / "store"),
+            "--device",
+            "cpu",
+        ],
+        [
+            "train-sae",
+            "--store",
+            str(tmp_path / "store"),
+            "--sae",
+            "topk",
+            "--k",
+            "16",
+            "--expansion",
+            "4",
+            "--epochs",
+            "20",
+            "--lr",
+            "0.002",
+            "--normalize-input",
+            "--out",
+            str(tmp_path / "sae"),
+            "--device",
+            "cpu",
+        ],
     ]
     for arguments in steps:
         result = runner.invoke(cli, arguments)
         assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
-                                 str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
-                                 "--ablate", "2", "--ablation-images", "64", "--out", str(tmp_path / "new" / "eval.json"),
-                                 "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "evaluate-sae",
+            "--model",
+            str(tmp_path / "model"),
+            "--sae",
+            str(tmp_path / "sae" / "sae.safetensors"),
+            "--data",
+            str(tmp_path / "shapes"),
+            "--ablate",
+            "2",
+            "--ablation-images",
+            "64",
+            "--out",
+            str(tmp_path / "new" / "eval.json"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["layer"] == "block3" and report["images"] == 480  # the layer comes from the checkpoint
@@ -355,17 +533,42 @@ def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
     assert len(report["ablation"]) == 2 and report["ablation_images"] == 64
     assert len(report["ablation"][0]["logit_change"]) == 8
     assert json.loads((tmp_path / "new" / "eval.json").read_text())["top1"] == top1
-    text = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--sae",
-                               str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes"),
-                               "--ablate", "0", "--max-images", "50"])
+    text = runner.invoke(
+        cli,
+        [
+            "evaluate-sae",
+            "--model",
+            str(tmp_path / "model"),
+            "--sae",
+            str(tmp_path / "sae" / "sae.safetensors"),
+            "--data",
+            str(tmp_path / "shapes"),
+            "--ablate",
+            "0",
+            "--max-images",
+            "50",
+        ],
+    )
     assert text.exit_code == 0 and "with the SAE (drop" in text.output
-    wrong = runner.invoke(cli, ["evaluate-sae", "--model", str(tmp_path / "model"), "--layer", "block2", "--sae",
-                                str(tmp_path / "sae" / "sae.safetensors"), "--data", str(tmp_path / "shapes")])
+    wrong = runner.invoke(
+        cli,
+        [
+            "evaluate-sae",
+            "--model",
+            str(tmp_path / "model"),
+            "--layer",
+            "block2",
+            "--sae",
+            str(tmp_path / "sae" / "sae.safetensors"),
+            "--data",
+            str(tmp_path / "shapes"),
+        ],
+    )
     assert wrong.exit_code != 0 and "32-dimensional inputs" in wrong.output and "16 channels" in wrong.output
 
 
 def test_spliced_kl_matches_a_float64_reference():
-    from convlens.core.sae_evaluation import kl_divergence
+    from convlens.sae.evaluation import kl_divergence
 
     p, q = torch.randn(5, 7), torch.randn(5, 7)
     reference = (p.double().softmax(1) * (p.double().log_softmax(1) - q.double().log_softmax(1))).sum(1)

@@ -10,9 +10,9 @@ from torchvision.transforms import functional as F
 import convlens
 from convlens.cli import cli
 from convlens.core.errors import ConvlensError
-from convlens.core.images import ImageDataset, Preprocessing, SkipLog, image_batches, open_rgb, scan_images
-from convlens.core.shapes import write_shapes
-from convlens.core.training import (
+from convlens.data.images import ImageDataset, Preprocessing, SkipLog, image_batches, open_rgb, scan_images
+from convlens.data.shapes import write_shapes
+from convlens.models.fine_tuning import (
     TrainAugmentation,
     TrainingParams,
     cosine_lr,
@@ -38,16 +38,45 @@ def tiny(**params):
 def run_training(data, out, epochs=2, resume=False, on_epoch_end=None, **overrides):
     params = TrainingParams(epochs=epochs, batch_size=8, seed=5, **overrides)
     bundle = tiny(seed=5)
-    return bundle, train_model(bundle, prepare_data(data, params), out, params, model={"name": "tiny-cnn"},
-                               device="cpu", resume=resume, progress=False, on_epoch_end=on_epoch_end)
+    return bundle, train_model(
+        bundle,
+        prepare_data(data, params),
+        out,
+        params,
+        model={"name": "tiny-cnn"},
+        device="cpu",
+        resume=resume,
+        progress=False,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def test_training_learns_shapes_well_above_chance(tmp_path):
     data = tmp_path / "shapes"
     write_shapes(data, n=960, size=32, seed=0)
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(data), "--out", str(tmp_path / "run"), "--input-size", "32",
-        "--width", "8", "--epochs", "8", "--batch-size", "32", "--lr", "0.005", "--no-augment", "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--input-size",
+            "32",
+            "--width",
+            "8",
+            "--epochs",
+            "8",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.005",
+            "--no-augment",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["train_images"] == 864 and summary["val_images"] == 96 and summary["classes"] == 8
@@ -81,18 +110,31 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(shapes_small, t
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    metrics = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("straight", "resumed")]
+    metrics = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("straight", "resumed")
+    ]
     assert metrics[0] == metrics[1] and len(metrics[0]) == 3
 
 
 def test_run_folder_holds_checkpoints_curves_and_error_analysis(shapes_small, tmp_path):
     bundle, summary = run_training(shapes_small, tmp_path / "run", epochs=2)
     run = tmp_path / "run"
-    for name in ("config.json", "metrics.jsonl", "curves.png", "error-analysis.json", "error-analysis.png",
-                 "model.safetensors", "summary.json", "checkpoints/epoch-001.safetensors",
-                 "checkpoints/epoch-002.safetensors", "checkpoints/train-state.safetensors"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "error-analysis.json",
+        "error-analysis.png",
+        "model.safetensors",
+        "summary.json",
+        "checkpoints/epoch-001.safetensors",
+        "checkpoints/epoch-002.safetensors",
+        "checkpoints/train-state.safetensors",
+    ):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["training"]["epochs"] == 2 and config["data"]["classes"][0] == "circle"
@@ -170,21 +212,55 @@ def test_train_model_cli_skips_bad_files_and_names_them(shapes_small, tmp_path):
         for path in sorted((shapes_small / "images" / split_dir).iterdir())[:4]:
             (data / split_dir / path.name).write_bytes(path.read_bytes())
     write_bad_files(data / "ring")
-    result = CliRunner().invoke(cli, [
-        "train-model", "tiny-cnn", "--data", str(data), "--out", str(tmp_path / "run"), "--input-size", "24",
-        "--width", "4", "--blocks", "2", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.3"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--input-size",
+            "24",
+            "--width",
+            "4",
+            "--blocks",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--val-fraction",
+            "0.3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "trained tiny-cnn for 1 epochs" in result.output
-    assert ("skipped 3 unreadable files: ring/empty.jpg (empty file), ring/text.jpg (not an image), "
-            "ring/truncated.jpg (truncated image)") in result.output
+    assert (
+        "skipped 3 unreadable files: ring/empty.jpg (empty file), ring/text.jpg (not an image), "
+        "ring/truncated.jpg (truncated image)"
+    ) in result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {s["path"] for s in summary["skipped"]} == {"ring/empty.jpg", "ring/text.jpg", "ring/truncated.jpg"}
 
 
 def test_train_model_cli_errors(shapes_small, tmp_path):
     runner = CliRunner()
-    base = ["train-model", "tiny-cnn", "--data", str(shapes_small), "--input-size", "24", "--width", "4",
-            "--epochs", "1", "--out", str(tmp_path / "run")]
+    base = [
+        "train-model",
+        "tiny-cnn",
+        "--data",
+        str(shapes_small),
+        "--input-size",
+        "24",
+        "--width",
+        "4",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = runner.invoke(cli, [*base, "--num-classes", "5"])
     assert result.exit_code == 1 and "the model has 5 outputs but the data has 8 classes" in result.output
     result = runner.invoke(cli, [*base, "--optimizer", "lion"])
@@ -200,8 +276,7 @@ def test_train_model_cli_errors(shapes_small, tmp_path):
 
 def test_a_diverging_run_stops_with_one_message(shapes_small, tmp_path):
     with pytest.raises(ConvlensError, match="the training loss became (nan|inf)"):
-        run_training(shapes_small, tmp_path / "run", epochs=1, optimizer="sgd", lr=1e30, momentum=0.0,
-                     weight_decay=0.0)
+        run_training(shapes_small, tmp_path / "run", epochs=1, optimizer="sgd", lr=1e30, momentum=0.0, weight_decay=0.0)
 
 
 def test_train_and_val_sub_folders_are_used_as_the_split(shapes_small, tmp_path):

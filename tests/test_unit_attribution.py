@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import convlens
-from helpers import assert_clean, rescaled
 from convlens import ConvlensError, UnknownComponentError, VisualTarget
+from convlens.attribution.base import ExplainTarget
 from convlens.cli import cli
-from convlens.core.attribution import ExplainTarget
-from convlens.core.images import images_at
-from convlens.core.layers import INPUT, activations_at, gradients_between
-from convlens.core.shapes import write_shapes
+from convlens.data.images import images_at
+from convlens.data.shapes import write_shapes
+from convlens.models.layers import INPUT, activations_at, gradients_between
+from helpers import assert_clean, rescaled
 
 MODELS = [
     ("tiny-cnn", {"blocks": 4, "seed": 0}, "block2", "block3"),
@@ -76,9 +76,10 @@ def test_gradcam_of_a_unit_at_an_earlier_layer_matches_pytorch_grad_cam(model, p
     channel, latent = active_units(bundle, images, unit_layer, sae)
     gradcam = convlens.registry.create("visualizer", "gradcam")
     layer_module = bundle.module.get_submodule(map_layer)
-    cases = [(ExplainTarget(layer=unit_layer, channel=channel), UnitAsLogit(bundle.module, unit_layer, channel)),
-             (ExplainTarget(sae=sae, latent=latent, layer=unit_layer),
-              UnitAsLogit(bundle.module, unit_layer, latent, sae))]
+    cases = [
+        (ExplainTarget(layer=unit_layer, channel=channel), UnitAsLogit(bundle.module, unit_layer, channel)),
+        (ExplainTarget(sae=sae, latent=latent, layer=unit_layer), UnitAsLogit(bundle.module, unit_layer, latent, sae)),
+    ]
     for target, wrapper in cases:
         ours = gradcam.explain(bundle, images, map_layer, target)
         assert ours.shape[1:] == activations_at(bundle.module, images[:1], map_layer).activations[map_layer].shape[2:]
@@ -86,16 +87,19 @@ def test_gradcam_of_a_unit_at_an_earlier_layer_matches_pytorch_grad_cam(model, p
         reference = reference_gradcam(wrapper, layer_module, images, size=tuple(ours.shape[1:]))
         np.testing.assert_allclose(rescaled(ours).numpy(), reference, atol=1e-5)
         upsampled = F.interpolate(ours[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-        np.testing.assert_allclose(rescaled(upsampled).numpy(), reference_gradcam(wrapper, layer_module, images),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            rescaled(upsampled).numpy(), reference_gradcam(wrapper, layer_module, images), atol=1e-5
+        )
         assert_clean(bundle.module)
 
 
 def hooked_forward(module, images, layers):
     """A plain forward pass recording the outputs of ``layers`` (graph kept, nothing detached)."""
     outputs = {}
-    handles = [module.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, name=name: outputs.__setitem__(name, out)) for name in layers]
+    handles = [
+        module.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name in layers
+    ]
     try:
         module(images)
     finally:
@@ -114,8 +118,9 @@ def test_gradients_between_equal_full_autograd_and_leave_nothing_behind():
 
     pixels = images.clone().requires_grad_(True)
     outputs = hooked_forward(module, pixels, ["layer2", "layer3"])
-    expected_layer2, expected_pixels = torch.autograd.grad(objective(outputs["layer3"]).sum(),
-                                                           [outputs["layer2"], pixels])
+    expected_layer2, expected_pixels = torch.autograd.grad(
+        objective(outputs["layer3"]).sum(), [outputs["layer2"], pixels]
+    )
     module.zero_grad(set_to_none=True)
 
     to_layer2 = gradients_between(module, images, "layer2", "layer3", objective)
@@ -131,8 +136,11 @@ def test_gradients_between_equal_full_autograd_and_leave_nothing_behind():
 
     for source, target, message in [
         ("layer3", "layer2", "layer 'layer2' of model runs before layer 'layer3'"),
-        ("layer3.0.conv1", "layer3.0.downsample", "layer 'layer3.0.downsample' of model does not depend on layer "
-                                                  "'layer3.0.conv1'"),
+        (
+            "layer3.0.conv1",
+            "layer3.0.downsample",
+            "layer 'layer3.0.downsample' of model does not depend on layer 'layer3.0.conv1'",
+        ),
         ("layer2", "layr3", "closest: layer3"),
     ]:
         with pytest.raises(UnknownComponentError, match=message):
@@ -171,10 +179,13 @@ def test_unit_targets_explain_their_kind_and_reject_mixtures():
     assert ExplainTarget(sae=sae, latent=5).label == "latent 5"
     assert ExplainTarget(channel=3).read_at("b").layer == "b"
     assert ExplainTarget(channel=3, layer="a").read_at("b").layer == "a"
-    for wrong in (ExplainTarget(sae=sae, channel=1), ExplainTarget(latent=2), ExplainTarget(channel=1,
-                                                                                           classes=torch.zeros(1))):
+    for wrong in (
+        ExplainTarget(sae=sae, channel=1),
+        ExplainTarget(latent=2),
+        ExplainTarget(channel=1, classes=torch.zeros(1)),
+    ):
         with pytest.raises(convlens.ContractError):
-            wrong.kind
+            wrong.kind  # noqa: B018  (the property raises)
 
 
 def shapes_images(root, n=6, size=32):
@@ -200,9 +211,27 @@ def test_gradcam_of_units_through_the_cli_at_an_earlier_layer(tmp_path):
     write_shapes(tmp_path / "shapes", n=8, size=32, seed=0)
     model = ["--model", "tiny-cnn", "--model-blocks", "3", "--model-width", "8", "--model-input-size", "32"]
     out = tmp_path / "units"
-    result = CliRunner().invoke(cli, [
-        "visualize", "gradcam", *model, "--layer", "block3", "--map-layer", "block2", "--units", "1,4",
-        "--data", str(tmp_path / "shapes"), "--max-images", "3", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam",
+            *model,
+            "--layer",
+            "block3",
+            "--map-layer",
+            "block2",
+            "--units",
+            "1,4",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--max-images",
+            "3",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert (record["layer"], record["map_layer"], record["target"]) == ("block3", "block2", "channels")
@@ -210,31 +239,63 @@ def test_gradcam_of_units_through_the_cli_at_an_earlier_layer(tmp_path):
     overlays = [e["overlay"] for e in record["images"]]
     assert len(set(overlays)) == 6 and all((out / name).is_file() for name in overlays)
     assert [(f["unit"], f["kind"], f["path"]) for f in record["figures"]] == [
-        (e["unit"], "attribution", e["overlay"]) for e in record["images"]]
-    assert all(f["caption"].startswith(e["image"]) and "predicted" in f["caption"] and "peak" in f["caption"]
-               for f, e in zip(record["figures"], record["images"]))
+        (e["unit"], "attribution", e["overlay"]) for e in record["images"]
+    ]
+    assert all(
+        f["caption"].startswith(e["image"]) and "predicted" in f["caption"] and "peak" in f["caption"]
+        for f, e in zip(record["figures"], record["images"])
+    )
     assert json.loads((out / "attribution.json").read_text())["figures"] == record["figures"]
     maps = load_file(out / "maps.safetensors")["maps"]
     assert maps.shape == (3, 2, 8, 8)  # images, units, the grid of block2 (block3: 4 x 4)
 
     bundle = convlens.registry.create("model", "tiny-cnn", blocks=3, width=8, input_size=32)
-    from convlens.core.images import Preprocessing, open_rgb, scan_images
+    from convlens.data.images import Preprocessing, open_rgb, scan_images
 
     index = scan_images(tmp_path / "shapes")
     images = torch.stack([Preprocessing.of(bundle).eval_transform(open_rgb(index.paths[i])) for i in range(3)])
     direct = convlens.registry.create("visualizer", "gradcam").explain(
-        bundle, images, "block2", ExplainTarget(layer="block3", channel=4))
+        bundle, images, "block2", ExplainTarget(layer="block3", channel=4)
+    )
     torch.testing.assert_close(maps[:, 1], direct, atol=1e-5, rtol=0)
 
     for name, units in [("gradcam", "2,99"), ("edge-detector", "99")]:
-        failed = CliRunner().invoke(cli, [
-            "visualize", name, *model, "--layer", "block3", "--units", units, "--data", str(tmp_path / "shapes"),
-            "--out", str(tmp_path / "bad")])
+        failed = CliRunner().invoke(
+            cli,
+            [
+                "visualize",
+                name,
+                *model,
+                "--layer",
+                "block3",
+                "--units",
+                units,
+                "--data",
+                str(tmp_path / "shapes"),
+                "--out",
+                str(tmp_path / "bad"),
+            ],
+        )
         assert failed.exit_code != 0 and "unit 99 is out of range: layer 'block3' has units 0..31" in failed.output
         assert "Traceback" not in failed.output
-    wrong = CliRunner().invoke(cli, [
-        "visualize", "gradcam", *model, "--layer", "block2", "--map-layer", "block3", "--units", "0",
-        "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "bad")])
+    wrong = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "gradcam",
+            *model,
+            "--layer",
+            "block2",
+            "--map-layer",
+            "block3",
+            "--units",
+            "0",
+            "--data",
+            str(tmp_path / "shapes"),
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert wrong.exit_code != 0 and "runs before layer 'block3'" in wrong.output, wrong.output
 
 
@@ -247,8 +308,9 @@ def test_units_of_an_sae_and_of_a_layer_on_a_list_of_images(tmp_path, name):
     listed = [files[3], files[1]]
     record = visualizer.run(VisualTarget(bundle, "block3", units=(5, 7), sae=sae, data=listed), tmp_path / "o")
     assert record["target"] == "latents" and [e["latent"] for e in record["images"]] == [5, 7, 5, 7]
-    assert [e["image"] for e in record["images"][::2]] == [p.relative_to(files[0].parents[1]).as_posix()
-                                                          for p in listed]
+    assert [e["image"] for e in record["images"][::2]] == [
+        p.relative_to(files[0].parents[1]).as_posix() for p in listed
+    ]
     assert "pointing_game" not in record  # a list of images carries no concepts
     assert [f["unit"] for f in record["figures"]] == [5, 7, 5, 7]
     assert all((tmp_path / "o" / f["path"]).is_file() and f["kind"] == "attribution" for f in record["figures"])

@@ -13,11 +13,11 @@ from torch.nn import functional as F
 
 import convlens
 from convlens import ConvlensError, ModelBundle
-from convlens.core.concepts import load_concepts
-from convlens.core.images import Preprocessing, SkippedImageWarning, open_rgb, scan_images
-from convlens.core.layers import activations_at
-from convlens.core.shapes import write_shapes
-from convlens.core.unit_statistics import auroc, unit_statistics
+from convlens.data.concepts import load_concepts
+from convlens.data.images import Preprocessing, SkippedImageWarning, open_rgb, scan_images
+from convlens.data.shapes import write_shapes
+from convlens.models.layers import activations_at
+from convlens.units.statistics import auroc, unit_statistics
 
 FIELDS = ("frequency", "image_frequency", "mean", "max", "mean_image_max", "share")
 
@@ -35,8 +35,9 @@ class Planted(nn.Module):
 
 
 def planted_model() -> ModelBundle:
-    module = nn.Sequential(OrderedDict(feat=Planted(), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
-                                       head=nn.Linear(5, 8)))
+    module = nn.Sequential(
+        OrderedDict(feat=Planted(), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(5, 8))
+    )
     return ModelBundle(module.eval(), (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), default_layer="feat")
 
 
@@ -66,8 +67,12 @@ def reference(shapes):
     index = scan_images(shapes)
     bundle = planted_model()
     transform = Preprocessing.of(bundle).eval_transform
-    maps = torch.cat([activations_at(bundle.module, transform(open_rgb(path))[None], "feat").activations["feat"]
-                      for path in index.paths])
+    maps = torch.cat(
+        [
+            activations_at(bundle.module, transform(open_rgb(path))[None], "feat").activations["feat"]
+            for path in index.paths
+        ]
+    )
     concepts = load_concepts(shapes)
     record_of = concepts.positions_in(index)
     records = [concepts.images[record_of[i]] for i in range(len(index))]
@@ -78,8 +83,16 @@ def reference(shapes):
 def result(shapes, reference, tmp_path_factory):
     index, _, _ = reference
     out = tmp_path_factory.mktemp("statistics")
-    record = unit_statistics(planted_model(), "feat", index, out, saes={"l1": copying_sae()},
-                             concepts=load_concepts(shapes), batch_size=10, progress=False)
+    record = unit_statistics(
+        planted_model(),
+        "feat",
+        index,
+        out,
+        saes={"l1": copying_sae()},
+        concepts=load_concepts(shapes),
+        batch_size=10,
+        progress=False,
+    )
     return record, out
 
 
@@ -87,15 +100,23 @@ def brute_force(maps: np.ndarray) -> dict[str, np.ndarray]:
     flat = maps.astype(np.float64).reshape(maps.shape[0], maps.shape[1], -1)
     peaks = flat.max(axis=2)
     magnitude = np.abs(flat).sum(axis=(0, 2))
-    return {"frequency": (flat > 0).mean(axis=(0, 2)), "image_frequency": (peaks > 0).mean(axis=0),
-            "mean": flat.mean(axis=(0, 2)), "max": peaks.max(axis=0), "mean_image_max": peaks.mean(axis=0),
-            "share": magnitude / magnitude.sum(), "dead": ~(flat > 0).any(axis=(0, 2)), "peaks": peaks}
+    return {
+        "frequency": (flat > 0).mean(axis=(0, 2)),
+        "image_frequency": (peaks > 0).mean(axis=0),
+        "mean": flat.mean(axis=(0, 2)),
+        "max": peaks.max(axis=0),
+        "mean_image_max": peaks.mean(axis=0),
+        "share": magnitude / magnitude.sum(),
+        "dead": ~(flat > 0).any(axis=(0, 2)),
+        "peaks": peaks,
+    }
 
 
 def assert_matches(group: dict, expected: dict) -> None:
     for field in FIELDS:
-        np.testing.assert_allclose([u[field] for u in group["units"]], expected[field], rtol=1e-9, atol=1e-12,
-                                   err_msg=field)
+        np.testing.assert_allclose(
+            [u[field] for u in group["units"]], expected[field], rtol=1e-9, atol=1e-12, err_msg=field
+        )
     assert [u["dead"] for u in group["units"]] == expected["dead"].tolist()
     order = np.lexsort((np.arange(len(expected["share"])), -expected["share"]))
     assert [group["units"][unit]["rank"] for unit in order] == list(range(1, len(order) + 1))
@@ -147,9 +168,11 @@ def test_channel_statistics_equal_brute_force(result, reference):
 def test_red_channel_is_selective_for_red_and_dead_channels_are_not(result, reference):
     record, _ = result
     _, maps, records = reference
-    assert record["concepts"] == {"shape": list(convlens.core.shapes.SHAPES),
-                                  "colour": list(convlens.core.shapes.COLOURS),
-                                  "texture": list(convlens.core.shapes.TEXTURES)}
+    assert record["concepts"] == {
+        "shape": list(convlens.data.shapes.SHAPES),
+        "colour": list(convlens.data.shapes.COLOURS),
+        "texture": list(convlens.data.shapes.TEXTURES),
+    }
     red = np.array([r["colour"] == "red" for r in records])
     assert record["concept_counts"]["colour"]["red"] == red.sum() > 3
     units = record["groups"]["cnn"]["units"]
@@ -167,8 +190,9 @@ def test_red_channel_is_selective_for_red_and_dead_channels_are_not(result, refe
     summary = record["groups"]["cnn"]["summary"]
     selective = [u["selective"] for u in units if u["selective"]]
     assert summary["selective"] == len(selective) >= 1
-    assert summary["selective_by_attribute"] == {attribute: sum(s.startswith(f"{attribute}=") for s in selective)
-                                                 for attribute in ("shape", "colour", "texture")}
+    assert summary["selective_by_attribute"] == {
+        attribute: sum(s.startswith(f"{attribute}=") for s in selective) for attribute in ("shape", "colour", "texture")
+    }
 
 
 @pytest.mark.parametrize("group", ["cnn", "l1"])
@@ -179,12 +203,16 @@ def test_selectivity_equals_sklearn_for_every_unit(result, reference, group):
     threshold = record["selective_auroc"]
     assert threshold == 0.9
     for unit in record["groups"][group]["units"]:
-        scores = {(attribute, value): roc_auc_score([r[attribute] == value for r in records], peaks[:, unit["unit"]])
-                  for attribute, values in record["concepts"].items() for value in values}
+        scores = {
+            (attribute, value): roc_auc_score([r[attribute] == value for r in records], peaks[:, unit["unit"]])
+            for attribute, values in record["concepts"].items()
+            for value in values
+        }
         best = max(scores, key=scores.get)
         assert unit["best_concept"]["auroc"] == pytest.approx(scores[best], abs=1e-12)
         assert scores[unit["best_concept"]["attribute"], unit["best_concept"]["value"]] == pytest.approx(
-            scores[best], abs=1e-12)
+            scores[best], abs=1e-12
+        )
         passing = [f"{attribute}={value}" for (attribute, value), score in scores.items() if score >= threshold]
         if group == "l1" and unit["unit"] == 2:
             assert {"colour=blue", "colour=magenta"} <= set(passing) and not unit["dead"]
@@ -211,12 +239,15 @@ def test_sae_latent_statistics_equal_encoding_the_maps(result, reference):
 
 def test_max_images_draws_a_seeded_subset(shapes, reference, tmp_path):
     index, maps, _ = reference
-    first = unit_statistics(planted_model(), "feat", index, tmp_path / "a", max_images=20, seed=5, batch_size=7,
-                            progress=False)
-    again = unit_statistics(planted_model(), "feat", index, tmp_path / "b", max_images=20, seed=5, batch_size=20,
-                            progress=False)
-    other = unit_statistics(planted_model(), "feat", index, tmp_path / "c", max_images=20, seed=6, progress=False,
-                            device="cpu")
+    first = unit_statistics(
+        planted_model(), "feat", index, tmp_path / "a", max_images=20, seed=5, batch_size=7, progress=False
+    )
+    again = unit_statistics(
+        planted_model(), "feat", index, tmp_path / "b", max_images=20, seed=5, batch_size=20, progress=False
+    )
+    other = unit_statistics(
+        planted_model(), "feat", index, tmp_path / "c", max_images=20, seed=6, progress=False, device="cpu"
+    )
     positions = load_file(tmp_path / "a" / "maxima.safetensors")["positions"]
     assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 20
     assert load_file(tmp_path / "b" / "maxima.safetensors")["positions"].tolist() == positions.tolist()
@@ -224,7 +255,8 @@ def test_max_images_draws_a_seeded_subset(shapes, reference, tmp_path):
     assert first["images"] == 20 and first["concepts"] is None and first["seed"] == 5
     for field in FIELDS:
         assert [u[field] for u in first["groups"]["cnn"]["units"]] == pytest.approx(
-            [u[field] for u in again["groups"]["cnn"]["units"]], rel=1e-12)
+            [u[field] for u in again["groups"]["cnn"]["units"]], rel=1e-12
+        )
     assert other["images"] == 20
     maxima = load_file(tmp_path / "a" / "maxima.safetensors")["maxima.cnn"]
     assert maxima.shape == (20, 5)
@@ -256,8 +288,9 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path):
     index = scan_images(root)
     assert len(index) == 17
     with pytest.warns(SkippedImageWarning, match="broken.png"):
-        record = unit_statistics(planted_model(), "feat", index, tmp_path / "out", concepts=load_concepts(root),
-                                 batch_size=4, progress=False)
+        record = unit_statistics(
+            planted_model(), "feat", index, tmp_path / "out", concepts=load_concepts(root), batch_size=4, progress=False
+        )
     assert record["images"] == 16
     assert record["skipped"] == [{"path": "circle/broken.png", "reason": "not an image"}]
     positions = load_file(tmp_path / "out" / "maxima.safetensors")["positions"].tolist()
@@ -270,9 +303,9 @@ def test_auroc_ranks_units_in_chunks_alike(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (50, 9), generator=generator).float()
     positives = torch.rand(3, 50, generator=generator) < 0.4
-    whole = convlens.core.unit_statistics.concept_aurocs(scores, positives)
-    monkeypatch.setattr(convlens.core.unit_statistics, "RANK_ELEMENTS", 120)  # two units per chunk
-    chunked = convlens.core.unit_statistics.concept_aurocs(scores, positives)
+    whole = convlens.units.statistics.concept_aurocs(scores, positives)
+    monkeypatch.setattr(convlens.units.statistics, "RANK_ELEMENTS", 120)  # two units per chunk
+    chunked = convlens.units.statistics.concept_aurocs(scores, positives)
     assert torch.equal(whole, chunked)
     for row, positive in enumerate(positives):
         assert torch.equal(chunked[row], auroc(scores, positive))

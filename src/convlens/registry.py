@@ -1,6 +1,6 @@
 """Programmatic access to the process-wide registry: ``convlens.registry.create("filter", "magnitude")``.
 
-The functions delegate to :func:`convlens.core.registry.default_registry`; plugins load on first call.
+The functions delegate to :func:`convlens.core.component_registry.default_registry`; plugins load on first call.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from .core.registry import KINDS, Component, Registry, default_registry, set_default_registry
+from convlens.core.component_registry import KINDS, Component, Registry, default_registry, set_default_registry
 
 __all__ = ["KINDS", "Component", "Registry", "list", "get", "create", "describe", "plugins", "reload"]
 
@@ -34,7 +34,7 @@ def describe(kind: str, name: str) -> dict[str, Any]:
 
 
 def plugins() -> builtins.list[Any]:
-    """One :class:`~convlens.core.plugins.PluginInfo` per distribution: version, status, error, counts."""
+    """One :class:`~convlens.core.loader.PluginInfo` per distribution: version, status, error, counts."""
     return default_registry().plugins()
 
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from .core.contracts import ActivationFilter, FilterContext, ModelBundle, Visualizer, VisualTarget
-from .core.errors import ContractError
-from .core.registry import Registry, default_registry, normalize_kind, set_default_registry
-import convlens.core.registry as _registry_module
+import convlens.core.component_registry as _registry_module
+from convlens.core.component_registry import Registry, default_registry, normalize_kind, set_default_registry
+from convlens.core.contracts import ActivationFilter, FilterContext, ModelBundle, Visualizer, VisualTarget
+from convlens.core.errors import ContractError
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def _check_filter(name: str, obj: Any) -> None:
         return FilterContext()
 
     if obj.needs_gradients:  # a gradient filter gets a small model, its images and the layer, as extraction gives
-        from .core.layers import activations_at
+        from convlens.models.layers import activations_at
 
         bundle = _small_model()
         images = torch.randn(3, 3, *bundle.input_size, generator=generator)
@@ -111,14 +112,16 @@ def _check_model(name: str, obj: Any) -> None:
 def _check_sae(name: str, obj: Any) -> None:
     import torch
 
-    from .core.sae import SparseAutoencoder
+    from convlens.sae.base import SparseAutoencoder
 
     if not isinstance(obj, SparseAutoencoder):
         raise ContractError(f"sae '{name}' must subclass SparseAutoencoder, got {type(obj).__name__}")
     x = torch.randn(4, obj.input_dim, 3, 3, generator=torch.Generator().manual_seed(0))
     output = obj(x)
     if output.reconstruction.shape != x.shape:
-        raise ContractError(f"sae '{name}': reconstruction {tuple(output.reconstruction.shape)} != input {tuple(x.shape)}")
+        raise ContractError(
+            f"sae '{name}': reconstruction {tuple(output.reconstruction.shape)} != input {tuple(x.shape)}"
+        )
     if output.latents.shape != (4, obj.latent_dim, 3, 3):
         raise ContractError(f"sae '{name}': latents have shape {tuple(output.latents.shape)}")
     loss = output.loss
@@ -135,8 +138,13 @@ def _small_model() -> ModelBundle:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
         ).eval()
     return ModelBundle(module, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), default_layer="2")
 

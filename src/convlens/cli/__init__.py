@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from convlens import __version__
+from convlens._version import __version__
 
 from .base import ConvlensGroup, set_debug, setup_registry
 from .circuit import circuit_command
@@ -17,8 +17,8 @@ from .plugin_commands import info, install, list_components, plugins, uninstall
 from .rank_units import rank_units_command
 from .report import report_command
 from .run import demo_command, run_command
-from .sanity_check import sanity_check_command
 from .sae import evaluate_sae_command, sae_info, sweep_command, train_sae_command
+from .sanity_check import sanity_check_command
 from .training import train_model_command
 from .visualize import visualize_command
 
@@ -36,7 +36,11 @@ from .visualize import visualize_command
     help="Load a one-off local plugin from a Python file (repeatable).",
 )
 @click.option(
-    "--debug", is_flag=True, callback=set_debug, expose_value=False, is_eager=True,
+    "--debug",
+    is_flag=True,
+    callback=set_debug,
+    expose_value=False,
+    is_eager=True,
     help="Show full tracebacks instead of one-line errors.",
 )
 def cli() -> None:
@@ -47,10 +51,30 @@ def cli() -> None:
     """
 
 
-for command in (plugins, list_components, info, install, uninstall, apply_filter, layers, data, train_model_command,
-                extract, compare_filters_command, train_sae_command, sae_info, evaluate_sae_command, sweep_command,
-                visualize_command, sanity_check_command, rank_units_command, run_command, demo_command,
-                report_command, circuit_command):
+for command in (
+    plugins,
+    list_components,
+    info,
+    install,
+    uninstall,
+    apply_filter,
+    layers,
+    data,
+    train_model_command,
+    extract,
+    compare_filters_command,
+    train_sae_command,
+    sae_info,
+    evaluate_sae_command,
+    sweep_command,
+    visualize_command,
+    sanity_check_command,
+    rank_units_command,
+    run_command,
+    demo_command,
+    report_command,
+    circuit_command,
+):
     cli.add_command(command)
 
 

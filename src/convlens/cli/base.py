@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
+from convlens.core.component_registry import Registry, default_registry, set_default_registry
 from convlens.core.errors import ConvlensError, PluginLoadError
 from convlens.core.params import click_parameters, values_from_click
-from convlens.core.registry import Registry, default_registry, set_default_registry
 
 DEBUG_KEY = "convlens.debug"
 
@@ -35,10 +36,11 @@ def reraise_as_click(ctx: click.Context, exc: Exception) -> None:
     ) from exc
 
 
-def _show_warning(fallback: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any,
-                  **kwargs: Any) -> None:
+def _show_warning(
+    fallback: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> None:
     """convlens's own warnings as one 'warning: ...' line on stderr, printed around any progress bar."""
-    from convlens.core.images import SkippedImageWarning
+    from convlens.data.images import SkippedImageWarning
 
     if issubclass(category, SkippedImageWarning):
         from tqdm import tqdm

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
+from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
-from convlens.core.registry import default_registry
 
 from .output import echo_json, echo_table
 from .plugin_options import ModelOptionsCommand
@@ -34,39 +34,75 @@ class CircuitCommand(ModelOptionsCommand):
 
 
 @click.command("circuit", cls=CircuitCommand)
-@click.option("--model", "model_name", required=True,
-              help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.")
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.",
+)
 @click.option("--layer", default=None, help="Layer of the units (default: the model's default layer).")
-@click.option("--units", default=None, help="Units: 0,5,9, ranges 0-7; SAE latents with --sae. Without units, "
-              "--class-index K explains the model's loss on class K.")
-@click.option("--sae", "sae_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="An SAE checkpoint trained on --layer: the units are its latents.")
-@click.option("--data", required=True, type=click.Path(exists=True),
-              help="Images the scores are averaged over (and held-out images for the validation).")
-@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
-              help="Output folder (default: runs/circuit-LAYER).")
+@click.option(
+    "--units",
+    default=None,
+    help="Units: 0,5,9, ranges 0-7; SAE latents with --sae. Without units, "
+    "--class-index K explains the model's loss on class K.",
+)
+@click.option(
+    "--sae",
+    "sae_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="An SAE checkpoint trained on --layer: the units are its latents.",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True),
+    help="Images the scores are averaged over (and held-out images for the validation).",
+)
+@click.option(
+    "--out", "-o", default=None, type=click.Path(file_okay=False), help="Output folder (default: runs/circuit-LAYER)."
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
-def circuit_command(model_name: str, layer: str | None, units: str | None, sae_path: str | None, data: str,
-                    out: str | None, device: str | None, as_json: bool, **options: Any) -> None:
+def circuit_command(
+    model_name: str,
+    layer: str | None,
+    units: str | None,
+    sae_path: str | None,
+    data: str,
+    out: str | None,
+    device: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Score every filter and kernel for a unit (Taylor |activation x gradient|, VISCNN), extract the subgraph that
     keeps the best edges, check it against random and worst subgraphs on held-out images, and write circuit.json,
     an interactive view.html and PNG summaries per unit.
 
     Example: convlens circuit --model tiny-cnn --layer block3 --units 5 --data shapes/ --sparsity 0.1
     """
-    from convlens.core.runs import versions, write_json_atomic
+    from convlens.runtime.run_records import versions, write_json_atomic
 
     visualizer = default_registry().create("visualizer", METHOD, **values_from_click(options, VISUALIZER_PREFIX))
-    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device,
-                                                             options)
+    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device, options)
     layer, chosen = target.layer, target.units
     out_dir = Path(out or f"runs/circuit-{layer}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", {
-        "command": "circuit", "params": visualizer.params.to_dict(), "model": model_record, "layer": layer,
-        "units": list(chosen), "sae": sae_path, "data": data, "device": str(target_device), "versions": versions(),
-    })
+    write_json_atomic(
+        out_dir / "config.json",
+        {
+            "command": "circuit",
+            "params": visualizer.params.to_dict(),
+            "model": model_record,
+            "layer": layer,
+            "units": list(chosen),
+            "sae": sae_path,
+            "data": data,
+            "device": str(target_device),
+            "versions": versions(),
+        },
+    )
     visualizer.progress = False if as_json else None
     started = time.perf_counter()
     record = visualizer.run(target, out_dir)
@@ -75,10 +111,16 @@ def circuit_command(model_name: str, layer: str | None, units: str | None, sae_p
         echo_json({"out": str(out_dir), "seconds": round(seconds, 3), **record})
         return
     if record["validation"]:
-        echo_table(["edges kept", "best", "random", "worst"],
-                   [[f"{row['fraction']:.1%}", f"{row['best']:.3f}", f"{row['random']:.3f}", f"{row['worst']:.3f}"]
-                    for row in record["validation"]])
+        echo_table(
+            ["edges kept", "best", "random", "worst"],
+            [
+                [f"{row['fraction']:.1%}", f"{row['best']:.3f}", f"{row['random']:.3f}", f"{row['worst']:.3f}"]
+                for row in record["validation"]
+            ],
+        )
     views = [f"{out_dir / unit['folder'] / 'view.html'}" for unit in record["units"]]
     what = ", ".join(unit["label"] for unit in record["units"][:3]) + (", ..." if len(record["units"]) > 3 else "")
-    click.echo(f"circuit of {what} in {seconds:.1f} s: {record['summary']}; open {views[0]}"
-               + (f" (and {len(views) - 1} more)" if len(views) > 1 else ""))
+    click.echo(
+        f"circuit of {what} in {seconds:.1f} s: {record['summary']}; open {views[0]}"
+        + (f" (and {len(views) - 1} more)" if len(views) > 1 else "")
+    )

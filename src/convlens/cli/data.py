@@ -27,13 +27,15 @@ def shapes(out: str, count: int, size: int, seed: int, as_json: bool) -> None:
     """
     from tqdm.auto import tqdm
 
-    from convlens.core.shapes import write_shapes
+    from convlens.data.shapes import write_shapes
 
     with tqdm(total=count, desc="shapes", unit="img", leave=False, disable=None) as bar:
         summary = write_shapes(out, n=count, size=size, seed=seed, progress=bar.update)
     if as_json:
         echo_json(summary)
         return
-    click.echo(f"wrote {count} shapes images of {size}x{size} px ({summary['classes']} classes, "
-               f"{summary['colours']} colours, {summary['textures']} textures, seed {seed}) with masks and "
-               f"concepts.json to {out}")
+    click.echo(
+        f"wrote {count} shapes images of {size}x{size} px ({summary['classes']} classes, "
+        f"{summary['colours']} colours, {summary['textures']} textures, seed {seed}) with masks and "
+        f"concepts.json to {out}"
+    )

@@ -6,25 +6,49 @@ from typing import Any
 
 import click
 
+from convlens.core.component_registry import default_registry
 from convlens.core.params import values_from_click
-from convlens.core.registry import default_registry
 
 from .output import echo_json
 from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
 
+
 @click.command("extract", cls=PluginOptionsCommand)
-@click.option("--model", "model_name", required=True,
-              help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.")
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.",
+)
 @click.option("--layer", default=None, help="Layer to sample (default: the model's default layer).")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Image folder.")
-@click.option("--filter", "filter_name", default="magnitude", show_default=True,
-              help="Activation filter; its own options follow (see --filter NAME --help).")
-@click.option("--per-image", type=click.IntRange(min=1), default=None,
-              help="Samples per image, drawn with replacement (default: H x W of the layer).")
-@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
-              help="Store folder (default: runs/activations-LAYER-FILTER).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
-              help="Share of images whose samples form the validation split.")
+@click.option(
+    "--filter",
+    "filter_name",
+    default="magnitude",
+    show_default=True,
+    help="Activation filter; its own options follow (see --filter NAME --help).",
+)
+@click.option(
+    "--per-image",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per image, drawn with replacement (default: H x W of the layer).",
+)
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Store folder (default: runs/activations-LAYER-FILTER).",
+)
+@click.option(
+    "--val-fraction",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 0.9),
+    help="Share of images whose samples form the validation split.",
+)
 @click.option("--images-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
@@ -33,17 +57,33 @@ from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Output the summary as JSON.")
-def extract(model_name: str, layer: str | None, data: str, filter_name: str, per_image: int | None, out: str | None,
-            val_fraction: float, images_per_shard: int, batch_size: int, workers: int, dtype: str, save_maps: bool,
-            seed: int, device: str | None, as_json: bool, **options: Any) -> None:
+def extract(
+    model_name: str,
+    layer: str | None,
+    data: str,
+    filter_name: str,
+    per_image: int | None,
+    out: str | None,
+    val_fraction: float,
+    images_per_shard: int,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    save_maps: bool,
+    seed: int,
+    device: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Sample a layer's activation vectors, weighted by an activation filter, into an activation store.
 
     Runs data-parallel under torchrun (e.g. `torchrun --nproc-per-node 2 -m convlens extract ...`); re-running
     the same command after an interruption completes the store without duplicating or losing samples.
     """
-    from convlens.core.device import resolve_device
-    from convlens.core.extraction import ExtractionSettings, extract as run_extraction
-    from convlens.core.images import scan_images
+    from convlens.activations.extraction import ExtractionSettings
+    from convlens.activations.extraction import extract as run_extraction
+    from convlens.data.images import scan_images
+    from convlens.runtime.device import resolve_device
 
     registry = default_registry()
     bundle, model_record = load_model(model_name, options)
@@ -53,25 +93,48 @@ def extract(model_name: str, layer: str | None, data: str, filter_name: str, per
     layer = layer or bundle.default_layer
     index = scan_images(data)
     settings = ExtractionSettings(
-        model=model_record, layer=layer,
+        model=model_record,
+        layer=layer,
         filter={"name": component.qualified_name, "params": filter_.params.to_dict() if filter_.params else {}},
-        per_image=per_image, seed=seed, val_fraction=val_fraction, images_per_shard=images_per_shard,
-        batch_size=batch_size, save_maps=save_maps, dtype=dtype)
+        per_image=per_image,
+        seed=seed,
+        val_fraction=val_fraction,
+        images_per_shard=images_per_shard,
+        batch_size=batch_size,
+        save_maps=save_maps,
+        dtype=dtype,
+    )
     out = out or f"runs/activations-{layer}-{component.name}"
-    summary = run_extraction(bundle, filter_, index, out, settings, device=resolve_device(device), workers=workers,
-                             dataset={"root": str(index.root), "fingerprint": index.fingerprint()})
+    summary = run_extraction(
+        bundle,
+        filter_,
+        index,
+        out,
+        settings,
+        device=resolve_device(device),
+        workers=workers,
+        dataset={"root": str(index.root), "fingerprint": index.fingerprint()},
+    )
     manifest = summary.pop("manifest")
     if summary["rank"] != 0:
         return
     if as_json:
-        echo_json({**summary, "total_samples": manifest["samples"], "total_fallbacks": manifest["fallbacks"],
-                   "skipped_files": manifest["skipped"]})
+        echo_json(
+            {
+                **summary,
+                "total_samples": manifest["samples"],
+                "total_fallbacks": manifest["fallbacks"],
+                "skipped_files": manifest["skipped"],
+            }
+        )
         return
     rate = f", {summary['images_per_second']:.0f} images/s" if summary["images_per_second"] else ""
-    click.echo(f"extracted {summary['samples']} samples of {layer} ({manifest['channels']} channels) from "
-               f"{summary['images']} images with filter '{component.name}' in {summary['seconds']:.1f} s{rate}; "
-               f"{summary['fallbacks']} uniform fallbacks; {summary['chunks_reused']} shards reused; store {out} "
-               f"holds {manifest['samples']} samples of {manifest['images_used']} images")
+    click.echo(
+        f"extracted {summary['samples']} samples of {layer} ({manifest['channels']} channels) from "
+        f"{summary['images']} images with filter '{component.name}' in {summary['seconds']:.1f} s{rate}; "
+        f"{summary['fallbacks']} uniform fallbacks; {summary['chunks_reused']} shards reused; store {out} "
+        f"holds {manifest['samples']} samples of {manifest['images_used']} images"
+    )
     if manifest["skipped"]:
         items = ", ".join(f"{s['path']} ({s['reason']})" for s in manifest["skipped"][:5])
         more = f" and {len(manifest['skipped']) - 5} more" if len(manifest["skipped"]) > 5 else ""

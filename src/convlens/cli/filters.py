@@ -7,15 +7,22 @@ from typing import Any
 
 import click
 
-from convlens.core.registry import default_registry
+from convlens.core.component_registry import default_registry
 
 from .base import ComponentGroup
 from .output import echo_json
 
 
-def _apply(component: Any, params: dict[str, Any], activations: str, key: str | None, out: str,
-           device: str | None, as_json: bool) -> None:
-    from convlens.core.tensor_files import apply_filter_to_file
+def _apply(
+    component: Any,
+    params: dict[str, Any],
+    activations: str,
+    key: str | None,
+    out: str,
+    device: str | None,
+    as_json: bool,
+) -> None:
+    from convlens.runtime.tensor_files import apply_filter_to_file
 
     filter_ = default_registry().create("filter", component.qualified_name, **params)
     summary = apply_filter_to_file(filter_, Path(activations), Path(out), key=key, device=device)
@@ -37,8 +44,12 @@ apply_filter = ComponentGroup(
     shared_params=[
         click.Argument(["activations"], type=click.Path(exists=True, dir_okay=False)),
         click.Option(["--key"], default=None, help="Tensor name in the file (default: its only tensor)."),
-        click.Option(["--out", "-o"], required=True, type=click.Path(dir_okay=False),
-                     help="Output safetensors file with the tensor 'weights' [N, H, W]."),
+        click.Option(
+            ["--out", "-o"],
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Output safetensors file with the tensor 'weights' [N, H, W].",
+        ),
         click.Option(["--device"], default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
         click.Option(["--json", "as_json"], is_flag=True, help="Output the summary as JSON."),
     ],

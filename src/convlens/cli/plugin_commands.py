@@ -8,9 +8,9 @@ import sys
 
 import click
 
+from convlens.core.component_registry import KINDS, default_registry
 from convlens.core.errors import ConvlensError
-from convlens.core.plugins import canonical_dist, installed_plugin_dists
-from convlens.core.registry import KINDS, default_registry
+from convlens.core.loader import canonical_dist, installed_plugin_dists
 
 from .output import echo_json, echo_table
 
@@ -137,8 +137,13 @@ def _plugin_rows_in_fresh_process() -> dict[str, dict]:
 @click.command()
 @click.argument("packages", nargs=-1)
 @click.option("-U", "--upgrade", is_flag=True, help="Upgrade packages that are already installed.")
-@click.option("-e", "--editable", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Install a local project in editable mode (repeatable).")
+@click.option(
+    "-e",
+    "--editable",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Install a local project in editable mode (repeatable).",
+)
 def install(packages: tuple[str, ...], upgrade: bool, editable: tuple[str, ...]) -> None:
     """Install plugin packages with pip into this environment, then show the plugins that appeared."""
     if not packages and not editable:

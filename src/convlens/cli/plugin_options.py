@@ -6,10 +6,11 @@ from typing import Any
 
 import click
 
+from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
-from convlens.core.model_loading import load_model as load_model_with, resolve_model_argument
 from convlens.core.params import click_parameters, parameter_specs, values_from_click
-from convlens.core.registry import default_registry
+from convlens.models.loading import load_model as load_model_with
+from convlens.models.loading import resolve_model_argument
 
 MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX = "model__", "filter__", "sae__"
 
@@ -31,8 +32,9 @@ class PluginOptionsCommand(click.Command):
     plugin_flags: tuple[str, ...] = ("--model", "--filter", "--sae")
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        self.params = [p for p in self.params
-                       if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX))]
+        self.params = [
+            p for p in self.params if not (p.name or "").startswith((MODEL_PREFIX, FILTER_PREFIX, SAE_PREFIX))
+        ]
         reserved = {opt.lstrip("-") for p in self.params for opt in getattr(p, "opts", [])}
         try:
             model = _peek(args, "--model") if "--model" in self.plugin_flags else None
@@ -40,8 +42,9 @@ class PluginOptionsCommand(click.Command):
                 name, _ = resolve_model_argument(model)
                 spec = default_registry().get("model", name).spec.params
                 every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
-                self.params += click_parameters(spec, reserved=every | reserved, prefix="model",
-                                                dest_prefix=MODEL_PREFIX)
+                self.params += click_parameters(
+                    spec, reserved=every | reserved, prefix="model", dest_prefix=MODEL_PREFIX
+                )
             filter_name = _peek(args, "--filter") if "--filter" in self.plugin_flags else None
             if filter_name:
                 spec = default_registry().get("filter", filter_name).spec.params
@@ -49,9 +52,11 @@ class PluginOptionsCommand(click.Command):
             sae_name = _peek(args, "--sae") if "--sae" in self.plugin_flags else None
             if sae_name:
                 spec = default_registry().get("sae", sae_name).spec.params
-                self.params += [option for option in click_parameters(spec, reserved=reserved, prefix="sae",
-                                                                      dest_prefix=SAE_PREFIX)
-                                if option.name != f"{SAE_PREFIX}input_dim"]
+                self.params += [
+                    option
+                    for option in click_parameters(spec, reserved=reserved, prefix="sae", dest_prefix=SAE_PREFIX)
+                    if option.name != f"{SAE_PREFIX}input_dim"
+                ]
         except ConvlensError as exc:
             raise click.UsageError(str(exc), ctx) from exc
         return super().parse_args(ctx, args)

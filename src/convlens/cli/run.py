@@ -12,8 +12,8 @@ DEMO_RECIPE = "demo.toml"
 
 
 def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None, check: bool, as_json: bool) -> None:
-    from convlens.core.pipeline import PipelineRun, check_run_folder
-    from convlens.core.recipes import load_recipe
+    from convlens.workflow.pipeline import PipelineRun, check_run_folder
+    from convlens.workflow.recipes import load_recipe
 
     recipe = load_recipe(recipe_path, text=text)  # every plugin, parameter and layer checked before any work
     check_run_folder(out)
@@ -32,8 +32,7 @@ def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None,
     try:
         summary = pipeline.run()
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; finished steps are kept in {out}: run the same command again to continue",
-                   err=True)
+        click.echo(f"\ninterrupted; finished steps are kept in {out}: run the same command again to continue", err=True)
         raise SystemExit(130) from None
     if as_json:
         echo_json(summary)
@@ -41,16 +40,24 @@ def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None,
     for warning in summary["warnings"]:
         click.echo(f"warning: {warning}")
     report = f"; report: {summary['report']}" if summary["report"] else ""
-    click.echo(f"ran {summary['ran']} of {summary['steps']} steps ({summary['skipped']} done before) in "
-               f"{summary['seconds']:.0f} s into {out}{report}")
+    click.echo(
+        f"ran {summary['ran']} of {summary['steps']} steps ({summary['skipped']} done before) in "
+        f"{summary['seconds']:.0f} s into {out}{report}"
+    )
 
 
 @click.command("run")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
-              help="Run folder (default: runs/RECIPE-NAME). Re-running into it skips the finished steps.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the recipe's, else cuda when "
-              "available).")
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Run folder (default: runs/RECIPE-NAME). Re-running into it skips the finished steps.",
+)
+@click.option(
+    "--device", default=None, help="cpu, cuda, cuda:1, ... (default: the recipe's, else cuda when available)."
+)
 @click.option("--check", is_flag=True, help="Validate the recipe and list the steps with what is done; run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or with --check the plan) as JSON.")
 def run_command(recipe: str, out: str | None, device: str | None, check: bool, as_json: bool) -> None:
@@ -66,8 +73,9 @@ def run_command(recipe: str, out: str | None, device: str | None, check: bool, a
 
 
 @click.command("demo")
-@click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder.")
+@click.option(
+    "--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run folder."
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--print-recipe", is_flag=True, help="Print the demo's recipe (TOML) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
+from convlens.core.component_registry import default_registry
 from convlens.core.params import click_parameters, coerce, values_from_click
-from convlens.core.registry import default_registry
-from convlens.core.training import TrainingParams
+from convlens.models.fine_tuning import TrainingParams
 
 from .base import ComponentGroup
 from .output import echo_json
@@ -16,10 +16,19 @@ from .output import echo_json
 TRAIN_PREFIX = "train__"
 
 
-def _train(component: Any, params: dict[str, Any], data: str, val: str | None, out: str | None,
-           device: str | None, resume: bool, as_json: bool, **options: Any) -> None:
-    from convlens.core.device import resolve_device
-    from convlens.core.training import prepare_data, train_model
+def _train(
+    component: Any,
+    params: dict[str, Any],
+    data: str,
+    val: str | None,
+    out: str | None,
+    device: str | None,
+    resume: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    from convlens.models.fine_tuning import prepare_data, train_model
+    from convlens.runtime.device import resolve_device
 
     training = coerce(TrainingParams, values_from_click(options, TRAIN_PREFIX), owner="train-model")
     field_names = {spec["name"] for spec in default_registry().describe("model", component.qualified_name)["params"]}
@@ -31,11 +40,19 @@ def _train(component: Any, params: dict[str, Any], data: str, val: str | None, o
     bundle = default_registry().create("model", component.qualified_name, **params)
     out = out or f"runs/train-{component.name}"
     try:
-        summary = train_model(bundle, prepared, out, training, device=resolve_device(device), resume=resume,
-                              model={"name": component.qualified_name, "params": params})
+        summary = train_model(
+            bundle,
+            prepared,
+            out,
+            training,
+            device=resolve_device(device),
+            resume=resume,
+            model={"name": component.qualified_name, "params": params},
+        )
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; finished epochs are saved in {out}; continue with the same command and "
-                   "--resume", err=True)
+        click.echo(
+            f"\ninterrupted; finished epochs are saved in {out}; continue with the same command and --resume", err=True
+        )
         raise SystemExit(130) from None
     if as_json:
         echo_json(summary)
@@ -57,12 +74,24 @@ train_model_command = ComponentGroup(
     kind="model",
     run=_train,
     shared_params=[
-        click.Option(["--data"], required=True, type=click.Path(exists=True, file_okay=False),
-                     help="ImageFolder tree (class sub-folders), a folder with train/ and val/, or a shapes dataset."),
-        click.Option(["--val"], default=None, type=click.Path(exists=True, file_okay=False),
-                     help="Separate validation ImageFolder (default: a seeded split of --data)."),
-        click.Option(["--out", "-o"], default=None, type=click.Path(file_okay=False),
-                     help="Run folder (default: runs/train-MODEL)."),
+        click.Option(
+            ["--data"],
+            required=True,
+            type=click.Path(exists=True, file_okay=False),
+            help="ImageFolder tree (class sub-folders), a folder with train/ and val/, or a shapes dataset.",
+        ),
+        click.Option(
+            ["--val"],
+            default=None,
+            type=click.Path(exists=True, file_okay=False),
+            help="Separate validation ImageFolder (default: a seeded split of --data).",
+        ),
+        click.Option(
+            ["--out", "-o"],
+            default=None,
+            type=click.Path(file_okay=False),
+            help="Run folder (default: runs/train-MODEL).",
+        ),
         click.Option(["--device"], default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
         click.Option(["--resume"], is_flag=True, help="Continue an interrupted run in --out."),
         click.Option(["--json", "as_json"], is_flag=True, help="Output the summary as JSON."),

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
+from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
-from convlens.core.registry import default_registry
 
 from .output import echo_json
 from .plugin_options import PluginOptionsCommand, load_model
@@ -57,23 +57,34 @@ def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(units))
 
 
-def load_visual_target(model_name: str, layer: str | None, units: str | None, sae_path: str | None, data: Any,
-                       device: str | None, options: dict[str, Any]):
+def load_visual_target(
+    model_name: str,
+    layer: str | None,
+    units: str | None,
+    sae_path: str | None,
+    data: Any,
+    device: str | None,
+    options: dict[str, Any],
+):
     """The :class:`VisualTarget` of the shared options (model on its device in eval mode, the layer's units or the
     SAE's latents), the model's record and the device."""
     import torch
 
     from convlens import VisualTarget
-    from convlens.core.device import resolve_device
-    from convlens.core.layers import activations_at
-    from convlens.core.sae import load_sae
+    from convlens.models.layers import activations_at
+    from convlens.runtime.device import resolve_device
+    from convlens.sae.base import load_sae
 
     bundle, model_record = load_model(model_name, options)
     layer = layer or bundle.default_layer
     target_device = resolve_device(device)
     bundle.module.to(target_device).eval()
-    probe = activations_at(bundle.module, torch.zeros(1, 3, *bundle.input_size, device=target_device), layer,
-                           model_name=model_record["name"]).activations[layer]
+    probe = activations_at(
+        bundle.module,
+        torch.zeros(1, 3, *bundle.input_size, device=target_device),
+        layer,
+        model_name=model_record["name"],
+    ).activations[layer]
     sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval() if sae_path else None
     chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
     return VisualTarget(bundle, layer, chosen, sae, data), model_record, target_device
@@ -81,25 +92,53 @@ def load_visual_target(model_name: str, layer: str | None, units: str | None, sa
 
 @click.command("visualize", cls=VisualizeCommand, context_settings={"ignore_unknown_options": False})
 @click.argument("name")
-@click.option("--model", "model_name", required=True,
-              help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.")
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="Model plugin name, or a train-model run folder. Its options follow as --model-NAME.",
+)
 @click.option("--layer", default=None, help="Layer (default: the model's default layer).")
 @click.option("--units", default=None, help="Units: 0,5,9, ranges 0-7, or all; SAE latents with --sae.")
-@click.option("--sae", "sae_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="An SAE checkpoint trained on this layer: units are then its latents.")
-@click.option("--data", default=None, type=click.Path(exists=True),
-              help="An image file or an image folder, for visualizers that look at images.")
-@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
-              help="Output folder (default: runs/visualize-NAME-LAYER).")
+@click.option(
+    "--sae",
+    "sae_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="An SAE checkpoint trained on this layer: units are then its latents.",
+)
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(exists=True),
+    help="An image file or an image folder, for visualizers that look at images.",
+)
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Output folder (default: runs/visualize-NAME-LAYER).",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the visualizer's JSON record.")
-def visualize_command(name: str, model_name: str, layer: str | None, units: str | None, sae_path: str | None,
-                      data: str | None, out: str | None, device: str | None, as_json: bool, **options: Any) -> None:
+def visualize_command(
+    name: str,
+    model_name: str,
+    layer: str | None,
+    units: str | None,
+    sae_path: str | None,
+    data: str | None,
+    out: str | None,
+    device: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Run the visualizer NAME (see `convlens list visualizer`) on units of a layer; its own options follow NAME.
 
     Example: convlens visualize feature-viz --model tiny-cnn --layer block4 --units 0-7 --preset improved
     """
-    from convlens.core.runs import versions, write_json_atomic
+    from convlens.runtime.run_records import versions, write_json_atomic
 
     registry = default_registry()
     spec = registry.get("visualizer", name)
@@ -107,18 +146,27 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     visualizer = registry.create("visualizer", name, **visualizer_params)
     if getattr(visualizer, "needs_data", False) and data is None:
         raise ConvlensError(f"visualizer '{spec.name}' looks at images: pass --data (an image file or folder)")
-    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device,
-                                                             options)
+    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device, options)
     layer, chosen, sae = target.layer, target.units, target.sae
     out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", {
-        "command": "visualize", "visualizer": {"name": spec.qualified_name, "params": visualizer.params.to_dict()
-                                               if visualizer.params is not None else {}},
-        "model": model_record, "layer": layer, "units": list(chosen), "sae": sae_path, "data": data,
-        "device": str(target_device),
-        "versions": versions(),
-    })
+    write_json_atomic(
+        out_dir / "config.json",
+        {
+            "command": "visualize",
+            "visualizer": {
+                "name": spec.qualified_name,
+                "params": visualizer.params.to_dict() if visualizer.params is not None else {},
+            },
+            "model": model_record,
+            "layer": layer,
+            "units": list(chosen),
+            "sae": sae_path,
+            "data": data,
+            "device": str(target_device),
+            "versions": versions(),
+        },
+    )
     visualizer.progress = None if not as_json else False
     started = time.perf_counter()
     record = visualizer.run(target, out_dir)
@@ -130,5 +178,7 @@ def visualize_command(name: str, model_name: str, layer: str | None, units: str 
     what = f"{len(chosen)} {'latents' if sae is not None else 'units'} of " if chosen else ""
     rendered = f" ({len(record['objectives'])} objectives)" if isinstance(record.get("objectives"), list) else ""
     detail = f"; {record['summary']}" if record.get("summary") else ""
-    click.echo(f"{spec.name}: {what}{layer}{rendered} in {seconds:.1f} s{detail}; wrote {pictures} PNG files "
-               f"and the JSON record to {out_dir}")
+    click.echo(
+        f"{spec.name}: {what}{layer}{rendered} in {seconds:.1f} s{detail}; wrote {pictures} PNG files "
+        f"and the JSON record to {out_dir}"
+    )

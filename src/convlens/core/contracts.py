@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import ContractError, ConvlensError
-from .params import Params, param
+from convlens.core.errors import ContractError
+from convlens.core.params import Params, param
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,8 @@ class ActivationFilter(abc.ABC):
 class VisualTarget:
     """What a visualizer looks at: units of one layer of a model, optionally through an SAE, and images.
 
-    ``data`` is an image file or folder, or a list of image files (see :func:`convlens.core.images.images_at`);
-    visualizers that read images set :attr:`Visualizer.needs_data`.
+    ``data`` is an image file or folder, or a list of image files (see :func:`convlens.images_at`); visualizers
+    that read images set :attr:`Visualizer.needs_data`.
     """
 
     model: ModelBundle
@@ -107,8 +108,15 @@ class Visualizer(abc.ABC):
     """Writes PNG images and a JSON record about a :class:`VisualTarget` into a folder."""
 
     name: str = "visualizer"
-    #: Set when :meth:`run` reads images from ``target.data``; the CLI then requires ``--data``.
+    #: Set when :meth:`run` reads images from ``target.data``; the CLI then requires ``--data``
+    #: (:class:`convlens.ImageVisualizer` sets it and adds the image batching).
     needs_data: bool = False
+    #: Set when the visualizer explains one unit at a time on images it is given (an attribution map); the
+    #: workflow then runs it once per top unit, on that unit's own top images.
+    explains_units_on_images: bool = False
+    #: Parameters that take the output folder of another visualizer, by that visualizer's registry name; the
+    #: workflow fills each one it was not given with that visualizer's folder in the same run, when it ran first.
+    reads_outputs_of: Mapping[str, str] = types.MappingProxyType({})
 
     def __init__(self, params: Any = None):
         self.params = params
@@ -122,33 +130,6 @@ class Visualizer(abc.ABC):
         A record may carry a one-line ``"summary"``, which ``convlens visualize`` prints at the end.
         """
 
-    def data_of(self, target: VisualTarget):
-        """The :class:`~convlens.core.images.ImageIndex` of ``target.data``; one clear error when it is missing."""
-        from .images import images_at
-
-        if target.data is None:
-            raise ConvlensError(f"visualizer '{self.name}' needs images: pass --data (an image file or folder)")
-        return images_at(target.data)
-
-    def batches(self, target: VisualTarget, positions: Any, *, batch_size: int, skip_log: Any, workers: int = 0):
-        """Batches of model inputs for ``positions`` of ``target.data`` (see :func:`data_of`) in order, with a
-        progress bar (per :attr:`progress`) that counts skipped files too; unreadable files go to ``skip_log``."""
-        from tqdm.auto import tqdm
-
-        from .images import ImageDataset, Preprocessing, image_batches
-
-        index = self.data_of(target)
-        dataset = ImageDataset(index, Preprocessing.of(target.model).eval_transform)
-        bar = tqdm(total=len(positions), desc=f"{self.name} at {target.layer}", unit="img", leave=False,
-                   disable=None if self.progress is None else not self.progress)
-        try:
-            for batch in image_batches(dataset, batch_size=batch_size, skip_log=skip_log, order=positions,
-                                       workers=workers):
-                yield batch
-                bar.update(len(batch) + len(batch.skipped))
-        finally:
-            bar.close()
-
 
 @dataclasses.dataclass(frozen=True)
 class SAEParams(Params):
@@ -156,8 +137,12 @@ class SAEParams(Params):
 
     input_dim: int = param(512, min=1, help="channels of the activations (the trainer sets it from the store)")
     latent_dim: Optional[int] = param(None, min=1, help="latent dimension (default: expansion x input_dim)")
-    expansion: float = param(8.0, min=0.001, help="latent dimension as a multiple of input_dim, when latent_dim "
-                             "is not given (x8 in the paper's runs, sec. 8.3)")
+    expansion: float = param(
+        8.0,
+        min=0.001,
+        help="latent dimension as a multiple of input_dim, when latent_dim "
+        "is not given (x8 in the paper's runs, sec. 8.3)",
+    )
     seed: int = param(0, help="seed of the random initialisation")
 
     @property

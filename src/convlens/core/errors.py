@@ -32,7 +32,7 @@ class ContractError(ConvlensError):
 
 def suggest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Closest candidates to ``word`` (case-insensitive), best first."""
-    by_lower = {}
+    by_lower: dict[str, str] = {}
     for candidate in candidates:
         by_lower.setdefault(candidate.lower(), candidate)
     matches = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)

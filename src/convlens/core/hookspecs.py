@@ -3,14 +3,15 @@
 A plugin is a module (or any object) with functions marked ``@convlens.hookimpl`` whose names match the
 specs below; a distribution exposes it through an entry point in the group ``convlens``. Each
 ``register_<kind>s`` hook receives a ``register`` callable and calls it once per component with a spec
-record (:class:`~convlens.core.registry.ModelSpec`, ``FilterSpec``, ``SAESpec`` or ``VisualizerSpec``).
+record (:class:`~convlens.core.component_registry.ModelSpec`, ``FilterSpec``, ``SAESpec`` or ``VisualizerSpec``).
 A spec's ``factory`` is called as ``factory(params)`` with the validated parameter dataclass and may be a
 lazy ``"module:attr"`` string, so that listing plugins and ``--help`` never import torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -47,7 +48,7 @@ def register_filters(register: Callable[[Any], None]) -> None:
 def register_saes(register: Callable[[Any], None]) -> None:
     """Register sparse-autoencoder architectures by calling ``register(SAESpec(...))``.
 
-    Contract: ``factory(params)`` returns a subclass of :class:`convlens.core.sae.SparseAutoencoder`
+    Contract: ``factory(params)`` returns a subclass of :class:`convlens.sae.base.SparseAutoencoder`
     (an ``nn.Module``) with ``input_dim``, ``latent_dim`` and ``axis`` (1: the channel axis of ``[N, C]``
     vectors or ``[N, C, H, W]`` maps), ``encode(x) -> latents``, ``decode(latents) -> reconstruction`` and
     ``forward(x) -> SAEOutput(reconstruction, latents, losses)`` where ``losses`` maps names to scalar

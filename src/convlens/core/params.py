@@ -19,9 +19,9 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from .errors import ParameterError, did_you_mean
+from convlens.core.errors import ParameterError, did_you_mean
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
@@ -52,7 +52,7 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(cast(Any, self))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +114,7 @@ class ParameterSpec:
         try:
             converted = _convert(value, self.annotation)
         except _Invalid as exc:
-            raise ParameterError(
-                f"{owner}: parameter '{self.name}' must be {exc.expected} (got {value!r})"
-            ) from None
+            raise ParameterError(f"{owner}: parameter '{self.name}' must be {exc.expected} (got {value!r})") from None
         self._check_bounds(converted, owner)
         return converted
 
@@ -184,10 +182,10 @@ def coerce(params_cls: type, values: Mapping[str, Any] | None = None, *, owner: 
                 f"{owner} has no parameter '{raw_key}'{did_you_mean(key, specs)} (valid parameters: {valid})"
             )
         converted[key] = specs[key].coerce(value, owner)
-    instance = params_cls.__new__(params_cls)
+    instance: Any = object.__new__(params_cls)
     object.__setattr__(instance, "_convlens_owner", owner)
     try:
-        params_cls.__init__(instance, **converted)
+        type(instance).__init__(instance, **converted)
     finally:
         object.__delattr__(instance, "_convlens_owner")
     return instance
@@ -372,7 +370,7 @@ def values_from_click(kwargs: dict[str, Any], dest_prefix: str = "param__") -> d
     for key in [k for k in kwargs if k.startswith(dest_prefix)]:
         value = kwargs.pop(key)
         if value is not None:
-            values[key[len(dest_prefix):]] = value
+            values[key[len(dest_prefix) :]] = value
     return values
 
 

@@ -18,16 +18,22 @@ __version__ = "0.1.0"
 
 @dataclass(frozen=True)
 class GatedParams(SAEParams):
-    l1: float = param(0.5, min=0.0, help="lambda: weight of the L1 penalty on ReLU(pi_gate), the gate "
-                      "pre-activations, each weighted by its decoder row's norm")
+    l1: float = param(
+        0.5,
+        min=0.0,
+        help="lambda: weight of the L1 penalty on ReLU(pi_gate), the gate "
+        "pre-activations, each weighted by its decoder row's norm",
+    )
 
 
 @hookimpl
 def register_saes(register):
-    register(SAESpec(
-        name="gated",
-        factory="convlens_gated_sae.model:GatedSAE",
-        params=GatedParams,
-        summary="Gated SAE: a Heaviside gate and a ReLU magnitude path sharing encoder weights; L1 on the "
-        "gate only, plus an auxiliary loss through a frozen decoder (Rajamanoharan et al. 2024)",
-    ))
+    register(
+        SAESpec(
+            name="gated",
+            factory="convlens_gated_sae.model:GatedSAE",
+            params=GatedParams,
+            summary="Gated SAE: a Heaviside gate and a ReLU magnitude path sharing encoder weights; L1 on the "
+            "gate only, plus an auxiliary loss through a frozen decoder (Rajamanoharan et al. 2024)",
+        )
+    )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convlens.core.sae import SparseAutoencoder, squared_error
+from convlens import SparseAutoencoder, squared_error
 
 
 def random_unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:
@@ -42,12 +42,12 @@ class GatedSAE(SparseAutoencoder):
         super().__init__(params.input_dim, params.latents)
         self.l1 = float(params.l1)
         atoms = random_unit_rows(self.latent_dim, self.input_dim, params.seed)
-        self.decoder = nn.Parameter(atoms)                                  # W_dec as rows: [L, C]
-        self.decoder_bias = nn.Parameter(torch.zeros(self.input_dim))       # b_dec
-        self.gate = nn.Parameter(atoms.clone())                             # W_gate: [L, C]
-        self.gate_bias = nn.Parameter(torch.zeros(self.latent_dim))         # b_gate
+        self.decoder = nn.Parameter(atoms)  # W_dec as rows: [L, C]
+        self.decoder_bias = nn.Parameter(torch.zeros(self.input_dim))  # b_dec
+        self.gate = nn.Parameter(atoms.clone())  # W_gate: [L, C]
+        self.gate_bias = nn.Parameter(torch.zeros(self.latent_dim))  # b_gate
         self.log_magnitude_scale = nn.Parameter(torch.zeros(self.latent_dim))  # r_mag
-        self.magnitude_bias = nn.Parameter(torch.zeros(self.latent_dim))    # b_mag
+        self.magnitude_bias = nn.Parameter(torch.zeros(self.latent_dim))  # b_mag
         self._gate_pre: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, pi_gate) of the last encode_decode
 
     @property

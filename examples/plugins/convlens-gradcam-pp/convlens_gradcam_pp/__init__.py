@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from convlens import FilterSpec, Params, VisualizerSpec, hookimpl, param
-from convlens.core.attribution import AttributionParams
+from convlens import AttributionParams, FilterSpec, Params, VisualizerSpec, hookimpl, param
 
 __version__ = "0.1.0"
 
@@ -30,27 +29,32 @@ class GradCAMPlusPlusVisualizerParams(AttributionParams):
 @dataclass(frozen=True)
 class GradCAMPlusPlusFilterParams(Params):
     class_index: Optional[int] = param(
-        None, help="explain this class for every image (default: the label, or the predicted class)", min=0)
+        None, help="explain this class for every image (default: the label, or the predicted class)", min=0
+    )
 
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name=NAME,
-        factory="convlens_gradcam_pp.methods:GradCAMPlusPlusVisualizer",
-        params=GradCAMPlusPlusVisualizerParams,
-        summary="Grad-CAM++ heat maps for the predicted (or a chosen) class, or for an SAE latent, at any conv "
-        "layer (Chattopadhay et al. 2018)",
-        aliases=ALIASES,
-    ))
+    register(
+        VisualizerSpec(
+            name=NAME,
+            factory="convlens_gradcam_pp.methods:GradCAMPlusPlusVisualizer",
+            params=GradCAMPlusPlusVisualizerParams,
+            summary="Grad-CAM++ heat maps for the predicted (or a chosen) class, or for an SAE latent, at any conv "
+            "layer (Chattopadhay et al. 2018)",
+            aliases=ALIASES,
+        )
+    )
 
 
 @hookimpl
 def register_filters(register):
-    register(FilterSpec(
-        name=NAME,
-        factory="convlens_gradcam_pp.methods:GradCAMPlusPlusFilter",
-        params=GradCAMPlusPlusFilterParams,
-        summary="Grad-CAM++ map of the true (or predicted) class at the layer (Chattopadhay et al. 2018)",
-        aliases=ALIASES,
-    ))
+    register(
+        FilterSpec(
+            name=NAME,
+            factory="convlens_gradcam_pp.methods:GradCAMPlusPlusFilter",
+            params=GradCAMPlusPlusFilterParams,
+            summary="Grad-CAM++ map of the true (or predicted) class at the layer (Chattopadhay et al. 2018)",
+            aliases=ALIASES,
+        )
+    )

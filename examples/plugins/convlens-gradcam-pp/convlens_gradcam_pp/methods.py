@@ -20,13 +20,7 @@ is 0 where the gradient is 0. Each map is then scaled per image to [0, 1] as ``(
 
 from __future__ import annotations
 
-from convlens.core.attribution import (
-    AttributionVisualizer,
-    ExplainTarget,
-    GradientMapFilter,
-    scaled_to_unit,
-    target_gradients,
-)
+from convlens import AttributionVisualizer, ExplainTarget, GradientMapFilter, scaled_to_unit, target_gradients
 
 #: Added to the denominator of alpha, as pytorch-grad-cam does.
 ALPHA_EPSILON = 1e-6

@@ -25,10 +25,7 @@ def build_python_model(params: PythonModelParams):
 
     from torch import nn
 
-    from convlens import ModelBundle
-    from convlens.core.checkpoints import class_names_of, load_weights
-    from convlens.core.errors import ConvlensError
-    from convlens.core.layers import resolve_layer
+    from convlens import ConvlensError, ModelBundle, class_names_of, load_weights, resolve_layer
 
     location, _, attr = params.target.rpartition(":")
     if not location or not attr:
@@ -55,8 +52,9 @@ def build_python_model(params: PythonModelParams):
         convs = [name for name, m in built.named_modules() if isinstance(m, nn.Conv2d)]
         if not convs and params.default_layer is None:
             raise ConvlensError(f"{params.target} has no Conv2d layer; pass default_layer")
-        bundle = ModelBundle(built, (params.input_size,) * 2, params.mean, params.std,
-                             params.default_layer or convs[-1])
+        bundle = ModelBundle(
+            built, (params.input_size,) * 2, params.mean, params.std, params.default_layer or convs[-1]
+        )
     else:
         raise ConvlensError(f"{params.target} returned {type(built).__name__}, expected an nn.Module")
     if params.default_layer:

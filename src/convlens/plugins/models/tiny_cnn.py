@@ -25,8 +25,7 @@ def build_tiny_cnn(params: TinyCNNParams):
     import torch
     from torch import nn
 
-    from convlens import ModelBundle
-    from convlens.core.checkpoints import class_names_of, load_weights
+    from convlens import ModelBundle, class_names_of, load_weights
 
     torch.manual_seed(params.seed)
     layers: dict[str, nn.Module] = {}
@@ -45,7 +44,7 @@ def build_tiny_cnn(params: TinyCNNParams):
     layers["fc"] = nn.Linear(channels_in, params.num_classes)
     module = nn.Sequential(OrderedDict(layers))
     if params.smooth:
-        from .smooth import smooth_network
+        from convlens import smooth_network
 
         smooth_network(module, params.slope)
     class_names = None
@@ -53,7 +52,11 @@ def build_tiny_cnn(params: TinyCNNParams):
         load_weights(module, params.weights)
         class_names = class_names_of(params.weights)
     return ModelBundle(
-        module.eval(), (params.input_size,) * 2, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), f"block{params.blocks}",
+        module.eval(),
+        (params.input_size,) * 2,
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        f"block{params.blocks}",
         class_names=class_names,
     )
 

@@ -1,4 +1,5 @@
-"""Any torchvision classification architecture, with torchvision weights or a local checkpoint."""
+"""Any torchvision classification architecture, with torchvision weights or a local checkpoint; and the paper's
+modified ResNet18 (001, sec. 5.1 and 6.1: average pooling and LeakyReLU, weights carried over)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
-from convlens import ModelSpec, Params, hookimpl, param
-from convlens.core.errors import ConvlensError, did_you_mean
+from convlens import ConvlensError, ModelSpec, Params, did_you_mean, hookimpl, param
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ class TorchvisionParams(Params):
 
 
 def is_checkpoint_path(weights: str) -> bool:
-    from convlens.core.checkpoints import STATE_DICT_SUFFIXES
+    from convlens import STATE_DICT_SUFFIXES
 
     return weights.endswith(STATE_DICT_SUFFIXES) or os.sep in weights or os.path.exists(weights)
 
@@ -59,7 +59,7 @@ def torchvision_state_dict(arch: str, name: str):
                 f"weights {arch} {weights.name} are not cached and could not be downloaded; expected the file "
                 f"{cache} (set TORCH_HOME to use another cache), or pass a local checkpoint with weights=PATH"
             ) from None
-    from convlens.core.checkpoints import load_state_dict
+    from convlens import load_state_dict
 
     return load_state_dict(cache), weights
 
@@ -69,8 +69,7 @@ def build_torchvision(params: TorchvisionParams):
     import torchvision
     from torch import nn
 
-    from convlens import ModelBundle
-    from convlens.core.checkpoints import class_names_of, load_weights
+    from convlens import ModelBundle, class_names_of, load_weights
 
     architectures = torchvision.models.list_models(module=torchvision.models)
     if params.arch not in architectures:
@@ -91,14 +90,21 @@ def build_torchvision(params: TorchvisionParams):
     if params.num_classes and not local:
         replace_head(module, params.num_classes)
     if params.smooth:
-        from .smooth import smooth_network
+        from convlens import smooth_network
 
         smooth_network(module, params.slope)
     convs = [name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     default_layer = "layer4" if hasattr(module, "layer4") else convs[-1]
     class_names = class_names_of(params.weights) if local else None
-    return ModelBundle(module.eval(), (params.input_size,) * 2, IMAGENET_MEAN, IMAGENET_STD, default_layer,
-                       class_names=class_names, crop_fraction=0.875)
+    return ModelBundle(
+        module.eval(),
+        (params.input_size,) * 2,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        default_layer,
+        class_names=class_names,
+        crop_fraction=0.875,
+    )
 
 
 def replace_head(module, num_classes: int) -> None:
@@ -113,6 +119,25 @@ def replace_head(module, num_classes: int) -> None:
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 
 
+@dataclass(frozen=True)
+class SmoothResnetParams(Params):
+    weights: str = param("none", help=_WEIGHTS_HELP)
+    slope: float = param(0.01, help="LeakyReLU negative slope", min=0.0, max=1.0)
+    num_classes: Optional[int] = param(None, help="replace the classifier head with this many classes", min=1)
+    input_size: int = param(224, help="square input size in pixels", min=8)
+    seed: int = param(0, help="seed for randomly initialised weights")
+
+
+def build_smooth_resnet18(params: SmoothResnetParams):
+    return build_torchvision(
+        TorchvisionParams(
+            arch="resnet18",
+            smooth=True,
+            **{k: getattr(params, k) for k in ("weights", "slope", "num_classes", "input_size", "seed")},
+        )
+    )
+
+
 @hookimpl
 def register_models(register):
     register(
@@ -122,5 +147,13 @@ def register_models(register):
             params=TorchvisionParams,
             summary="any torchvision classification architecture, torchvision weights or a local checkpoint",
             aliases=("tv",),
+        )
+    )
+    register(
+        ModelSpec(
+            name="resnet18-smooth",
+            factory="convlens.plugins.models.torchvision_models:build_smooth_resnet18",
+            params=SmoothResnetParams,
+            summary="ResNet18 with average pooling and LeakyReLU for better gradient flow (paper sec. 5.1)",
         )
     )

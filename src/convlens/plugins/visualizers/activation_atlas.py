@@ -44,9 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from convlens import ConvlensError, Params, Visualizer, VisualizerSpec, VisualTarget, hookimpl, param
-
-from .feature_viz import PRESETS
+from convlens import ConvlensError, ImageVisualizer, Params, VisualizerSpec, VisualTarget, hookimpl, param
+from convlens.plugins.visualizers.feature_viz.api import PRESETS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,18 +64,23 @@ NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 class ActivationAtlasParams(Params):
     grid: int = param(12, min=1, max=256, help="cells per side of the grid laid over the projection")
     min_count: int = param(3, min=1, help="a cell is inverted when at least this many points fall into it")
-    max_images: Optional[int] = param(None, min=1, help="use at most this many images of --data, a random subset "
-                                      "drawn from --seed (default: all)")
+    max_images: Optional[int] = param(
+        None, min=1, help="use at most this many images of --data, a random subset drawn from --seed (default: all)"
+    )
     projection: Literal["auto", "pca", "tsne", "umap"] = param(
-        "auto", help="2-D projection: auto (UMAP when umap-learn is installed, else PCA), pca, tsne "
-        "(scikit-learn) or umap (umap-learn); the last two come with the atlas extra")
+        "auto",
+        help="2-D projection: auto (UMAP when umap-learn is installed, else PCA), pca, tsne "
+        "(scikit-learn) or umap (umap-learn); the last two come with the atlas extra",
+    )
     seed: int = param(0, help="seed of the sampled positions, the image subset, t-SNE/UMAP and the inversions")
-    preset: Literal["naive", "improved", "fourier"] = param("fourier", help="feature-visualisation preset of the "
-                                                            "inversions (see feature-viz)")
+    preset: Literal["naive", "improved", "fourier"] = param(
+        "fourier", help="feature-visualisation preset of the inversions (see feature-viz)"
+    )
     steps: int = param(128, min=1, help="optimisation steps per inversion")
     size: int = param(48, min=8, help="pixels per side of each inverted cell (and of its square in the atlas)")
     density: Literal["alpha", "size", "none"] = param(
-        "alpha", help="how the atlas shows a cell's point count: opacity, the image's size, or not at all")
+        "alpha", help="how the atlas shows a cell's point count: opacity, the image's size, or not at all"
+    )
     batch_size: int = param(64, min=1, help="images per forward pass")
     render_batch: int = param(64, min=1, help="cells optimised together in one feature-visualisation batch")
     workers: int = param(0, min=0, help="data-loading processes")
@@ -89,8 +93,9 @@ def resolve_projection(requested: str) -> str:
     if requested in PACKAGES:
         module, package = PACKAGES[requested]
         if importlib.util.find_spec(module) is None:
-            raise ConvlensError(f"projection '{requested}' needs {package}, which is not installed: {EXTRA} (or "
-                                "use --projection pca)")
+            raise ConvlensError(
+                f"projection '{requested}' needs {package}, which is not installed: {EXTRA} (or use --projection pca)"
+            )
     return requested
 
 
@@ -121,8 +126,10 @@ def pca_2d(vectors: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, dic
     trace = float(variances.sum())
     ratio = [float(variances[i]) / trace if trace > 0 else 0.0 for i in kept.tolist()]
     ratio += [0.0] * (2 - len(ratio))
-    return coordinates, {"explained_variance_ratio": ratio,
-                         "sign": "each component's entry of largest magnitude is positive"}
+    return coordinates, {
+        "explained_variance_ratio": ratio,
+        "sign": "each component's entry of largest magnitude is positive",
+    }
 
 
 def project(vectors: torch.Tensor, method: str, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -138,7 +145,8 @@ def project(vectors: torch.Tensor, method: str, seed: int) -> tuple[torch.Tensor
 
         perplexity = float(min(30.0, max(1.0, (count - 1) / 3)))
         embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed % 2**32).fit_transform(
-            data)
+            data
+        )
         details = {"perplexity": perplexity}
     else:
         import umap
@@ -164,11 +172,10 @@ def density_share(count: int, most: int) -> float:
     return math.log1p(count) / math.log1p(most) if most > 0 else 1.0
 
 
-class ActivationAtlas(Visualizer):
+class ActivationAtlas(ImageVisualizer):
     """See the module docstring. ``target.units`` is not used: every channel (or SAE latent) enters the vectors."""
 
     name = "activation-atlas"
-    needs_data = True
 
     def __init__(self, params: ActivationAtlasParams | None = None):
         super().__init__(params or ActivationAtlasParams())
@@ -178,7 +185,7 @@ class ActivationAtlas(Visualizer):
         """The dataset positions used: all, or a random subset of ``max_images`` drawn from the seed, in order."""
         import numpy as np
 
-        from convlens.core.seeding import derive_seed
+        from convlens import derive_seed
 
         limit = self.params.max_images
         if limit is None or limit >= count:
@@ -190,18 +197,18 @@ class ActivationAtlas(Visualizer):
         """The (y, x) drawn for dataset image ``image`` in a ``height`` x ``width`` map."""
         import torch
 
-        from convlens.core.seeding import torch_generator
+        from convlens import torch_generator
 
-        cell = int(torch.randint(height * width, (1,), generator=torch_generator(self.params.seed, "activation-atlas",
-                                                                                   image)))
+        cell = int(
+            torch.randint(height * width, (1,), generator=torch_generator(self.params.seed, "activation-atlas", image))
+        )
         return divmod(cell, width)
 
     def collect(self, target: VisualTarget) -> dict[str, Any]:
         """One vector per readable image: ``vectors [N, D]``, ``positions [N, 2]``, ``images [N]`` and the index."""
         import torch
 
-        from convlens.core.images import SkipLog
-        from convlens.core.layers import activations_at
+        from convlens import SkipLog, activations_at
 
         index = self.data_of(target)
         positions = self.positions_of(len(index))
@@ -210,43 +217,57 @@ class ActivationAtlas(Visualizer):
         skip_log = SkipLog(index.root)
         vectors, where, images = [], [], []
         map_size = None
-        for batch in self.batches(target, positions, batch_size=self.params.batch_size, skip_log=skip_log,
-                                  workers=self.params.workers):
+        for batch in self.batches(
+            target, positions, batch_size=self.params.batch_size, skip_log=skip_log, workers=self.params.workers
+        ):
             maps = activations_at(target.model.module, batch.images.to(device), target.layer).activations[target.layer]
             if maps.ndim != 4:
-                raise ConvlensError(f"an activation atlas needs a layer with an output [N, C, H, W]; layer "
-                                    f"'{target.layer}' gives {tuple(maps.shape)}")
+                raise ConvlensError(
+                    f"an activation atlas needs a layer with an output [N, C, H, W]; layer "
+                    f"'{target.layer}' gives {tuple(maps.shape)}"
+                )
             if sae is not None and maps.shape[1] != sae.input_dim:
-                raise ConvlensError(f"the SAE reads {sae.input_dim} channels but layer '{target.layer}' gives "
-                                    f"{maps.shape[1]}")
+                raise ConvlensError(
+                    f"the SAE reads {sae.input_dim} channels but layer '{target.layer}' gives {maps.shape[1]}"
+                )
             height, width = maps.shape[2:]
             map_size = (height, width)
             drawn = torch.tensor([self.sampled_position(int(p), height, width) for p in batch.positions])
-            rows = maps[torch.arange(len(batch), device=maps.device), :, drawn[:, 0].to(maps.device),
-                        drawn[:, 1].to(maps.device)]
+            rows = maps[
+                torch.arange(len(batch), device=maps.device),
+                :,
+                drawn[:, 0].to(maps.device),
+                drawn[:, 1].to(maps.device),
+            ]
             if sae is not None:
                 with torch.no_grad():
                     rows = sae.encode(rows)
             rows = rows.detach().float().cpu()
             if not bool(torch.isfinite(rows).all()):
                 bad = int(batch.positions[(~torch.isfinite(rows)).any(dim=1)][0])
-                raise ConvlensError(f"layer '{target.layer}' gives NaN or infinite values for image "
-                                    f"{index.relative(index.paths[bad])}")
+                raise ConvlensError(
+                    f"layer '{target.layer}' gives NaN or infinite values for image {index.relative(index.paths[bad])}"
+                )
             vectors.append(rows)
             where.append(drawn)
             images.append(batch.positions.clone())
         if not vectors:
             raise ConvlensError(f"none of the images under {index.root} could be read")
-        return {"vectors": torch.cat(vectors), "positions": torch.cat(where).long(), "images": torch.cat(images).long(),
-                "index": index, "skip_log": skip_log, "map_size": map_size}
+        return {
+            "vectors": torch.cat(vectors),
+            "positions": torch.cat(where).long(),
+            "images": torch.cat(images).long(),
+            "index": index,
+            "skip_log": skip_log,
+            "map_size": map_size,
+        }
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         import numpy as np
         import torch
 
-        from convlens.core.runs import write_json_atomic
-        from convlens.core.tensor_files import save_tensors_atomic
+        from convlens import save_tensors_atomic, write_json_atomic
 
         params = self.params
         out_dir = Path(out_dir)
@@ -263,46 +284,85 @@ class ActivationAtlas(Visualizer):
         filled = self._cells(vectors, rows, columns, target)
         kind = "latent" if target.sae is not None else "channel"
         record: dict[str, Any] = {
-            "visualizer": self.name, "layer": target.layer, "params": params.to_dict(),
+            "visualizer": self.name,
+            "layer": target.layer,
+            "params": params.to_dict(),
             "projection": {"method": method, "name": NAMES[method], "requested": params.projection, **details},
-            "vectors": {"kind": "sae-latents" if target.sae is not None else "channels", "dim": vectors.shape[1],
-                        "unit_kind": kind, "map_size": list(collected["map_size"])},
-            "images": count, "grid": params.grid, "min_count": params.min_count, "bounds": bounds,
-            "layout": {"cell": params.size, "margin": MARGIN, "width": params.grid * params.size + 2 * MARGIN,
-                       "height": params.grid * params.size + 2 * MARGIN,
-                       "rows": "row 0 at the top holds the largest y; column 0 the smallest x",
-                       "cell_box": "[margin + column * cell, margin + row * cell, ... + cell, ... + cell]"},
+            "vectors": {
+                "kind": "sae-latents" if target.sae is not None else "channels",
+                "dim": vectors.shape[1],
+                "unit_kind": kind,
+                "map_size": list(collected["map_size"]),
+            },
+            "images": count,
+            "grid": params.grid,
+            "min_count": params.min_count,
+            "bounds": bounds,
+            "layout": {
+                "cell": params.size,
+                "margin": MARGIN,
+                "width": params.grid * params.size + 2 * MARGIN,
+                "height": params.grid * params.size + 2 * MARGIN,
+                "rows": "row 0 at the top holds the largest y; column 0 the smallest x",
+                "cell_box": "[margin + column * cell, margin + row * cell, ... + cell, ... + cell]",
+            },
             "density": self._density_rule(),
             "points_file": "points.safetensors",
         }
         cell_tensors = {
             "cell_index": torch.tensor([[c["row"], c["column"]] for c in filled], dtype=torch.long).view(-1, 2),
-            "cell_means": (torch.stack([c["mean"] for c in filled]) if filled
-                           else torch.zeros(0, vectors.shape[1], dtype=torch.float64)),
-            "cell_directions": (torch.stack([c["direction"] for c in filled]) if filled else torch.zeros(
-                0, target.sae.input_dim if target.sae is not None else vectors.shape[1], dtype=torch.float32)),
+            "cell_means": (
+                torch.stack([c["mean"] for c in filled])
+                if filled
+                else torch.zeros(0, vectors.shape[1], dtype=torch.float64)
+            ),
+            "cell_directions": (
+                torch.stack([c["direction"] for c in filled])
+                if filled
+                else torch.zeros(
+                    0, target.sae.input_dim if target.sae is not None else vectors.shape[1], dtype=torch.float32
+                )
+            ),
         }
-        save_tensors_atomic({
-            "coordinates": coordinates, "positions": collected["positions"], "images": collected["images"],
-            "vectors": vectors, "cells": torch.from_numpy(np.stack([rows, columns], axis=1)).long(), **cell_tensors,
-        }, out_dir / "points.safetensors")  # no metadata: its key order is not stable, and the JSON says it all
+        save_tensors_atomic(
+            {
+                "coordinates": coordinates,
+                "positions": collected["positions"],
+                "images": collected["images"],
+                "vectors": vectors,
+                "cells": torch.from_numpy(np.stack([rows, columns], axis=1)).long(),
+                **cell_tensors,
+            },
+            out_dir / "points.safetensors",
+        )  # no metadata: its key order is not stable, and the JSON says it all
 
         rendered = self._invert(target, filled)
         most = max((c["count"] for c in filled), default=0)
         record["cells"] = []
         record["figures"] = [
-            {"unit": None, "path": "atlas.png", "kind": "atlas",
-             "caption": f"activation atlas of {target.layer}: {len(filled)} cells of a {params.grid} x {params.grid} "
-                        f"grid over the {NAMES[method]} of {count} activations"
-                        + (f"; {'opacity' if params.density == 'alpha' else 'size'} by point count"
-                           if params.density != "none" else "")},
-            {"unit": None, "path": "projection.png", "kind": "projection",
-             "caption": f"{NAMES[method]} of {count} {'SAE codes' if target.sae is not None else 'activation vectors'}"
-                        f" at {target.layer}, one random position per image"},
+            {
+                "unit": None,
+                "path": "atlas.png",
+                "kind": "atlas",
+                "caption": f"activation atlas of {target.layer}: {len(filled)} cells of a "
+                f"{params.grid} x {params.grid} grid over the {NAMES[method]} of {count} activations"
+                + (
+                    f"; {'opacity' if params.density == 'alpha' else 'size'} by point count"
+                    if params.density != "none"
+                    else ""
+                ),
+            },
+            {
+                "unit": None,
+                "path": "projection.png",
+                "kind": "projection",
+                "caption": f"{NAMES[method]} of {count} "
+                f"{'SAE codes' if target.sae is not None else 'activation vectors'} at {target.layer}, "
+                "one random position per image",
+            },
         ]
-        from convlens.core.images import save_png
-
-        from .feature_viz_render import to_pil
+        from convlens import save_png
+        from convlens.plugins.visualizers.feature_viz.api import to_pil
 
         pictures = []
         for cell, image in zip(filled, rendered):
@@ -312,46 +372,71 @@ class ActivationAtlas(Visualizer):
             pictures.append(picture)
             share = density_share(cell["count"], most)
             top = cell["mean"].sort(descending=True, stable=True)  # ties: the lower id first
-            entry = {"row": cell["row"], "column": cell["column"], "count": cell["count"],
-                     "centre": self._centre(cell["row"], cell["column"], bounds), "image": path,
-                     "top_units": [{"unit": int(u), "value": float(v)}
-                                   for v, u in zip(top.values[:TOP_UNITS], top.indices[:TOP_UNITS])],
-                     "direction_norm": float(cell["direction"].norm())}
+            entry = {
+                "row": cell["row"],
+                "column": cell["column"],
+                "count": cell["count"],
+                "centre": self._centre(cell["row"], cell["column"], bounds),
+                "image": path,
+                "top_units": [
+                    {"unit": int(u), "value": float(v)} for v, u in zip(top.values[:TOP_UNITS], top.indices[:TOP_UNITS])
+                ],
+                "direction_norm": float(cell["direction"].norm()),
+            }
             if params.density == "alpha":
                 entry["alpha"] = 0.25 + 0.75 * share
             elif params.density == "size":
                 entry["side"] = max(1, round(params.size * (0.25 + 0.75 * share)))
             record["cells"].append(entry)
             shown = ", ".join(f"{t['unit']} ({t['value']:.3g})" for t in entry["top_units"][:3])
-            record["figures"].append({"unit": None, "path": path, "kind": "atlas-cell",
-                                      "caption": f"cell ({cell['row']}, {cell['column']}): {cell['count']} "
-                                                 f"activations; top {kind}s {shown}"})
+            record["figures"].append(
+                {
+                    "unit": None,
+                    "path": path,
+                    "kind": "atlas-cell",
+                    "caption": f"cell ({cell['row']}, {cell['column']}): {cell['count']} "
+                    f"activations; top {kind}s {shown}",
+                }
+            )
         save_png(self._atlas(record["cells"], pictures), out_dir / "atlas.png")
         save_png(self._scatter(coordinates.numpy(), bounds, method, count, target.layer), out_dir / "projection.png")
 
-        record["points"] = None if count > POINTS_IN_JSON else [
-            {"image": index.relative(index.paths[int(image)]), "index": int(image), "position": [int(y), int(x)],
-             "xy": [float(a), float(b)]}
-            for image, (y, x), (a, b) in zip(collected["images"], collected["positions"].tolist(),
-                                             coordinates.tolist())]
+        record["points"] = (
+            None
+            if count > POINTS_IN_JSON
+            else [
+                {
+                    "image": index.relative(index.paths[int(image)]),
+                    "index": int(image),
+                    "position": [int(y), int(x)],
+                    "xy": [float(a), float(b)],
+                }
+                for image, (y, x), (a, b) in zip(
+                    collected["images"], collected["positions"].tolist(), coordinates.tolist()
+                )
+            ]
+        )
         skip_log = collected["skip_log"]
         record["skipped"] = skip_log.as_json()
-        summary = (f"atlas of {count} activations ({NAMES[method]}) on a {params.grid} x {params.grid} grid: "
-                   f"{len(filled)} cells inverted")
+        summary = (
+            f"atlas of {count} activations ({NAMES[method]}) on a {params.grid} x {params.grid} grid: "
+            f"{len(filled)} cells inverted"
+        )
         if not filled:
             summary += f" (no cell holds {params.min_count} points: lower --min-count or --grid)"
         record["summary"] = summary + (f"; {skip_log.summary()}" if len(skip_log) else "")
         write_json_atomic(out_dir / "activation_atlas.json", record)
         return record
 
-    def _cells(self, vectors: torch.Tensor, rows: np.ndarray, columns: np.ndarray,
-               target: VisualTarget) -> list[dict[str, Any]]:
+    def _cells(
+        self, vectors: torch.Tensor, rows: np.ndarray, columns: np.ndarray, target: VisualTarget
+    ) -> list[dict[str, Any]]:
         """The cells with at least ``min_count`` points, in row-major order, with their float64 mean vector and the
         channel-space direction that is inverted (the mean code decoded with an SAE)."""
         import numpy as np
         import torch
 
-        from .direction_images import channel_directions
+        from convlens.plugins.visualizers.feature_viz.api import channel_directions
 
         grid = self.params.grid
         flat = rows * grid + columns
@@ -373,17 +458,26 @@ class ActivationAtlas(Visualizer):
         """Feature visualisation of every cell's direction, ``render_batch`` cells per optimisation batch."""
         if not cells:
             return []
-        from . import feature_viz_render
-        from .feature_viz_objectives import Objective
+        from convlens.plugins.visualizers.feature_viz.api import Objective, RenderSettings, render
 
         params = self.params
-        settings = feature_viz_render.RenderSettings(
-            **{**PRESETS[params.preset], "steps": params.steps}, size=(params.size, params.size),
-            batch_size=params.render_batch, seed=params.seed)
+        settings = RenderSettings(
+            **{**PRESETS[params.preset], "steps": params.steps},
+            size=(params.size, params.size),
+            batch_size=params.render_batch,
+            seed=params.seed,
+        )
         objectives = [Objective.direction(cell["direction"]) for cell in cells]
         module = target.model.module
-        results = feature_viz_render.render(module, target.layer, objectives, settings, mean=target.model.mean,
-                                            std=target.model.std, progress=self.progress)
+        results = render(
+            module,
+            target.layer,
+            objectives,
+            settings,
+            mean=target.model.mean,
+            std=target.model.std,
+            progress=self.progress,
+        )
         return [result.image for result in results]
 
     def _density_rule(self) -> dict[str, str]:
@@ -417,14 +511,14 @@ class ActivationAtlas(Visualizer):
             if "alpha" in cell:
                 alpha = cell["alpha"]
                 blended = alpha * np.asarray(picture, dtype=np.float64) + (1 - alpha) * 255.0
-                canvas[top:top + size, left:left + size] = np.rint(blended).clip(0, 255).astype(np.uint8)
+                canvas[top : top + size, left : left + size] = np.rint(blended).clip(0, 255).astype(np.uint8)
             elif "side" in cell:
                 shrunk = cell["side"]
                 offset = (size - shrunk) // 2
                 small = np.asarray(picture.resize((shrunk, shrunk), Image.BILINEAR))
-                canvas[top + offset:top + offset + shrunk, left + offset:left + offset + shrunk] = small
+                canvas[top + offset : top + offset + shrunk, left + offset : left + offset + shrunk] = small
             else:
-                canvas[top:top + size, left:left + size] = np.asarray(picture)
+                canvas[top : top + size, left : left + size] = np.asarray(picture)
         return Image.fromarray(canvas, "RGB")
 
     def _scatter(self, coordinates: np.ndarray, bounds: dict[str, list[float]], method: str, count: int, layer: str):
@@ -432,7 +526,7 @@ class ActivationAtlas(Visualizer):
         import numpy as np
         from PIL import Image, ImageDraw, ImageFont
 
-        from convlens.core.charts import GRID, INK
+        from convlens import GRID, INK
 
         grid, side = self.params.grid, SCATTER_SIDE
         left, top, bottom = 28, 28, 24
@@ -445,7 +539,7 @@ class ActivationAtlas(Visualizer):
         for dy in (0, 1):
             for dx in (0, 1):
                 np.add.at(hits, (py + dy, px + dx), 1.0)
-        strength = (1.0 - 0.55 ** hits)[..., None]  # one dot is about half dark, piles approach full
+        strength = (1.0 - 0.55**hits)[..., None]  # one dot is about half dark, piles approach full
         area = np.full((side, side, 3), 255.0)
         for line in range(1, grid):  # the grid's cell boundaries
             at = round(line * (side - 1) / grid)
@@ -459,24 +553,37 @@ class ActivationAtlas(Visualizer):
         draw.rectangle([left - 1, top - 1, left + side, top + side], outline=INK)
         font = ImageFont.load_default(12)
         axis = ("PC1", "PC2") if method == "pca" else ("x", "y")
-        draw.text((left + side / 2, top / 2), f"{NAMES[method]} of {count} activations at {layer}", fill=INK,
-                  font=font, anchor="mm")
-        draw.text((left + side / 2, top + side + bottom / 2), f"{axis[0]}  [{x_low:.3g}, {x_high:.3g}]", fill=INK,
-                  font=font, anchor="mm")
+        draw.text(
+            (left + side / 2, top / 2),
+            f"{NAMES[method]} of {count} activations at {layer}",
+            fill=INK,
+            font=font,
+            anchor="mm",
+        )
+        draw.text(
+            (left + side / 2, top + side + bottom / 2),
+            f"{axis[0]}  [{x_low:.3g}, {x_high:.3g}]",
+            fill=INK,
+            font=font,
+            anchor="mm",
+        )
         label = Image.new("RGB", (side, 16), "white")
-        ImageDraw.Draw(label).text((side / 2, 8), f"{axis[1]}  [{y_low:.3g}, {y_high:.3g}]", fill=INK, font=font,
-                                   anchor="mm")
+        ImageDraw.Draw(label).text(
+            (side / 2, 8), f"{axis[1]}  [{y_low:.3g}, {y_high:.3g}]", fill=INK, font=font, anchor="mm"
+        )
         image.paste(label.rotate(90, expand=True), (left - 22, top))
         return image
 
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="activation-atlas",
-        factory=ActivationAtlas,
-        params=ActivationAtlasParams,
-        summary="one random activation (or SAE code) per image projected to 2-D (UMAP, PCA or t-SNE), averaged per "
-        "grid cell and inverted by feature visualisation (course notes sec. 4)",
-        aliases=("atlas",),
-    ))
+    register(
+        VisualizerSpec(
+            name="activation-atlas",
+            factory=ActivationAtlas,
+            params=ActivationAtlasParams,
+            summary="one random activation (or SAE code) per image projected to 2-D (UMAP, PCA or t-SNE), averaged per "
+            "grid cell and inverted by feature visualisation (course notes sec. 4)",
+            aliases=("atlas",),
+        )
+    )

@@ -12,18 +12,30 @@ per unit its range, max, mean, whether it is active (any value > 0) and its tile
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
-from convlens import Params, VisualizerSpec, Visualizer, VisualTarget, hookimpl, param
-from convlens.core.errors import ConvlensError
+from convlens import (
+    ConvlensError,
+    ImageVisualizer,
+    Params,
+    VisualizerSpec,
+    VisualTarget,
+    chosen_units,
+    hookimpl,
+    labelled_grid,
+    layer_maps,
+    param,
+    shifted,
+    tile_size,
+    titled_to_fit,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
-TILE_GAP = 2
 PANEL_GAP = 8
 
 
@@ -32,15 +44,18 @@ class ActivationMapsParams(Params):
     max_images: int = param(1, min=1, help="draw the maps of at most this many images of --data, in order")
     columns: Optional[int] = param(None, min=1, help="tiles per row (default: about the square root of the count)")
     tile: int = param(64, min=4, help="pixels on the longer side of a tile (nearest-neighbour upsampling)")
-    scale: str = param("shared", choices=("shared", "per-map"), help="shared: one colour range for all tiles of "
-                       "an image, so tiles compare; per-map: each tile from its own minimum (or 0) to its maximum")
+    scale: str = param(
+        "shared",
+        choices=("shared", "per-map"),
+        help="shared: one colour range for all tiles of "
+        "an image, so tiles compare; per-map: each tile from its own minimum (or 0) to its maximum",
+    )
     colour: str = param("grey", choices=("grey", "heat"), help="grey levels, or the heat colour map")
     batch_size: int = param(16, min=1, help="images per forward pass")
 
 
-class ActivationMaps(Visualizer):
+class ActivationMaps(ImageVisualizer):
     name = "activation-maps"
-    needs_data = True
 
     def __init__(self, params: ActivationMapsParams | None = None):
         super().__init__(params or ActivationMapsParams())
@@ -49,8 +64,7 @@ class ActivationMaps(Visualizer):
         """``maps/*.png`` (one per image) and ``activation_maps.json``."""
         import torch
 
-        from convlens.core.images import Preprocessing, SkipLog
-        from convlens.core.runs import write_json_atomic
+        from convlens import Preprocessing, SkipLog, write_json_atomic
 
         params = self.params
         out_dir = Path(out_dir)
@@ -61,8 +75,13 @@ class ActivationMaps(Visualizer):
         preprocessing = Preprocessing.of(model)
         device = next((p.device for p in model.module.parameters()), torch.device("cpu"))
         kind = "latents" if target.sae is not None else "channels"
-        record: dict[str, Any] = {"visualizer": self.name, "layer": layer, "params": params.to_dict(),
-                                  "tiles": kind, "images": []}
+        record: dict[str, Any] = {
+            "visualizer": self.name,
+            "layer": layer,
+            "params": params.to_dict(),
+            "tiles": kind,
+            "images": [],
+        }
         skip_log = SkipLog(index.root)
         for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log):
             images = batch.images.to(device)
@@ -74,8 +93,9 @@ class ActivationMaps(Visualizer):
                 position = int(batch.positions[row])
                 entry = {"image": index.relative(index.paths[position]), "position": position}
                 entry["picture"] = f"maps/{position:05d}-{Path(entry['image']).stem}.png"
-                entry["units"] = self._draw(preprocessing.to_pil(images[row]), maps[row], units, kind, layer,
-                                            out_dir / entry["picture"])
+                entry["units"] = self._draw(
+                    preprocessing.to_pil(images[row]), maps[row], units, kind, layer, out_dir / entry["picture"]
+                )
                 record["images"].append(entry)
             write_json_atomic(out_dir / "activation_maps.json", record)  # complete so far, also if a later batch fails
         if not record["images"]:
@@ -85,11 +105,11 @@ class ActivationMaps(Visualizer):
         write_json_atomic(out_dir / "activation_maps.json", record)
         return record
 
-    def _draw(self, picture: Image.Image, maps: Any, units: Sequence[int], kind: str, layer: str,
-              path: Path) -> list[dict[str, Any]]:
+    def _draw(
+        self, picture: Image.Image, maps: Any, units: Sequence[int], kind: str, layer: str, path: Path
+    ) -> list[dict[str, Any]]:
         """Write the image beside its tiles to ``path``; per unit, its statistics and its tile's box."""
-        from convlens.core.charts import enlarge, side_by_side, titled
-        from convlens.core.images import save_png
+        from convlens import enlarge, save_png, side_by_side, titled
 
         params = self.params
         ranges = colour_ranges(maps, shared=params.scale == "shared")
@@ -99,46 +119,29 @@ class ActivationMaps(Visualizer):
         panels = [titled(enlarge(picture, max(2 * params.tile, 128)), "input"), titled_to_fit(sheet, header)]
         save_png(side_by_side(panels, gap=PANEL_GAP), path)
         sheet_left, sheet_top = panels[0].width + PANEL_GAP, panels[1].height - sheet.height
-        return [{
-            "unit": unit, "max": float(values.max()), "mean": float(values.mean()), "active": bool((values > 0).any()),
-            "range": [low, high], "box": shifted(box, sheet_left, sheet_top),
-        } for unit, values, (low, high), box in zip(units, maps, ranges, boxes)]
+        return [
+            {
+                "unit": unit,
+                "max": float(values.max()),
+                "mean": float(values.mean()),
+                "active": bool((values > 0).any()),
+                "range": [low, high],
+                "box": shifted(box, sheet_left, sheet_top),
+            }
+            for unit, values, (low, high), box in zip(units, maps, ranges, boxes)
+        ]
 
     @staticmethod
     def _summary(record: dict[str, Any], kind: str, layer: str) -> str:
         count = len(record["units"])
         active = [sum(unit["active"] for unit in entry["units"]) for entry in record["images"]]
         images = len(active)
-        shown = (f"{active[0]} of {count} active" if images == 1
-                 else f"{min(active)} to {max(active)} of {count} active per image")
+        shown = (
+            f"{active[0]} of {count} active"
+            if images == 1
+            else f"{min(active)} to {max(active)} of {count} active per image"
+        )
         return f"drew {count} {kind} of {layer} for {images} image{'s' if images != 1 else ''}; {shown}"
-
-
-def layer_maps(model: Any, images: Any, layer: str, sae: Any = None) -> Any:
-    """The layer's activations ``[N, C, H, W]`` for ``images``, or with ``sae`` its latents ``[N, latents, H, W]``."""
-    import torch
-
-    from convlens.core.layers import activations_at
-
-    activations = activations_at(model.module, images, layer).activations[layer]
-    if activations.ndim != 4:
-        raise ConvlensError(f"activation maps need a layer with an output [N, C, H, W]; layer '{layer}' gives "
-                            f"{tuple(activations.shape)}")
-    if sae is None:
-        return activations
-    if activations.shape[1] != sae.input_dim:
-        raise ConvlensError(f"the SAE reads {sae.input_dim} channels but layer '{layer}' gives "
-                            f"{activations.shape[1]}")
-    with torch.no_grad():
-        return sae.encode(activations)
-
-
-def chosen_units(units: Sequence[int], available: int, kind: str) -> tuple[int, ...]:
-    """``units``, or all of ``range(available)`` when none are given; one clear error for a unit out of range."""
-    wrong = [unit for unit in units if not 0 <= unit < available]
-    if wrong:
-        raise ConvlensError(f"{kind} {', '.join(map(str, wrong))} out of range: there are {kind} 0..{available - 1}")
-    return tuple(units) if units else tuple(range(available))
 
 
 def colour_ranges(maps: Any, shared: bool) -> list[tuple[float, float]]:
@@ -157,7 +160,7 @@ def map_tile(values: Any, low: float, high: float, tile: int, colour: str) -> Im
     import numpy as np
     from PIL import Image
 
-    from convlens.core.charts import heat_colours
+    from convlens import heat_colours
 
     values = np.asarray(values, dtype=np.float64)
     shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
@@ -168,55 +171,14 @@ def map_tile(values: Any, low: float, high: float, tile: int, colour: str) -> Im
     return picture.resize(tile_size(picture.size, tile), Image.NEAREST)
 
 
-def tile_size(size: tuple[int, int], tile: int) -> tuple[int, int]:
-    """``size`` (width, height) scaled so that its longer side is ``tile``."""
-    width, height = size
-    longer = max(width, height)
-    return max(1, round(width * tile / longer)), max(1, round(height * tile / longer))
-
-
-def labelled_grid(tiles: Sequence[Image.Image], labels: Sequence[str],
-                  columns: int | None = None) -> tuple[Image.Image, list[list[int]]]:
-    """Tiles of one size, each titled with its label, in rows of ``columns`` (default: about the square root of
-    the count); also each tile's box ``[left, top, right, bottom]`` in the returned image."""
-    from convlens.core.charts import grid, titled
-
-    columns = min(columns or math.ceil(math.sqrt(len(tiles))), len(tiles))
-    cells = [titled(tile, label) for tile, label in zip(tiles, labels)]
-    width, height = tiles[0].size
-    band = cells[0].height - height
-    boxes = []
-    for position in range(len(tiles)):
-        row, column = divmod(position, columns)
-        left, top = column * (width + TILE_GAP), row * (cells[0].height + TILE_GAP) + band
-        boxes.append([left, top, left + width, top + height])
-    return grid(cells, columns, gap=TILE_GAP), boxes
-
-
-def titled_to_fit(image: Image.Image, title: str, size: int = 12) -> Image.Image:
-    """``charts.titled``, with white added on the right when the title is wider than the image."""
-    from PIL import Image, ImageFont
-
-    from convlens.core.charts import titled
-
-    width = math.ceil(ImageFont.load_default(size).getlength(title)) + 8
-    if width > image.width:
-        padded = Image.new("RGB", (width, image.height), "white")
-        padded.paste(image, (0, 0))
-        image = padded
-    return titled(image, title, size)
-
-
-def shifted(box: list[int], right: int, down: int) -> list[int]:
-    return [box[0] + right, box[1] + down, box[2] + right, box[3] + down]
-
-
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="activation-maps",
-        factory=ActivationMaps,
-        params=ActivationMapsParams,
-        summary="a layer's feature maps (or SAE latents) for an image, one tile per channel, beside the image",
-        aliases=("feature-maps",),
-    ))
+    register(
+        VisualizerSpec(
+            name="activation-maps",
+            factory=ActivationMaps,
+            params=ActivationMapsParams,
+            summary="a layer's feature maps (or SAE latents) for an image, one tile per channel, beside the image",
+            aliases=("feature-maps",),
+        )
+    )

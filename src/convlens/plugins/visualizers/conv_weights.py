@@ -12,18 +12,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from convlens import Params, VisualizerSpec, Visualizer, VisualTarget, hookimpl, param
-from convlens.core.errors import ConvlensError
-
-from .activation_maps import chosen_units, labelled_grid, shifted, tile_size, titled_to_fit
+from convlens import (
+    ConvlensError,
+    Params,
+    Visualizer,
+    VisualizerSpec,
+    VisualTarget,
+    chosen_units,
+    hookimpl,
+    labelled_grid,
+    param,
+    shifted,
+    tile_size,
+    titled_to_fit,
+)
 
 
 @dataclass(frozen=True)
 class ConvWeightsParams(Params):
     columns: Optional[int] = param(None, min=1, help="kernels per row (default: about the square root of the count)")
     tile: int = param(48, min=4, help="pixels on the longer side of a kernel (nearest-neighbour upsampling)")
-    scale: str = param("shared", choices=("shared", "per-kernel"), help="shared: one colour scale for all "
-                       "kernels, so they compare; per-kernel: each kernel scaled to its own largest |weight|")
+    scale: str = param(
+        "shared",
+        choices=("shared", "per-kernel"),
+        help="shared: one colour scale for all "
+        "kernels, so they compare; per-kernel: each kernel scaled to its own largest |weight|",
+    )
 
 
 class ConvWeights(Visualizer):
@@ -35,8 +49,7 @@ class ConvWeights(Visualizer):
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         """``grid.png`` and ``conv_weights.json``."""
-        from convlens.core.images import save_png
-        from convlens.core.runs import write_json_atomic
+        from convlens import save_png, write_json_atomic
 
         params = self.params
         out_dir = Path(out_dir)
@@ -55,14 +68,24 @@ class ConvWeights(Visualizer):
         save_png(picture, out_dir / "grid.png")
         norms = weights.flatten(1).norm(dim=1)
         record = {
-            "visualizer": self.name, "layer": layer, "kernel_shape": shape, "params": params.to_dict(),
-            "grid": "grid.png", "units": list(units),
-            "kernels": [{
-                "unit": unit, "l2_norm": float(norm), "mean_colour": kernel.mean(dim=(1, 2)).tolist(),
-                "max_abs_weight": float(peak), "box": shifted(box, 0, picture.height - sheet.height),
-            } for unit, kernel, norm, peak, box in zip(units, weights, norms, largest, boxes)],
+            "visualizer": self.name,
+            "layer": layer,
+            "kernel_shape": shape,
+            "params": params.to_dict(),
+            "grid": "grid.png",
+            "units": list(units),
+            "kernels": [
+                {
+                    "unit": unit,
+                    "l2_norm": float(norm),
+                    "mean_colour": kernel.mean(dim=(1, 2)).tolist(),
+                    "max_abs_weight": float(peak),
+                    "box": shifted(box, 0, picture.height - sheet.height),
+                }
+                for unit, kernel, norm, peak, box in zip(units, weights, norms, largest, boxes)
+            ],
             "summary": f"drew {len(units)} kernels {shape_text} of {layer} ({params.scale} scale); "
-                       f"L2 norms {float(norms.min()):.3g} to {float(norms.max()):.3g}",
+            f"L2 norms {float(norms.min()):.3g} to {float(norms.max()):.3g}",
         }
         write_json_atomic(out_dir / "conv_weights.json", record)
         return record
@@ -79,13 +102,17 @@ def first_rgb_conv(module: Any, layer: str | None = None) -> tuple[str, Any]:
     else:
         found = [(n, m) for n, m in layers.items() if isinstance(m, nn.Conv2d) and m.in_channels == 3]
         if not found:
-            raise ConvlensError("conv-weights draws the kernels of a convolution over the RGB input, but the model "
-                                "has no nn.Conv2d with 3 input channels")
+            raise ConvlensError(
+                "conv-weights draws the kernels of a convolution over the RGB input, but the model "
+                "has no nn.Conv2d with 3 input channels"
+            )
         name, conv = found[0]
     if conv.in_channels // conv.groups != 3:
-        raise ConvlensError(f"conv-weights draws kernels over the 3 colour channels, but convolution '{name}' is "
-                            f"grouped (groups={conv.groups}): each kernel sees {conv.in_channels // conv.groups} "
-                            f"channel(s)")
+        raise ConvlensError(
+            f"conv-weights draws kernels over the 3 colour channels, but convolution '{name}' is "
+            f"grouped (groups={conv.groups}): each kernel sees {conv.in_channels // conv.groups} "
+            f"channel(s)"
+        )
     return name, conv
 
 
@@ -103,10 +130,12 @@ def kernel_tile(kernel: Any, scale: float, tile: int) -> Any:
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="conv-weights",
-        factory=ConvWeights,
-        params=ConvWeightsParams,
-        summary="the kernels of the first (RGB) convolution as colour tiles in a grid",
-        aliases=("filter-weights", "kernels"),
-    ))
+    register(
+        VisualizerSpec(
+            name="conv-weights",
+            factory=ConvWeights,
+            params=ConvWeightsParams,
+            summary="the kernels of the first (RGB) convolution as colour tiles in a grid",
+            aliases=("filter-weights", "kernels"),
+        )
+    )

@@ -15,9 +15,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Optional
 
-from convlens import ConvlensError, Params, Visualizer, VisualizerSpec, VisualTarget, hookimpl, param
+from convlens import ConvlensError, ImageVisualizer, Params, VisualizerSpec, VisualTarget, hookimpl, param
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 class DatasetExamplesParams(Params):
     k: int = param(5, min=1, help="top and bottom images kept per unit")
     bottom: bool = param(True, help="also keep the k images where the unit is weakest")
-    position: Optional[tuple[int, int]] = param(None, help="y,x: rank by this one position of the map (a neuron) "
-                                                "instead of the strongest position")
+    position: Optional[tuple[int, int]] = param(
+        None, help="y,x: rank by this one position of the map (a neuron) instead of the strongest position"
+    )
     max_images: Optional[int] = param(None, min=1, help="look at the first N images of --data only")
     batch_size: int = param(64, min=1, help="images per forward pass")
     workers: int = param(0, min=0, help="data-loading processes")
@@ -59,29 +61,38 @@ class RunningExamples:
         """``scores [B, U]`` for dataset ``positions [B]``, ``peaks [B, U, 2]`` and ``maps [B, U, h, w]``."""
         import torch
 
-        batch = RankedExamples(scores.T, positions[None, :].expand(self.units, -1), peaks.transpose(0, 1),
-                               maps.transpose(0, 1))
+        batch = RankedExamples(
+            scores.T, positions[None, :].expand(self.units, -1), peaks.transpose(0, 1), maps.transpose(0, 1)
+        )
         for side, kept in self.sides.items():
-            joined = batch if kept is None else RankedExamples(*(torch.cat([a, b], dim=1) for a, b in zip(
-                dataclasses.astuple(kept), dataclasses.astuple(batch))))
+            joined = (
+                batch
+                if kept is None
+                else RankedExamples(
+                    *(torch.cat([a, b], dim=1) for a, b in zip(dataclasses.astuple(kept), dataclasses.astuple(batch)))
+                )
+            )
             order = joined.values.sort(dim=1, descending=side == "top", stable=True).indices[:, : self.k]
             self.sides[side] = RankedExamples(
-                joined.values.gather(1, order), joined.positions.gather(1, order),
+                joined.values.gather(1, order),
+                joined.positions.gather(1, order),
                 joined.peaks.gather(1, order[..., None].expand(-1, -1, 2)),
-                joined.maps[torch.arange(self.units)[:, None], order])
+                joined.maps[torch.arange(self.units)[:, None], order],
+            )
 
 
 def unit_maps(model, images: torch.Tensor, layer: str, units: tuple[int, ...], sae: Any) -> torch.Tensor:
     """``[B, U, h, w]``: the chosen channels of the layer, or the chosen SAE latents' maps."""
-    from convlens.core.layers import activations_at
+    from convlens import activations_at
 
     activations = activations_at(model.module, images, layer).activations[layer]
     if activations.ndim != 4:
         raise ConvlensError(f"layer '{layer}' gives {tuple(activations.shape[1:])}, not a [C, H, W] map")
     if sae is not None:
         if activations.shape[1] != sae.input_dim:
-            raise ConvlensError(f"the SAE reads {sae.input_dim} channels but layer '{layer}' has "
-                                f"{activations.shape[1]}")
+            raise ConvlensError(
+                f"the SAE reads {sae.input_dim} channels but layer '{layer}' has {activations.shape[1]}"
+            )
         activations = sae.encode(activations)
     index = list(units)
     return activations[:, index].float()
@@ -116,13 +127,14 @@ def feature_viz_images(folder: str, with_sae: bool) -> dict[int, Path]:
     return found
 
 
-class DatasetExamplesVisualizer(Visualizer):
+class DatasetExamplesVisualizer(ImageVisualizer):
     """Writes ``units/<unit>/{top,bottom}-<rank>-{crop,overlay}.png``, ``montages/<unit>.png`` and
     ``dataset_examples.json``, whose ``figures`` list per unit its montage (kind ``"montage"``) and then each
-    example's overlay with the receptive field outlined (kinds ``"top"`` and ``"bottom"``, best rank first)."""
+    example's overlay with the receptive field outlined (kinds ``"top"`` and ``"bottom"``, best rank first; drawn
+    small, the top ones marked ``"top_example"`` for side-by-side views)."""
 
     name = "dataset-examples"
-    needs_data = True
+    reads_outputs_of = MappingProxyType({"feature_viz": "feature-viz"})
 
     def __init__(self, params: DatasetExamplesParams | None = None):
         super().__init__(params or DatasetExamplesParams())
@@ -130,7 +142,8 @@ class DatasetExamplesVisualizer(Visualizer):
     def collect(self, target: VisualTarget) -> tuple[RunningExamples, Any, dict[str, Any]]:
         """The streaming pass: ranked examples per unit, the image index, and counts."""
         import torch
-        from convlens.core.images import SkipLog
+
+        from convlens import SkipLog
 
         params = self.params
         units = tuple(target.units)
@@ -143,16 +156,21 @@ class DatasetExamplesVisualizer(Visualizer):
         skip_log = SkipLog(index.root)
         seen = 0
         with torch.no_grad():
-            for batch in self.batches(target, positions, batch_size=params.batch_size, skip_log=skip_log,
-                                      workers=params.workers):
+            for batch in self.batches(
+                target, positions, batch_size=params.batch_size, skip_log=skip_log, workers=params.workers
+            ):
                 maps = unit_maps(target.model, batch.images.to(device), target.layer, units, target.sae).cpu()
                 if params.position is not None and not all(0 <= p < s for p, s in zip(params.position, maps.shape[2:])):
-                    raise ConvlensError(f"position {params.position} is outside the {maps.shape[2]} x {maps.shape[3]} "
-                                        f"map of layer '{target.layer}'")
+                    raise ConvlensError(
+                        f"position {params.position} is outside the {maps.shape[2]} x {maps.shape[3]} "
+                        f"map of layer '{target.layer}'"
+                    )
                 if not bool(torch.isfinite(maps).all()):
                     bad = int(batch.positions[(~torch.isfinite(maps)).flatten(1).any(dim=1)][0])
-                    raise ConvlensError(f"layer '{target.layer}' gives NaN or infinite values for image "
-                                        f"{index.relative(index.paths[bad])}")
+                    raise ConvlensError(
+                        f"layer '{target.layer}' gives NaN or infinite values for image "
+                        f"{index.relative(index.paths[bad])}"
+                    )
                 values, peaks = scores_and_peaks(maps, params.position)
                 running.update(values, batch.positions, peaks, maps)
                 seen += len(batch)
@@ -161,8 +179,7 @@ class DatasetExamplesVisualizer(Visualizer):
         return running, index, {"images": seen, "skipped": skip_log.as_json(), "skip_summary": skip_log.summary()}
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
-        from convlens.core.layers import receptive_field
-        from convlens.core.runs import write_json_atomic
+        from convlens import receptive_field, write_json_atomic
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,8 +190,14 @@ class DatasetExamplesVisualizer(Visualizer):
         pictures = self._pictures(target, index, running)
         kind = "latent" if target.sae is not None else "channel"
         record: dict[str, Any] = {
-            "visualizer": self.name, "layer": target.layer, "unit_kind": kind, "params": params.to_dict(),
-            "images": counts["images"], "skipped": counts["skipped"], "receptive_field": field.to_dict(), "units": [],
+            "visualizer": self.name,
+            "layer": target.layer,
+            "unit_kind": kind,
+            "params": params.to_dict(),
+            "images": counts["images"],
+            "skipped": counts["skipped"],
+            "receptive_field": field.to_dict(),
+            "units": [],
             "figures": [],
         }
         for column, unit in enumerate(target.units):
@@ -182,43 +205,70 @@ class DatasetExamplesVisualizer(Visualizer):
             strongest = float(running.sides["top"].values[column, 0])
             scale = strongest if strongest > 0 else 1.0  # one heat scale for all of a unit's overlays
             for side, ranked in running.sides.items():
-                entry[side] = [self._example(out_dir, index, pictures, field, unit, side, rank, ranked, column, scale)
-                               for rank in range(ranked.values.shape[1])]
+                entry[side] = [
+                    self._example(out_dir, index, pictures, field, unit, side, rank, ranked, column, scale)
+                    for rank in range(ranked.values.shape[1])
+                ]
             entry["montage"] = self._montage(out_dir, unit, kind, entry, feature_images.get(unit))
             record["units"].append(entry)
             record["figures"] += self._figures(unit, kind, entry, counts["images"])
-        record["summary"] = (f"top{' and bottom' if params.bottom else ''} {params.k} of {counts['images']} images "
-                             f"for {len(target.units)} {kind}s" + (f"; {counts['skip_summary']}"
-                                                                  if counts["skipped"] else ""))
+        record["summary"] = (
+            f"top{' and bottom' if params.bottom else ''} {params.k} of {counts['images']} images "
+            f"for {len(target.units)} {kind}s" + (f"; {counts['skip_summary']}" if counts["skipped"] else "")
+        )
         write_json_atomic(out_dir / "dataset_examples.json", record)
         return record
 
     def _figures(self, unit: int, kind: str, entry: dict[str, Any], images: int) -> list[dict[str, Any]]:
         """The unit's montage, then each example's overlay with its receptive field outlined."""
         sides = " and ".join(side for side in ("top", "bottom") if side in entry)
-        figures = [{"unit": unit, "path": entry["montage"], "kind": "montage",
-                    "caption": f"{kind} {unit}: {sides} {self.params.k} of {images} images"}]
+        figures = [
+            {
+                "unit": unit,
+                "path": entry["montage"],
+                "kind": "montage",
+                "caption": f"{kind} {unit}: {sides} {self.params.k} of {images} images",
+            }
+        ]
         for side in ("top", "bottom"):
-            figures += [{"unit": unit, "path": example["overlay"], "kind": side,
-                         "caption": f"{side} {rank}: {example['image']}, value {example['value']:.3g}, "
-                                    f"peak ({example['peak'][0]}, {example['peak'][1]})"}
-                        for rank, example in enumerate(entry.get(side, []), start=1)]
+            figures += [
+                {
+                    "unit": unit,
+                    "path": example["overlay"],
+                    "kind": side,
+                    "caption": f"{side} {rank}: {example['image']}, value {example['value']:.3g}, "
+                    f"peak ({example['peak'][0]}, {example['peak'][1]})",
+                    "small": True,
+                    "top_example": side == "top",
+                }
+                for rank, example in enumerate(entry.get(side, []), start=1)
+            ]
         return figures
 
     def _pictures(self, target: VisualTarget, index: Any, running: RunningExamples) -> dict[int, Any]:
         """The model's view (resize and centre crop) of every image that was kept, each decoded once."""
-        from convlens.core.images import Preprocessing, open_rgb
+        from convlens import Preprocessing, open_rgb
 
         preprocessing = Preprocessing.of(target.model)
         kept = sorted({int(p) for ranked in running.sides.values() for p in ranked.positions.flatten()})
         return {position: preprocessing.eval_geometry(open_rgb(index.paths[position])) for position in kept}
 
-    def _example(self, out_dir: Path, index: Any, pictures: dict[int, Any], field: Any, unit: int, side: str,
-                 rank: int, ranked: RankedExamples, column: int, scale: float) -> dict[str, Any]:
+    def _example(
+        self,
+        out_dir: Path,
+        index: Any,
+        pictures: dict[int, Any],
+        field: Any,
+        unit: int,
+        side: str,
+        rank: int,
+        ranked: RankedExamples,
+        column: int,
+        scale: float,
+    ) -> dict[str, Any]:
         from PIL import ImageDraw
 
-        from convlens.core.charts import heat_overlay
-        from convlens.core.images import save_png
+        from convlens import heat_overlay, save_png
 
         position = int(ranked.positions[column, rank])
         y, x = (int(v) for v in ranked.peaks[column, rank])
@@ -231,15 +281,20 @@ class DatasetExamplesVisualizer(Visualizer):
         folder = f"units/{unit:04d}"
         save_png(crop, out_dir / folder / f"{side}-{rank + 1}-crop.png")
         save_png(overlay.resize((tile, tile)), out_dir / folder / f"{side}-{rank + 1}-overlay.png")
-        return {"image": index.relative(index.paths[position]), "position": position,
-                "value": float(ranked.values[column, rank]), "peak": [y, x], "box": [top, left, bottom, right],
-                "crop": f"{folder}/{side}-{rank + 1}-crop.png", "overlay": f"{folder}/{side}-{rank + 1}-overlay.png"}
+        return {
+            "image": index.relative(index.paths[position]),
+            "position": position,
+            "value": float(ranked.values[column, rank]),
+            "peak": [y, x],
+            "box": [top, left, bottom, right],
+            "crop": f"{folder}/{side}-{rank + 1}-crop.png",
+            "overlay": f"{folder}/{side}-{rank + 1}-overlay.png",
+        }
 
     def _montage(self, out_dir: Path, unit: int, kind: str, entry: dict[str, Any], feature_image: Path | None) -> str:
         from PIL import Image
 
-        from convlens.core.charts import grid, titled
-        from convlens.core.images import open_rgb, save_png
+        from convlens import grid, open_rgb, save_png, titled
 
         tile = self.params.tile
         blank = Image.new("RGB", (tile, tile), "white")
@@ -256,18 +311,22 @@ class DatasetExamplesVisualizer(Visualizer):
                 tiles.append(titled(shown, f"{side} {example['value']:.3g}" if what == "crop" else "", 10))
             tiles += [titled(blank, "", 10)] * (self.params.k - len(entry[side]))
         relative = f"montages/{unit:04d}.png"
-        save_png(titled(grid(tiles, self.params.k + 1), f"{kind} {unit}: top and bottom {self.params.k} images", 12),
-                 out_dir / relative)
+        save_png(
+            titled(grid(tiles, self.params.k + 1), f"{kind} {unit}: top and bottom {self.params.k} images", 12),
+            out_dir / relative,
+        )
         return relative
 
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="dataset-examples",
-        factory=DatasetExamplesVisualizer,
-        params=DatasetExamplesParams,
-        summary="top-k and bottom-k images per unit or SAE latent in one streaming pass, with receptive-field crops, "
-        "heat-map overlays and montages (paper Figures 22-23)",
-        aliases=("examples", "top-images"),
-    ))
+    register(
+        VisualizerSpec(
+            name="dataset-examples",
+            factory=DatasetExamplesVisualizer,
+            params=DatasetExamplesParams,
+            summary="top-k and bottom-k images per unit or SAE latent in one streaming pass, with receptive-field "
+            "crops, heat-map overlays and montages (paper Figures 22-23)",
+            aliases=("examples", "top-images"),
+        )
+    )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convlens import VisualizerSpec, hookimpl
-from convlens.core.attribution import AttributionParams, AttributionVisualizer, ExplainTarget
+from convlens import AttributionParams, AttributionVisualizer, ExplainTarget, VisualizerSpec, hookimpl
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,12 @@ class EdgeDetector(AttributionVisualizer):
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="edge-detector",
-        factory=EdgeDetector,
-        params=EdgeDetectorParams,
-        summary="Sobel edge magnitude of the input: a model-independent baseline for attribution sanity checks",
-        aliases=("edges", "sobel"),
-    ))
+    register(
+        VisualizerSpec(
+            name="edge-detector",
+            factory=EdgeDetector,
+            params=EdgeDetectorParams,
+            summary="Sobel edge magnitude of the input: a model-independent baseline for attribution sanity checks",
+            aliases=("edges", "sobel"),
+        )
+    )

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convlens import Visualizer, VisualizerSpec, VisualTarget, hookimpl, param
-from convlens.core.errors import ConvlensError
-
-from .direction_images import DirectionImageParams
+from convlens import ConvlensError, ImageVisualizer, VisualizerSpec, VisualTarget, hookimpl, param
+from convlens.plugins.visualizers.feature_viz.api import DirectionImageParams
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +31,7 @@ PANEL_GAP = 8
 @dataclass(frozen=True)
 class FactoriseParams(DirectionImageParams):
     size: int = param(64, min=8, help="side in pixels of each group's feature visualisation")
-    seed: int = param(0, help="seed of the factorisation's random start (per image) and of the feature "
-                      "visualisations")
+    seed: int = param(0, help="seed of the factorisation's random start (per image) and of the feature visualisations")
     groups: int = param(4, min=1, help="factors k: groups of units, each with a direction and a spatial map")
     iterations: int = param(500, min=1, help="HALS iterations (one update of every row of H and column of W)")
     max_images: int = param(1, min=1, help="factorise at most this many images of --data, in order, each on its own")
@@ -55,15 +52,16 @@ def nmf(matrix: torch.Tensor, groups: int, *, iterations: int = 500, seed: int =
     decreasing order of ``sum(H[j])`` (their share of the activations, the directions having unit norm)."""
     import torch
 
-    from convlens.core.seeding import torch_generator
+    from convlens import torch_generator
 
     a = torch.as_tensor(matrix).detach().to(torch.float64)
     if a.ndim != 2:
         raise ConvlensError(f"NMF factorises a matrix, got a tensor of shape {tuple(a.shape)}")
     rows, columns = a.shape
     if not 1 <= groups <= min(rows, columns):
-        raise ConvlensError(f"NMF into {groups} groups needs at least that many rows and columns; the matrix is "
-                            f"{rows} x {columns}")
+        raise ConvlensError(
+            f"NMF into {groups} groups needs at least that many rows and columns; the matrix is {rows} x {columns}"
+        )
     if not bool(torch.isfinite(a).all()):
         raise ConvlensError("NMF: the matrix has NaN or infinite values")
     if bool((a < 0).any()):
@@ -94,7 +92,7 @@ def group_colours(count: int) -> list[tuple[int, int, int]]:
     """The chart palette, then hues spaced by the golden angle."""
     import colorsys
 
-    from convlens.core.charts import PALETTE
+    from convlens import PALETTE
 
     colours = list(PALETTE[:count])
     for number in range(len(colours), count):
@@ -117,7 +115,7 @@ def tinted(picture: Any, strengths: Any, colours: list[tuple[int, int, int]], al
     return Image.fromarray(np.rint((1 - weight) * base + weight * mix).clip(0, 255).astype(np.uint8), "RGB")
 
 
-class Factorise(Visualizer):
+class Factorise(ImageVisualizer):
     """Writes per image ``factors/<image>/overlay.png`` (all groups over the image beside their direction images),
     ``factors/<image>/group-<j>-map.png``, ``factors/<image>/group-<j>-direction.png`` and ``factorise.json``.
 
@@ -127,15 +125,13 @@ class Factorise(Visualizer):
     the unit-norm direction."""
 
     name = "factorise"
-    needs_data = True
 
     def __init__(self, params: FactoriseParams | None = None):
         super().__init__(params or FactoriseParams())
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
-        from convlens.core.runs import write_json_atomic
-
-        from .direction_images import per_image_run
+        from convlens import write_json_atomic
+        from convlens.plugins.visualizers.feature_viz.api import per_image_run
 
         out_dir = Path(out_dir)
 
@@ -153,107 +149,148 @@ class Factorise(Visualizer):
             f"image{'s' if len(errors) != 1 else ''}; relative error "
             + (f"{errors[0]:.3g}" if len(errors) == 1 else f"{min(errors):.3g} to {max(errors):.3g}")
             + (f"; clamped {clamped} negative values at 0" if clamped else "")
-            + (f"; {skip_log.summary()}" if len(skip_log) else ""))
+            + (f"; {skip_log.summary()}" if len(skip_log) else "")
+        )
         write_json_atomic(out_dir / "factorise.json", record)
         return record
 
-    def _image(self, target: VisualTarget, image: Any, values: Any, position: int, folder: str, kind: str,
-               out_dir: Path) -> dict[str, Any]:
+    def _image(
+        self, target: VisualTarget, image: Any, values: Any, position: int, folder: str, kind: str, out_dir: Path
+    ) -> dict[str, Any]:
         """Factorise one image's ``values [D, h, w]`` (activations or SAE codes) and draw its groups."""
         import torch
 
-        from convlens.core.charts import enlarge
-        from convlens.core.images import Preprocessing, save_png
-        from convlens.core.seeding import derive_seed
-
-        from .direction_images import direction_objectives, render_images
-        from .feature_viz_render import to_pil
+        from convlens import Preprocessing, derive_seed, enlarge, save_png
+        from convlens.plugins.visualizers.feature_viz.api import direction_objectives, render_images, to_pil
 
         params = self.params
         units, height, width = values.shape
         if params.groups > min(units, height * width):
-            raise ConvlensError(f"{params.groups} groups: layer '{target.layer}' has {units} {kind}s and "
-                                f"{height} x {width} = {height * width} positions; give --groups at most "
-                                f"{min(units, height * width)}")
+            raise ConvlensError(
+                f"{params.groups} groups: layer '{target.layer}' has {units} {kind}s and "
+                f"{height} x {width} = {height * width} positions; give --groups at most "
+                f"{min(units, height * width)}"
+            )
         matrix = values.detach().flatten(1).to(torch.float64)
         negative = matrix < 0
-        clamped = {"count": int(negative.sum()), "share": float(negative.float().mean()),
-                   "min": float(matrix.min())}
-        found = nmf(matrix.clamp_min(0), params.groups, iterations=params.iterations,
-                    seed=derive_seed(params.seed, "factorise", position))
+        clamped = {"count": int(negative.sum()), "share": float(negative.float().mean()), "min": float(matrix.min())}
+        found = nmf(
+            matrix.clamp_min(0),
+            params.groups,
+            iterations=params.iterations,
+            seed=derive_seed(params.seed, "factorise", position),
+        )
         directions, maps = found.directions.cpu(), found.maps.cpu()
         active = matrix.clamp_min(0).sum(dim=0).cpu() > 0
         strongest = maps.argmax(dim=0)
-        rendered = render_images(target.model, target.layer, direction_objectives(directions.T.float(), target.sae),
-                                 params, sae=target.sae, progress=self.progress)
+        rendered = render_images(
+            target.model,
+            target.layer,
+            direction_objectives(directions.T.float(), target.sae),
+            params,
+            sae=target.sae,
+            progress=self.progress,
+        )
         picture = enlarge(Preprocessing.of(target.model).to_pil(image), params.overlay_size)
         peaks = maps.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        strengths = torch.nn.functional.interpolate((maps / peaks).view(-1, 1, height, width).float(),
-                                                    size=(picture.height, picture.width), mode="bilinear",
-                                                    align_corners=False)[:, 0].clamp(0, 1).numpy()
+        strengths = (
+            torch.nn.functional.interpolate(
+                (maps / peaks).view(-1, 1, height, width).float(),
+                size=(picture.height, picture.width),
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            .clamp(0, 1)
+            .numpy()
+        )
         colours = group_colours(params.groups)
         groups = []
         for j in range(params.groups):
-            top = torch.sort(directions[:, j], descending=True, stable=True).indices[:params.top_units].tolist()
+            top = torch.sort(directions[:, j], descending=True, stable=True).indices[: params.top_units].tolist()
             entry = {
-                "group": j, "colour": list(colours[j]),
+                "group": j,
+                "colour": list(colours[j]),
                 "share": float(((strongest == j) & active).float().mean()),
                 "mass": float(maps[j].sum() / maps.sum()),
                 "top_units": [{"unit": unit, "weight": float(directions[unit, j])} for unit in top],
-                "map": f"{folder}/group-{j}-map.png", "direction": f"{folder}/group-{j}-direction.png",
+                "map": f"{folder}/group-{j}-map.png",
+                "direction": f"{folder}/group-{j}-direction.png",
             }
-            save_png(tinted(picture, strengths[j:j + 1], [colours[j]], params.alpha), out_dir / entry["map"])
+            save_png(tinted(picture, strengths[j : j + 1], [colours[j]], params.alpha), out_dir / entry["map"])
             save_png(to_pil(rendered[j].image), out_dir / entry["direction"])
             groups.append(entry)
         overlay = tinted(picture, strengths, colours, params.alpha)
-        self._draw_combined(overlay, [to_pil(r.image) for r in rendered], groups, found.error,
-                            out_dir / f"{folder}/overlay.png")
-        return {"shape": [units, height, width], "error": found.error, "clamped": clamped,
-                "overlay": f"{folder}/overlay.png", "groups": groups}
+        self._draw_combined(
+            overlay, [to_pil(r.image) for r in rendered], groups, found.error, out_dir / f"{folder}/overlay.png"
+        )
+        return {
+            "shape": [units, height, width],
+            "error": found.error,
+            "clamped": clamped,
+            "overlay": f"{folder}/overlay.png",
+            "groups": groups,
+        }
 
-    def _draw_combined(self, overlay: Any, directions: list[Any], groups: list[dict[str, Any]], error: float,
-                       path: Path) -> None:
+    def _draw_combined(
+        self, overlay: Any, directions: list[Any], groups: list[dict[str, Any]], error: float, path: Path
+    ) -> None:
         """Figure 31: the overlay of every group beside each group's direction image framed in its colour."""
         from PIL import Image, ImageOps
 
-        from convlens.core.charts import side_by_side
-        from convlens.core.images import save_png
-
-        from .activation_maps import labelled_grid, titled_to_fit
+        from convlens import labelled_grid, save_png, side_by_side, titled_to_fit
 
         side = max(self.params.size, self.params.overlay_size // 2 - 8)
-        tiles = [ImageOps.expand(picture.resize((side, side), Image.BILINEAR), border=4, fill=tuple(group["colour"]))
-                 for picture, group in zip(directions, groups)]
+        tiles = [
+            ImageOps.expand(picture.resize((side, side), Image.BILINEAR), border=4, fill=tuple(group["colour"]))
+            for picture, group in zip(directions, groups)
+        ]
         labels = [f"group {group['group']}: {group['share']:.0%}" for group in groups]
         legend, _ = labelled_grid(tiles, labels, columns=min(len(tiles), 2))
         title = f"{len(groups)} groups, error {error:.3f}"
-        save_png(side_by_side([titled_to_fit(overlay, title), titled_to_fit(legend, "directions")], gap=PANEL_GAP),
-                 path)
+        save_png(
+            side_by_side([titled_to_fit(overlay, title), titled_to_fit(legend, "directions")], gap=PANEL_GAP), path
+        )
 
     @staticmethod
     def _figures(entry: dict[str, Any]) -> list[dict[str, Any]]:
-        figures = [{"unit": None, "path": entry["overlay"], "kind": "factorisation",
-                    "caption": f"{entry['image']}: {len(entry['groups'])} groups by NMF, relative error "
-                               f"{entry['error']:.3g}"}]
+        figures = [
+            {
+                "unit": None,
+                "path": entry["overlay"],
+                "kind": "factorisation",
+                "caption": f"{entry['image']}: {len(entry['groups'])} groups by NMF, relative error "
+                f"{entry['error']:.3g}",
+            }
+        ]
         for group in entry["groups"]:
             units = ", ".join(str(unit["unit"]) for unit in group["top_units"])
             figures += [
-                {"unit": None, "path": group["map"], "kind": "factor-map",
-                 "caption": f"{entry['image']}: group {group['group']} (strongest on {group['share']:.0%} of the "
-                            f"image; units {units})"},
-                {"unit": None, "path": group["direction"], "kind": "factor-direction",
-                 "caption": f"{entry['image']}: group {group['group']} direction (units {units})"},
+                {
+                    "unit": None,
+                    "path": group["map"],
+                    "kind": "factor-map",
+                    "caption": f"{entry['image']}: group {group['group']} (strongest on {group['share']:.0%} of the "
+                    f"image; units {units})",
+                },
+                {
+                    "unit": None,
+                    "path": group["direction"],
+                    "kind": "factor-direction",
+                    "caption": f"{entry['image']}: group {group['group']} direction (units {units})",
+                },
             ]
         return figures
 
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="factorise",
-        factory=Factorise,
-        params=FactoriseParams,
-        summary="non-negative matrix factorisation of an image's activations into groups of units: spatial maps "
-        "over the image and each group's direction by feature visualisation (002 Figures 31-32)",
-        aliases=("factorize", "nmf"),
-    ))
+    register(
+        VisualizerSpec(
+            name="factorise",
+            factory=Factorise,
+            params=FactoriseParams,
+            summary="non-negative matrix factorisation of an image's activations into groups of units: spatial maps "
+            "over the image and each group's direction by feature visualisation (002 Figures 31-32)",
+            aliases=("factorize", "nmf"),
+        )
+    )

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convlens import VisualizerSpec, hookimpl
-from convlens.core.attribution import AttributionParams, AttributionVisualizer, ExplainTarget, target_gradients
+from convlens import AttributionParams, AttributionVisualizer, ExplainTarget, VisualizerSpec, hookimpl, target_gradients
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class SaliencyVisualizer(AttributionVisualizer):
         super().__init__(params or SaliencyParams())
 
     def attribute(self, model, images, layer: str, target: ExplainTarget):
-        from convlens.core.layers import INPUT
+        from convlens import INPUT
 
         captured = target_gradients(model, images, None, target.read_at(layer))
         return captured.gradients[INPUT].abs().amax(dim=1)
@@ -31,10 +30,12 @@ class SaliencyVisualizer(AttributionVisualizer):
 
 @hookimpl
 def register_visualizers(register):
-    register(VisualizerSpec(
-        name="saliency",
-        factory=SaliencyVisualizer,
-        params=SaliencyParams,
-        summary="gradient saliency: |d class logit (or unit, or SAE latent) / d input pixel|, per pixel",
-        aliases=("gradient", "vanilla-gradient"),
-    ))
+    register(
+        VisualizerSpec(
+            name="saliency",
+            factory=SaliencyVisualizer,
+            params=SaliencyParams,
+            summary="gradient saliency: |d class logit (or unit, or SAE latent) / d input pixel|, per pixel",
+            aliases=("gradient", "vanilla-gradient"),
+        )
+    )

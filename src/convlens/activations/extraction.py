@@ -1,0 +1,240 @@
+"""Extraction of an activation dataset (001 sec. 7.2.6, Figure 7; design.md sec. 3-4).
+
+Images are split into fixed chunks of ``images_per_shard``; chunk k becomes shard k. Under ``torchrun`` rank r
+takes the chunks with k % world_size == r, so ranks read disjoint images and write their own shards; rank 0
+writes the manifest once every shard exists. A re-run of the same settings writes only missing shards, and
+because every image draws its samples from (seed, image index), the result is the same sample for sample
+whatever the number of processes, the batch size, or the interruptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from convlens.activations.sampling import sample_activations
+from convlens.activations.store import FORMAT, finished_chunks, write_shard
+from convlens.core.contracts import ActivationFilter, FilterContext
+from convlens.core.errors import ConvlensError
+from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches
+from convlens.models.layers import activations_at
+from convlens.runtime.distributed import barrier, distributed_rank
+from convlens.runtime.run_records import write_json_atomic
+from convlens.runtime.seeding import torch_generator
+
+if TYPE_CHECKING:
+    from convlens.core.contracts import ModelBundle
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    model: dict[str, Any]
+    layer: str
+    filter: dict[str, Any]
+    per_image: int | None = None  # None: H x W samples per image
+    seed: int = 0
+    val_fraction: float = 0.1
+    images_per_shard: int = 256
+    batch_size: int = 64
+    save_maps: bool = False
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+def validation_images(count: int, fraction: float, seed: int) -> torch.Tensor:
+    """A bool mask over image indices: the images whose samples form the validation split."""
+    mask = torch.zeros(count, dtype=torch.bool)
+    chosen = round(count * fraction)
+    mask[torch.randperm(count, generator=torch_generator(seed, "split"))[:chosen]] = True
+    return mask
+
+
+def extract(
+    bundle: ModelBundle,
+    filter_: ActivationFilter,
+    index: ImageIndex,
+    out: str | Path,
+    settings: ExtractionSettings,
+    *,
+    device: torch.device | None = None,
+    workers: int = 0,
+    progress: bool | None = None,
+    dataset: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write (or complete) the activation store ``out``; returns the run summary of this process."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    rank, world = distributed_rank()
+    device = device or torch.device("cpu")
+    module = bundle.module.to(device).eval()
+    count = len(index)
+    chunks = math.ceil(count / settings.images_per_shard)
+    config = {
+        "format": FORMAT,
+        **dataclasses.asdict(settings),
+        "dataset": dataset or {"root": str(index.root)},
+        "images": count,
+    }
+    config_path = out / "extraction.json"
+    if rank == 0:
+        if config_path.is_file():
+            saved = json.loads(config_path.read_text())
+            now = json.loads(json.dumps(config))
+            if saved != now:
+                changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+                raise ConvlensError(
+                    f"{out} holds an extraction with other settings ({', '.join(changed)} differ); "
+                    "choose another --out or delete it"
+                )
+        else:
+            (out / "shards").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(config_path, config)
+            write_json_atomic(out / "images.json", [index.relative(p) for p in index.paths])
+    barrier(world)
+    done = finished_chunks(out)
+    todo = [c for c in range(chunks) if c % world == rank and c not in done]
+    val_mask = validation_images(count, settings.val_fraction, settings.seed)
+    dataset_ = ImageDataset(index, Preprocessing.of(bundle).eval_transform)
+    dtype = getattr(torch, settings.dtype)
+    totals = {"images": 0, "samples": 0, "fallbacks": 0, "skipped": 0}
+    started = time.perf_counter()
+    bar = tqdm(
+        total=sum(min(count, (c + 1) * settings.images_per_shard) - c * settings.images_per_shard for c in todo),
+        desc=f"extract {settings.layer}",
+        unit="img",
+        leave=False,
+        disable=(rank != 0) or (None if progress is None else not progress),
+    )
+    for chunk in todo:
+        positions = range(chunk * settings.images_per_shard, min(count, (chunk + 1) * settings.images_per_shard))
+        skip_log = SkipLog(index.root)
+        parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("vectors", "image_index", "position", "weight", "maps", "map_image_index")
+        }
+        fallbacks, grid = 0, None
+        for batch in image_batches(
+            dataset_, batch_size=settings.batch_size, skip_log=skip_log, order=list(positions), workers=workers
+        ):
+            images = batch.images.to(device)
+            labels = batch.labels.to(device)
+            target = (lambda logits: filter_.gradient_target(logits, labels)) if filter_.needs_gradients else None
+            captured = activations_at(
+                module, images, settings.layer, target=target, model_name=settings.model.get("name", "model")
+            )
+            activations = captured.activations[settings.layer]
+            if activations.ndim != 4:
+                raise ConvlensError(
+                    f"layer '{settings.layer}' gives shape {tuple(activations.shape)}; extraction "
+                    "needs a convolutional layer with output [N, C, H, W]"
+                )
+            context = FilterContext(
+                model=bundle,
+                images=images,
+                labels=labels,
+                layer=settings.layer,
+                gradients=captured.gradients.get(settings.layer),
+            )
+            weights = filter_(activations, context)
+            grid = list(activations.shape[2:])
+            per_image = settings.per_image or grid[0] * grid[1]
+            samples = sample_activations(activations, weights, batch.positions, per_image=per_image, seed=settings.seed)
+            parts["vectors"].append(samples.vectors.to(dtype))
+            parts["image_index"].append(samples.image_index)
+            parts["position"].append(samples.position)
+            parts["weight"].append(samples.weight)
+            if settings.save_maps:
+                parts["maps"].append(weights.detach().float().cpu())
+                parts["map_image_index"].append(batch.positions)
+            fallbacks += int(samples.fallback.sum())
+            bar.update(len(batch) + len(batch.skipped))
+        tensors = _chunk_tensors(parts, val_mask, bundle, settings)
+        write_shard(
+            out,
+            chunk,
+            tensors,
+            {
+                "first_image": positions.start,
+                "last_image": positions.stop - 1,
+                "images": len(positions) - len(skip_log),
+                "fallbacks": fallbacks,
+                "skipped": skip_log.as_json(),
+                "grid": grid,
+            },
+        )
+        totals["images"] += len(positions) - len(skip_log)
+        totals["samples"] += int(tensors["vectors"].shape[0])
+        totals["fallbacks"] += fallbacks
+        totals["skipped"] += len(skip_log)
+    bar.close()
+    seconds = time.perf_counter() - started
+    barrier(world)
+    manifest = write_manifest(out, config, chunks) if rank == 0 else None
+    return {
+        "out": str(out),
+        "rank": rank,
+        "world_size": world,
+        "chunks_written": len(todo),
+        "chunks_reused": len(done),
+        **totals,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(totals["images"] / seconds, 1) if seconds > 0 and totals["images"] else None,
+        "manifest": manifest,
+    }
+
+
+def _chunk_tensors(
+    parts: dict[str, list[torch.Tensor]], val_mask: torch.Tensor, bundle: ModelBundle, settings: ExtractionSettings
+) -> dict[str, torch.Tensor]:
+    if parts["vectors"]:
+        tensors = {key: torch.cat(values) for key, values in parts.items() if values}
+    else:  # every image of the chunk was unreadable: an empty shard keeps the chunk accounted for
+        tensors = {
+            "vectors": torch.zeros(0, 0, dtype=getattr(torch, settings.dtype)),
+            "image_index": torch.zeros(0, dtype=torch.long),
+            "position": torch.zeros(0, 2, dtype=torch.int16),
+            "weight": torch.zeros(0),
+        }
+    tensors["split"] = val_mask[tensors["image_index"]].to(torch.uint8)
+    return tensors
+
+
+def write_manifest(out: Path, config: dict[str, Any], chunks: int) -> dict[str, Any]:
+    """The manifest of a store whose shards all exist; the summary of the whole dataset."""
+    done = finished_chunks(out)
+    missing = [c for c in range(chunks) if c not in done]
+    if missing:
+        raise ConvlensError(
+            f"{len(missing)} shard(s) of {out} are missing (first: chunk {missing[0]}); re-run to "
+            "complete the extraction"
+        )
+    shards = [done[c] for c in range(chunks)]
+    channels = next((_channels(out / s["file"]) for s in shards if s["samples"]), 0)
+    grid = next((s["grid"] for s in shards if s.get("grid")), None)
+    manifest = {
+        **config,
+        "channels": channels,
+        "grid": grid,
+        "samples_per_image": config["per_image"] or (grid[0] * grid[1] if grid else None),
+        "samples": sum(s["samples"] for s in shards),
+        "images_used": sum(s["images"] for s in shards),
+        "fallbacks": sum(s["fallbacks"] for s in shards),
+        "skipped": [item for s in shards for item in s["skipped"]],
+        "shards": [
+            {k: s[k] for k in ("file", "samples", "bytes", "sha256", "first_image", "last_image")} for s in shards
+        ],
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _channels(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return int(handle.get_slice("vectors").get_shape()[1])

@@ -1,0 +1,242 @@
+"""Finding and loading plugins: entry points of the group ``convlens`` plus one-off local files.
+
+Loading is tolerant: a plugin that fails to import, to validate against the hook specs or to register is
+marked ``error`` with its message, none of its components are kept, and everything else keeps working.
+``CONVLENS_STRICT_PLUGINS=1`` turns such failures into an error. ``CONVLENS_LOAD_PLUGINS`` is an
+allow-list of distributions (empty: built-ins only); ``CONVLENS_DISABLE_PLUGINS`` lists distributions to
+skip. Built-ins are found through the same entry points; a source checkout without installed metadata
+falls back to :data:`BUILTIN_MODULES` (a test keeps that list equal to ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from convlens.core import hookspecs
+from convlens.core.errors import ConvlensError
+
+ENTRY_POINT_GROUP = "convlens"
+BUILTIN_DIST = "convlens"
+BUILTIN_MODULES = (
+    "convlens.plugins.filters.magnitude",
+    "convlens.plugins.filters.active_count",
+    "convlens.plugins.filters.median",
+    "convlens.plugins.filters.maximum",
+    "convlens.plugins.filters.uniform",
+    "convlens.plugins.gradcam.filter",
+    "convlens.plugins.models.torchvision_models",
+    "convlens.plugins.models.tiny_cnn",
+    "convlens.plugins.models.python_model",
+    "convlens.plugins.saes.relu_l1",
+    "convlens.plugins.saes.topk",
+    "convlens.plugins.saes.jumprelu",
+    "convlens.plugins.visualizers.feature_viz",
+    "convlens.plugins.gradcam.visualizer",
+    "convlens.plugins.visualizers.saliency",
+    "convlens.plugins.visualizers.edge_detector",
+    "convlens.plugins.visualizers.dataset_examples",
+    "convlens.plugins.visualizers.activation_maps",
+    "convlens.plugins.visualizers.conv_weights",
+    "convlens.plugins.visualizers.activation_grid",
+    "convlens.plugins.visualizers.activation_atlas",
+    "convlens.plugins.visualizers.factorise",
+    "convlens.plugins.visualizers.dissection",
+    "convlens.plugins.visualizers.circuit",
+)
+
+STRICT_ENV = "CONVLENS_STRICT_PLUGINS"
+LOAD_ENV = "CONVLENS_LOAD_PLUGINS"
+DISABLE_ENV = "CONVLENS_DISABLE_PLUGINS"
+
+
+def canonical_dist(name: str) -> str:
+    """Distribution names compare like pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclasses.dataclass
+class PluginSource:
+    """One loadable plugin object: an entry point, a fallback built-in module or a local file."""
+
+    dist: str
+    version: str
+    label: str
+    load: Callable[[], Any]
+    builtin: bool = False
+    requirements: tuple[str, ...] = ()
+    local: bool = False
+
+
+@dataclasses.dataclass
+class PluginInfo:
+    """A row of ``convlens plugins``: one distribution (or local file) and how its loading went."""
+
+    dist: str
+    version: str
+    status: str = "ok"
+    errors: list[str] = dataclasses.field(default_factory=list)
+    modules: list[str] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    builtin: bool = False
+    requirements: tuple[str, ...] = ()
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors) if self.errors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dist": self.dist,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+            "modules": list(self.modules),
+            "components": dict(self.counts),
+            "builtin": self.builtin,
+            "requirements": list(self.requirements),
+        }
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_list(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {canonical_dist(item) for item in raw.split(",") if item.strip()}
+
+
+def discover_sources(local_paths: tuple[str | os.PathLike, ...] = ()) -> list[PluginSource]:
+    """Every plugin that could be loaded, built-ins first, without importing any of them."""
+    sources: list[PluginSource] = []
+    seen: set[tuple[str, str]] = set()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ep.name
+        key = (canonical_dist(dist), ep.value)
+        if key in seen:
+            continue
+        seen.add(key)
+        sources.append(
+            PluginSource(
+                dist=dist,
+                version=ep.dist.version if ep.dist is not None else "unknown",
+                label=ep.value,
+                load=ep.load,
+                builtin=canonical_dist(dist) == BUILTIN_DIST,
+                requirements=tuple(ep.dist.requires or ()) if ep.dist is not None else (),
+            )
+        )
+    if not any(source.builtin for source in sources):
+        from convlens._version import __version__
+
+        for module in BUILTIN_MODULES:
+            sources.append(
+                PluginSource(
+                    BUILTIN_DIST, __version__, module, functools.partial(importlib.import_module, module), True
+                )
+            )
+    sources.sort(key=lambda s: not s.builtin)
+    for path in local_paths:
+        sources.append(_local_source(Path(path)))
+    return sources
+
+
+def _local_source(path: Path) -> PluginSource:
+    def load() -> Any:
+        if not path.is_file():
+            raise ConvlensError(f"plugin file not found: {path}")
+        module_name = f"convlens_local_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ConvlensError(f"cannot load plugin file {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(module_name, None)
+            raise
+        return module
+
+    return PluginSource(dist=path.stem, version="local", label=str(path), load=load, local=True)
+
+
+def installed_plugin_dists() -> dict[str, str]:
+    """``{dist: version}`` of every distribution with a ``convlens`` entry point; imports nothing."""
+    found = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.dist is not None:
+            found[ep.dist.name] = ep.dist.version
+    return found
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def load_sources(
+    manager: pluggy.PluginManager, sources: list[PluginSource]
+) -> tuple[dict[str, PluginInfo], list[tuple[PluginSource, Any]]]:
+    """Import and register each source with ``manager``; returns the infos and the loaded (source, object)."""
+    allowed = _env_list(LOAD_ENV)
+    disabled = _env_list(DISABLE_ENV) or set()
+    infos: dict[str, PluginInfo] = {}
+    loaded: list[tuple[PluginSource, Any]] = []
+    for source in sources:
+        key = canonical_dist(source.dist)
+        info = infos.get(key)
+        if info is None:
+            info = infos[key] = PluginInfo(
+                source.dist, source.version, builtin=source.builtin, requirements=source.requirements
+            )
+        info.modules.append(source.label)
+        if key in disabled or (allowed is not None and not (source.builtin or source.local) and key not in allowed):
+            info.status = "disabled"
+            continue
+        try:
+            plugin = source.load()
+            register_checked(manager, plugin, f"{source.dist}:{source.label}")
+        except Exception as exc:  # a broken plugin must not break the others
+            info.status = "error"
+            info.errors.append(f"{source.label}: {_describe(exc)}")
+            continue
+        loaded.append((source, plugin))
+    return infos, loaded
+
+
+def register_checked(manager: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Register ``plugin`` and reject hook implementations that match no spec (a misspelled hook name)."""
+    manager.register(plugin, name=name)
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        manager.unregister(plugin)
+        raise ConvlensError(f"unknown hook: {exc}") from None
+
+
+def call_hook_per_plugin(manager: pluggy.PluginManager, hook_name: str, plugin: Any, **kwargs: Any) -> None:
+    """Call one plugin's implementation of ``hook_name`` (if any), so its failure stays its own."""
+    for impl in getattr(manager.hook, hook_name).get_hookimpls():
+        if impl.plugin is plugin:
+            impl.function(**{name: kwargs[name] for name in impl.argnames})
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,365 @@
+"""Image folders: finding images, decoding them to RGB, the eval transform, and batches that skip bad files.
+
+A folder is either an ImageFolder tree (one sub-folder per class) or a flat folder of images. A dataset root
+may hold a ``concepts.json`` naming its image sub-folder (the ``shapes`` layout); that sub-folder is used.
+Files that cannot be decoded are skipped with a warning and recorded in a :class:`SkipLog`, never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convlens.core.errors import ConvlensError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from convlens.core.contracts import ModelBundle
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+DATASET_FILE = "concepts.json"
+
+
+class UnreadableImageError(ConvlensError):
+    """A file with an image suffix that does not decode to an image."""
+
+
+class SkippedImageWarning(UserWarning):
+    """Issued once per file that is skipped because it cannot be decoded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageIndex:
+    """The images of a folder in a fixed order, with class labels when the folder is an ImageFolder tree."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    ignored: tuple[Path, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, positions: Sequence[int]) -> ImageIndex:
+        labels = tuple(self.labels[i] for i in positions) if self.labels is not None else None
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in positions), labels=labels, ignored=())
+
+    def fingerprint(self) -> str:
+        """A short hash of the relative paths, labels and file sizes: it changes when the data does."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels or [-1] * len(self)):
+            digest.update(f"{self.relative(path)}\0{label}\0{path.stat().st_size}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def image_root(root: Path) -> Path:
+    """``root``, or the image sub-folder that a ``concepts.json`` at ``root`` names."""
+    dataset_file = root / DATASET_FILE
+    if dataset_file.is_file():
+        try:
+            name = json.loads(dataset_file.read_text()).get("image_root")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConvlensError(f"cannot read {dataset_file}: {exc}") from None
+        if name:
+            return root / name
+    return root
+
+
+def scan_images(root: str | Path) -> ImageIndex:
+    """Every image file under ``root``: class sub-folders give labels; otherwise a flat, unlabelled folder."""
+    root = image_root(Path(root))
+    if not root.is_dir():
+        raise ConvlensError(f"image folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [d for d in class_dirs if any(f.suffix.lower() in IMAGE_SUFFIXES for f in _visible_files(d))]
+    if classes:
+        paths, labels, ignored = [], [], []
+        for label, folder in enumerate(classes):
+            for file in _visible_files(folder):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.append(file)
+                    labels.append(label)
+                else:
+                    ignored.append(file)
+        ignored += [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+        return ImageIndex(root, tuple(paths), tuple(labels), tuple(d.name for d in classes), tuple(sorted(ignored)))
+    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    paths = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConvlensError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageIndex(root, tuple(paths), ignored=tuple(sorted(set(files) - set(paths))))
+
+
+def images_at(path: str | Path | Sequence[str | Path]) -> ImageIndex:
+    """The images a visualizer looks at: one image file, every image of a folder (as :func:`scan_images`), or
+    exactly the image files of a list, in its order, rooted at their common folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        return _listed_images([Path(item) for item in path])
+    path = Path(path)
+    if path.is_file():
+        return ImageIndex(path.parent, (path,))
+    if not path.exists():
+        raise ConvlensError(f"no image or image folder at {path}")
+    return scan_images(path)
+
+
+def _listed_images(paths: list[Path]) -> ImageIndex:
+    if not paths:
+        raise ConvlensError("the list of images is empty")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConvlensError(f"no image file at {shown}")
+    try:
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    except ValueError:  # relative and absolute paths mixed
+        paths = [p.absolute() for p in paths]
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    return ImageIndex(root, tuple(paths))
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB image; :class:`UnreadableImageError` says why when it cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise UnreadableImageError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        reason = "empty file" if path.stat().st_size == 0 else "not an image"
+        raise UnreadableImageError(f"{path}: {reason}") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImageError(f"{path}: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = "truncated image" if "truncated" in str(exc) else f"cannot decode ({exc})"
+        raise UnreadableImageError(f"{path}: {reason}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: 16-bit and 32-bit grey are rescaled, transparency goes over white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """A model's input size and normalisation, and its eval transform (resize, centre crop, normalise)."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_fraction: float = 1.0
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> Preprocessing:
+        return cls(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std), bundle.crop_fraction)
+
+    def eval_transform(self, image: Image.Image, index: int = 0) -> torch.Tensor:
+        """Resize the shorter side to ``size / crop_fraction``, crop the centre, normalise: ``[3, H, W]``."""
+        from torchvision.transforms import functional as F
+
+        return self.normalize(F.pil_to_tensor(self.eval_geometry(image)))
+
+    def eval_geometry(self, image: Image.Image) -> Image.Image:
+        """The resize and centre crop of :meth:`eval_transform` alone (also for masks aligned with the image)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        height, width = self.input_size
+        shorter = round(max(height, width) / self.crop_fraction)
+        image = F.resize(image, shorter, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return F.center_crop(image, [height, width])
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float images (``[3, H, W]`` or ``[N, 3, H, W]``) to the model's input scale."""
+        import torch
+
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        return (image - mean) / std
+
+    def denormalize(self, image: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`, to [0, 1] floats (not clipped)."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        return image * std + mean
+
+    def to_pil(self, image: torch.Tensor) -> Image.Image:
+        """A normalised model input ``[3, H, W]`` back to an 8-bit RGB picture."""
+        import numpy as np
+        from PIL import Image
+
+        pixels = self.denormalize(image.detach().cpu().float()).clamp(0, 1)
+        return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write ``image`` as PNG through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    image.save(temporary, format="PNG", compress_level=1)  # ~4x faster to write than the default 6; files ~30 % larger
+    os.replace(temporary, path)
+
+
+class SkipLog:
+    """Files skipped during a run, each warned about once, for the run summary."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root
+        self.reasons: dict[str, str] = {}
+
+    def record(self, path: str, reason: str) -> None:
+        if path not in self.reasons:
+            self.reasons[path] = reason
+            warnings.warn(f"skipping {path}: {reason}", SkippedImageWarning, stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def summary(self, limit: int = 5) -> str:
+        """'' when nothing was skipped, else e.g. 'skipped 2 unreadable files: a.jpg (empty file), ...'."""
+        if not self.reasons:
+            return ""
+        items = [f"{path} ({reason})" for path, reason in sorted(self.reasons.items())]
+        shown = ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+        return f"skipped {len(items)} unreadable file{'s' if len(items) != 1 else ''}: {shown}"
+
+    def as_json(self) -> list[dict[str, str]]:
+        return [{"path": path, "reason": reason} for path, reason in sorted(self.reasons.items())]
+
+
+Transform = Callable[[Any, int], Any]
+
+
+class ImageDataset:
+    """A map-style dataset over an :class:`ImageIndex`; an undecodable file yields ``image=None`` and its reason.
+
+    ``transform(image, index)`` receives the image's position in the index, so random augmentation can draw
+    its randomness from the image and not from the order in which workers load images.
+    """
+
+    def __init__(self, index: ImageIndex, transform: Transform):
+        self.index = index
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        path = self.index.paths[position]
+        label = self.index.labels[position] if self.index.labels is not None else -1
+        try:
+            image = self.transform(open_rgb(path), position)
+        except UnreadableImageError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            return {"image": None, "label": label, "position": position, "error": reason}
+        return {"image": image, "label": label, "position": position, "error": None}
+
+
+@dataclasses.dataclass
+class ImageBatch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    skipped: list[tuple[int, str]]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def collate_images(items: list[dict[str, Any]]) -> ImageBatch:
+    import torch
+
+    good = [item for item in items if item["image"] is not None]
+    skipped = [(item["position"], item["error"]) for item in items if item["image"] is None]
+    if not good:
+        empty = torch.empty(0, dtype=torch.long)
+        return ImageBatch(torch.empty(0), empty, empty, skipped)
+    return ImageBatch(
+        torch.stack([item["image"] for item in good]),
+        torch.tensor([item["label"] for item in good], dtype=torch.long),
+        torch.tensor([item["position"] for item in good], dtype=torch.long),
+        skipped,
+    )
+
+
+def image_batches(
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    skip_log: SkipLog,
+    order: Sequence[int] | None = None,
+    workers: int = 0,
+    drop_last: bool = False,
+) -> Iterator[ImageBatch]:
+    """Batches of decoded images in ``order`` (default: index order); skipped files go to ``skip_log``.
+
+    Batches keep their size only up to skipped files: a batch loses the images that could not be decoded.
+    """
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=list(order) if order is not None else None,
+        num_workers=workers,
+        collate_fn=collate_images,
+        drop_last=drop_last,
+    )
+    for batch in loader:
+        for position, reason in batch.skipped:
+            skip_log.record(dataset.index.relative(dataset.index.paths[position]), reason)
+        if len(batch):
+            yield batch

@@ -1,0 +1,97 @@
+"""Model weights from files: safetensors, or ``.pt`` read with ``weights_only=True``. Nothing is unpickled."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convlens.core.errors import ConvlensError
+from convlens.runtime.tensor_files import save_tensors_atomic
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` state dict from ``path``; anything else is refused with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvlensError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ConvlensError(f"cannot read checkpoint {path} as safetensors: {exc}") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvlensError(
+            f"refusing to load {path}: it is not a plain state dict of tensors (only weights_only=True loading "
+            f"is allowed; save model.state_dict() instead): {first_line}"
+        ) from None
+    if isinstance(loaded, Mapping) and set(loaded) == {"state_dict"}:
+        loaded = loaded["state_dict"]
+    if not (isinstance(loaded, Mapping) and all(isinstance(v, torch.Tensor) for v in loaded.values())):
+        raise ConvlensError(
+            f"refusing to load {path}: expected a state dict mapping names to tensors, got {type(loaded).__name__}"
+        )
+    return dict(loaded)
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (empty for other formats or unreadable files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
+def class_names_of(path: str | Path) -> tuple[str, ...] | None:
+    """The class names a training run stored in a checkpoint's metadata, if any."""
+    import json
+
+    names = checkpoint_metadata(path).get("class_names")
+    try:
+        return tuple(json.loads(names)) if names else None
+    except (ValueError, TypeError):
+        return None
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``module``; missing, unexpected or mis-shaped keys are one error naming them."""
+    state = load_state_dict(path)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [
+        f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise ConvlensError(f"checkpoint {path} does not fit the model ({'; '.join(parts)})")
+    module.load_state_dict(state)
+
+
+def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``module``'s state dict as safetensors (atomically; shared tensors are stored once each)."""
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    save_tensors_atomic(state, Path(path), metadata)

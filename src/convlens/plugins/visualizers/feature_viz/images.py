@@ -1,0 +1,211 @@
+"""What feature visualisation optimises: image parameterisations, colour decorrelation, blur, and the random
+transforms of transformation robustness (001 sec. 9.2.2; 002 sec. 3.3).
+
+Every image of a batch has its own generator, so an image comes out the same whether it is optimised alone or
+beside others. Parameterisations map unconstrained values to RGB in [0, 1] through a sigmoid, after mixing the
+colour channels by the Cholesky factor of a colour covariance when decorrelation is on.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from convlens import ConvlensError
+
+# Covariance of ImageNet RGB pixel values in [0, 1]: M M^T for the square root of the colour correlation that lucent
+# ships (its ``color_correlation_svd_sqrt``); used when no dataset is given to estimate it from
+DEFAULT_COLOUR_COVARIANCE = ((0.0761, 0.0692, 0.0627), (0.0692, 0.0754, 0.0714), (0.0627, 0.0714, 0.0819))
+
+
+def colour_mixing(covariance) -> torch.Tensor:
+    """``[3, 3]``: the Cholesky factor L of the colour covariance (L L^T = covariance), scaled so that its largest
+    column has unit norm; decorrelated values ``t`` become colours ``L t``."""
+    factor = torch.linalg.cholesky(torch.as_tensor(covariance, dtype=torch.float64))
+    return (factor / factor.norm(dim=0).max()).float()
+
+
+def estimate_colour_covariance(folder: str | Path, limit: int = 512, size: int = 64) -> tuple[tuple[float, ...], ...]:
+    """Covariance of the RGB values (in [0, 1]) of up to ``limit`` images of ``folder``, each resized to ``size``."""
+    from convlens import UnreadableImageError, open_rgb, scan_images
+
+    index = scan_images(folder)
+    total, outer, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 0
+    for path in index.paths[:limit]:
+        try:
+            image = open_rgb(path).resize((size, size))
+        except UnreadableImageError:
+            continue
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(-1, 3).double() / 255
+        total += pixels.sum(0)
+        outer += pixels.T @ pixels
+        count += len(pixels)
+    if count == 0:
+        raise ConvlensError(f"no readable image in {folder} to estimate the colour covariance from")
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    covariance += torch.eye(3, dtype=torch.float64) * 1e-6  # keep it positive definite for grey-only data
+    return tuple(tuple(float(v) for v in row) for row in covariance)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-offsets.square() / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` with reflected borders."""
+    kernel = gaussian_kernel(sigma).to(images)
+    radius, channels = len(kernel) // 2, images.shape[1]
+    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+class ImageParameterisation(abc.ABC):
+    """A batch of images as a function of one tensor of parameters."""
+
+    def __init__(self, values: torch.Tensor, mixing: torch.Tensor | None):
+        self.values = values.requires_grad_(True)
+        self.mixing = mixing
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.values]
+
+    def colours(self, spatial: torch.Tensor) -> torch.Tensor:
+        if self.mixing is not None:
+            spatial = torch.einsum("ij,bjhw->bihw", self.mixing.to(spatial), spatial)
+        return torch.sigmoid(spatial)
+
+    @abc.abstractmethod
+    def images(self) -> torch.Tensor:
+        """RGB ``[B, 3, H, W]`` in [0, 1]."""
+
+    @abc.abstractmethod
+    def blur_(self, sigma: float) -> None:
+        """Blur every image by a Gaussian of standard deviation ``sigma`` pixels, in place on the parameters."""
+
+
+class PixelImage(ImageParameterisation):
+    """One value per pixel and colour channel."""
+
+    def images(self) -> torch.Tensor:
+        return self.colours(self.values)
+
+    @torch.no_grad()
+    def blur_(self, sigma: float) -> None:
+        self.values.copy_(blur(self.values, sigma))
+
+
+class FourierImage(ImageParameterisation):
+    """Coefficients of the real 2-D Fourier basis, scaled by 1 / frequency so that every frequency band starts with
+    about the same energy and gradient steps favour low frequencies (002 sec. 3.3, Figure 10)."""
+
+    def __init__(self, values: torch.Tensor, mixing: torch.Tensor | None, size: tuple[int, int]):
+        super().__init__(values, mixing)
+        self.size = size
+        frequency = spectrum_frequencies(*size)
+        scale = 1.0 / frequency.clamp_min(1.0 / max(size))
+        self.scale = (scale / scale.square().mean().sqrt()).to(values.device)
+        self.frequency = frequency.to(values.device)
+
+    def images(self) -> torch.Tensor:
+        spectrum = torch.view_as_complex(self.values) * self.scale
+        return self.colours(torch.fft.irfft2(spectrum, s=self.size, norm="ortho"))
+
+    @torch.no_grad()
+    def blur_(self, sigma: float) -> None:
+        # a Gaussian blur multiplies the spectrum by its transfer function exp(-2 pi^2 sigma^2 f^2)
+        self.values.mul_(torch.exp(-2 * math.pi**2 * sigma**2 * self.frequency.square()).unsqueeze(-1))
+
+
+def spectrum_frequencies(height: int, width: int) -> torch.Tensor:
+    """``[H, W // 2 + 1]``: the frequency (cycles per pixel) of each coefficient of ``rfft2`` of an H x W image."""
+    fy = torch.fft.fftfreq(height).view(-1, 1)
+    fx = torch.fft.rfftfreq(width).view(1, -1)
+    return (fy.square() + fx.square()).sqrt()
+
+
+def create_images(
+    kind: str,
+    generators: list[torch.Generator],
+    size: tuple[int, int],
+    init_std: float,
+    mixing: torch.Tensor | None,
+    device: torch.device,
+) -> ImageParameterisation:
+    """Starting parameters drawn per image from its own generator (on the CPU, so every device starts alike)."""
+    height, width = size
+    if kind == "pixels":
+        values = torch.stack([torch.randn(3, height, width, generator=g) * init_std for g in generators])
+        return PixelImage(values.to(device), mixing)
+    if kind == "fourier":
+        values = torch.stack([torch.randn(3, height, width // 2 + 1, 2, generator=g) * init_std for g in generators])
+        return FourierImage(values.to(device), mixing, size)
+    raise ConvlensError(f"unknown parameterisation '{kind}' (pixels, fourier)")
+
+
+class RandomTransforms:
+    """Per image and step, a random scale, rotation, translation, jitter and horizontal flip, applied to the whole
+    batch as one affine resampling (borders reflected). The random numbers of every step are drawn up front from
+    each image's generator."""
+
+    def __init__(
+        self,
+        generators: list[torch.Generator],
+        steps: int,
+        scale: tuple[float, float],
+        rotation: float,
+        translation: float,
+        flip: float,
+        jitter: int,
+    ):
+        self.settings = (tuple(scale), rotation, translation, flip, jitter)
+        self.enabled = scale != (1.0, 1.0) or rotation > 0 or translation > 0 or flip > 0 or jitter > 0
+        self.draws = torch.stack([torch.rand(steps, 7, generator=g) for g in generators]) if self.enabled else None
+
+    def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.enabled:
+            return images
+        (low, high), rotation, translation, flip, jitter = self.settings
+        height, width = images.shape[-2:]
+        u = self.draws[:, step].to(images.device, images.dtype)
+        scale = low + (high - low) * u[:, 0]
+        angle = torch.deg2rad((2 * u[:, 1] - 1) * rotation)
+        mirror = torch.where(u[:, 2] < flip, -1.0, 1.0).to(images.dtype)
+        # shifts in normalised coordinates (the image spans [-1, 1]): a fraction of the size plus whole pixels
+        shift_x = (2 * u[:, 3] - 1) * 2 * translation + torch.round((2 * u[:, 5] - 1) * jitter) * 2 / width
+        shift_y = (2 * u[:, 4] - 1) * 2 * translation + torch.round((2 * u[:, 6] - 1) * jitter) * 2 / height
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos * mirror, -sin, shift_x], dim=1), torch.stack([sin * mirror, cos, shift_y], dim=1)], dim=1
+        )
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean absolute difference between vertically plus horizontally neighbouring pixel values
+    (anisotropic total variation, Mahendran & Vedaldi 2014): ``[B]``. A mean rather than a sum, so that its weight
+    against a unit's mean activation does not depend on the image size."""
+    return (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(1, 2, 3)) + (
+        images[..., :, 1:] - images[..., :, :-1]
+    ).abs().mean(dim=(1, 2, 3))
+
+
+def high_frequency_share(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """Per image, the share of the spectral energy (mean removed, grey) at frequencies above ``cutoff`` cycles per
+    pixel (0.5 is the Nyquist limit): ``[B]``."""
+    grey = images.mean(dim=1)
+    grey = grey - grey.mean(dim=(-2, -1), keepdim=True)
+    power = torch.fft.rfft2(grey, norm="ortho").abs().square()
+    power[..., 1 : -1 if grey.shape[-1] % 2 == 0 else None] *= 2  # rfft2 keeps one half of the symmetric spectrum
+    high = spectrum_frequencies(*grey.shape[-2:]).to(power.device) > cutoff
+    return power[..., high].sum(-1) / power.sum(dim=(-2, -1)).clamp_min(1e-12)

@@ -1,0 +1,386 @@
+"""The ``feature-viz`` visualizer: optimise one image per objective, many objectives per batch.
+
+A step renders the batch from its parameterisation, applies each image's random transforms, runs the model up to
+the layer (no further unless a class logit is wanted) with its weights frozen, and ascends the sum over the batch of
+each image's objective minus its total variation. Images never interact: objective ``i`` reads only image ``i``
+and the model is in eval mode, so a batch gives the images that separate runs with the same seeds give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from convlens import (
+    ConvlensError,
+    Visualizer,
+    VisualTarget,
+    derive_seed,
+    first_tensor,
+    grid,
+    resolve_layer,
+    save_png,
+    side_by_side,
+    torch_generator,
+    write_json_atomic,
+)
+
+from . import FeatureVizParams
+from .images import (
+    DEFAULT_COLOUR_COVARIANCE,
+    RandomTransforms,
+    colour_mixing,
+    create_images,
+    estimate_colour_covariance,
+    total_variation,
+)
+from .objectives import BatchObjective, Objective, Shapes, check_objective, parse_objective, unit_objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    steps: int = 200
+    lr: float = 1.0
+    parameterisation: str = "pixels"
+    decorrelate: bool = True
+    colour_covariance: tuple[tuple[float, ...], ...] = DEFAULT_COLOUR_COVARIANCE
+    tv_weight: float = 1e-3
+    blur: float = 0.3
+    scale: tuple[float, float] = (0.8, 1.2)
+    rotation: float = 15.0
+    translation: float = 0.2
+    flip: float = 0.5
+    jitter: int = 0
+    init_std: float = 1.0
+    size: tuple[int, int] = (224, 224)
+    batch_size: int = 32
+    snapshots: tuple[int, ...] = ()
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Rendered:
+    objective: Objective
+    seed: int
+    image: torch.Tensor  # [3, H, W] in [0, 1], on the CPU
+    start_value: float
+    final_value: float
+    snapshots: dict[int, torch.Tensor]
+
+
+class _ReachedLayer(Exception):
+    pass
+
+
+class LayerForward:
+    """The model from normalised-on-the-fly RGB images to a layer's output (and the logits when asked)."""
+
+    def __init__(self, module: nn.Module, layer: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        self.module, self.layer, self.mean, self.std = module, layer, mean, std
+
+    def __call__(self, images: torch.Tensor, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        recorded: list[torch.Tensor] = []
+
+        def record(_module, _inputs, output):
+            recorded.append(first_tensor(output))
+            if not with_logits:
+                raise _ReachedLayer  # the layers after it would only cost time
+
+        handle = self.layer.register_forward_hook(record)
+        try:
+            logits = first_tensor(self.module((images - self.mean) / self.std))
+        except _ReachedLayer:
+            logits = None
+        finally:
+            handle.remove()
+        if not recorded:
+            raise ConvlensError("the layer did not run in the model's forward pass")
+        return recorded[0], logits
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode and no weight gradients for the block: the backward pass then only reaches the image."""
+    modules = [m for m in modules if m is not None]
+    training = [m.training for m in modules]
+    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+    try:
+        for module in modules:
+            module.eval()
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        for module, mode in zip(modules, training):
+            module.train(mode)
+
+
+def probe_shapes(forward: LayerForward, size: tuple[int, int], sae, device: torch.device) -> Shapes:
+    with torch.no_grad():
+        activations, logits = forward(torch.full((1, 3, *size), 0.5, device=device), with_logits=True)
+    if activations is None or activations.ndim != 4:
+        shape = None if activations is None else tuple(activations.shape)
+        raise ConvlensError(f"feature visualisation needs a layer with [N, C, H, W] output, got {shape}")
+    if sae is not None and sae.input_dim != activations.shape[1]:
+        raise ConvlensError(f"the SAE takes {sae.input_dim} channels but the layer has {activations.shape[1]}")
+    classes = logits.shape[1] if logits is not None and logits.ndim == 2 else None
+    return Shapes(
+        activations.shape[1],
+        activations.shape[2],
+        activations.shape[3],
+        classes,
+        sae.latent_dim if sae is not None else None,
+    )
+
+
+def render(
+    module: nn.Module,
+    layer: str,
+    objectives: list[Objective],
+    settings: RenderSettings,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    sae=None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    on_batch=None,
+) -> list[Rendered]:
+    """One image per objective; ``on_batch(list[Rendered])`` is called as each batch finishes."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    forward = LayerForward(
+        module,
+        resolve_layer(module, layer),
+        torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, device=device).view(1, 3, 1, 1),
+    )
+    mixing = colour_mixing(settings.colour_covariance).to(device) if settings.decorrelate else None
+    results: list[Rendered] = []
+    with frozen(module, sae):
+        shapes = probe_shapes(forward, settings.size, sae, device)
+        for objective in objectives:
+            check_objective(objective, shapes, layer)
+        batches = [objectives[i : i + settings.batch_size] for i in range(0, len(objectives), settings.batch_size)]
+        bar = tqdm(
+            total=len(batches) * settings.steps,
+            desc=f"feature-viz {layer}",
+            unit="step",
+            leave=False,
+            disable=None if progress is None else not progress,
+        )
+        try:
+            for batch in batches:
+                done = _render_batch(forward, batch, shapes, settings, sae, mixing, device, bar)
+                results += done
+                if on_batch is not None:
+                    on_batch(done)
+        finally:
+            bar.close()
+    return results
+
+
+def _render_batch(
+    forward: LayerForward,
+    objectives: list[Objective],
+    shapes: Shapes,
+    settings: RenderSettings,
+    sae,
+    mixing,
+    device,
+    bar,
+) -> list[Rendered]:
+    seeds = [derive_seed(settings.seed, "feature-viz", objective.label) for objective in objectives]
+    generators = [torch_generator(seed) for seed in seeds]
+    image = create_images(settings.parameterisation, generators, settings.size, settings.init_std, mixing, device)
+    transforms = RandomTransforms(
+        generators,
+        settings.steps,
+        settings.scale,
+        settings.rotation,
+        settings.translation,
+        settings.flip,
+        settings.jitter,
+    )
+    objective = BatchObjective(objectives, shapes, sae).to(device)
+
+    def values_of(images: torch.Tensor) -> torch.Tensor:
+        activations, logits = forward(images, objective.needs_logits)
+        latents = sae.preactivations(activations) if objective.needs_latents else None
+        return objective(activations, logits, latents)
+
+    with torch.no_grad():
+        start_values = values_of(image.images())
+    optimizer = torch.optim.Adam(image.parameters(), lr=settings.lr)
+    snapshots: dict[int, torch.Tensor] = {}
+    if 0 in settings.snapshots:
+        with torch.no_grad():
+            snapshots[0] = image.images().cpu()
+    for step in range(settings.steps):
+        images = image.images()
+        loss = -values_of(transforms(images, step)).sum()
+        if settings.tv_weight > 0:
+            loss = loss + settings.tv_weight * total_variation(images).sum()
+        if not torch.isfinite(loss):
+            raise ConvlensError(
+                f"the objective became {float(loss)} at step {step + 1} for {', '.join(o.label for o in objectives)}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if settings.blur > 0:
+            image.blur_(settings.blur)
+        if step + 1 in settings.snapshots:
+            with torch.no_grad():
+                snapshots[step + 1] = image.images().cpu()
+        bar.update(1)
+    with torch.no_grad():
+        final = image.images()
+        final_values = values_of(final)
+    final = final.cpu()
+    return [
+        Rendered(
+            o,
+            seed,
+            final[i],
+            float(start_values[i]),
+            float(final_values[i]),
+            {step: shots[i] for step, shots in snapshots.items()},
+        )
+        for i, (o, seed) in enumerate(zip(objectives, seeds))
+    ]
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@,.+-]+", "_", label.replace(" ", "")).strip("_") or "objective"
+
+
+class FeatureVisualizer(Visualizer):
+    """Writes ``images/<n>-<objective>.png``, ``grid.png``, ``snapshots/<n>-<objective>.png`` (the image at each
+    snapshot step, left to right) and ``feature_viz.json``.
+
+    The record's ``figures`` list each final image (kind ``"feature-viz"``, drawn small) under its unit, as the
+    unit's thumbnail; an objective not made from a unit (from ``objectives``, or the ``layer`` form) goes under its
+    index in ``objectives`` instead, and its figure says so with ``"unit_kind": "objective"``.
+    """
+
+    name = "feature-viz"
+
+    def __init__(self, params: FeatureVizParams | None = None):
+        super().__init__(params or FeatureVizParams())
+
+    def objectives(self, target: VisualTarget) -> list[Objective]:
+        params = self.params
+        chosen = (
+            []
+            if not target.units and params.objective != "layer"
+            else unit_objectives(params.objective, tuple(target.units), params.position, target.sae is not None)
+        )
+        chosen += [parse_objective(text) for text in params.objectives.split(";") if text.strip()]
+        if not chosen:
+            raise ConvlensError("nothing to visualise: give units (--units) or objectives (--objectives)")
+        return chosen
+
+    def settings(self, target: VisualTarget) -> RenderSettings:
+        resolved = self.params.resolved()
+        size = self.params.size
+        covariance = (
+            estimate_colour_covariance(self.params.colour_data)
+            if self.params.colour_data
+            else DEFAULT_COLOUR_COVARIANCE
+        )
+        return RenderSettings(
+            **{key: value for key, value in resolved.items()},
+            colour_covariance=covariance,
+            size=(size, size) if size else tuple(target.model.input_size),
+            batch_size=self.params.batch_size,
+            snapshots=tuple(self.params.snapshots),
+            seed=self.params.seed,
+        )
+
+    def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
+        out_dir = Path(out_dir)
+        objectives, settings = self.objectives(target), self.settings(target)
+        names = [f"{number:03d}-{slug(o.label)}" for number, o in enumerate(objectives)]
+        record: dict[str, Any] = {
+            "visualizer": self.name,
+            "layer": target.layer,
+            "preset": self.params.preset,
+            "params": self.params.to_dict(),
+            "settings": {**dataclasses.asdict(settings), "colour_data": self.params.colour_data or None},
+            "objectives": [],
+            "figures": [],
+        }
+        from_units = tuple(target.units) if self.params.objective != "layer" else ()
+        written: list[Rendered] = []
+
+        def write(batch: list[Rendered]) -> None:
+            for rendered in batch:
+                number = len(written)
+                written.append(rendered)
+                image_path = out_dir / "images" / f"{names[number]}.png"
+                save_png(to_pil(rendered.image), image_path)
+                entry = {
+                    "objective": rendered.objective.label,
+                    "seed": rendered.seed,
+                    "image": image_path.relative_to(out_dir).as_posix(),
+                    "activation_start": rendered.start_value,
+                    "activation_final": rendered.final_value,
+                }
+                if rendered.snapshots:
+                    strip = out_dir / "snapshots" / f"{names[number]}.png"
+                    save_png(side_by_side([to_pil(shot) for shot in rendered.snapshots.values()]), strip)
+                    entry["snapshots"] = {
+                        "image": strip.relative_to(out_dir).as_posix(),
+                        "steps": list(rendered.snapshots),
+                    }
+                record["objectives"].append(entry)
+                figure = {
+                    "unit": from_units[number] if number < len(from_units) else number,
+                    "path": entry["image"],
+                    "kind": "feature-viz",
+                    "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
+                    f"start, {rendered.final_value:.3g} at the end",
+                    "small": True,
+                }
+                if number >= len(from_units):
+                    figure["unit_kind"] = "objective"
+                else:
+                    figure["thumbnail"] = True
+                record["figures"].append(figure)
+            write_json_atomic(out_dir / "feature_viz.json", record)  # complete so far, also if a later batch fails
+
+        render(
+            target.model.module,
+            target.layer,
+            objectives,
+            settings,
+            mean=target.model.mean,
+            std=target.model.std,
+            sae=target.sae,
+            progress=self.progress,
+            on_batch=write,
+        )
+        if self.params.grid and written:
+            columns = min(len(written), max(1, round(len(written) ** 0.5 * 1.5)))
+            save_png(grid([to_pil(r.image) for r in written], columns), out_dir / "grid.png")
+            record["grid"] = "grid.png"
+            write_json_atomic(out_dir / "feature_viz.json", record)
+        return record

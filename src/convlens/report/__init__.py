@@ -1,0 +1,1 @@
+"""The report: a reader of run folders and a static HTML site rendered from what it read."""

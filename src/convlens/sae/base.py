@@ -1,0 +1,246 @@
+"""The base every sparse-autoencoder plugin derives from (paper 001, sec. 8.7), and SAE checkpoints.
+
+An SAE acts on the channel axis (axis 1): ``[N, C]`` vectors or ``[N, C, H, W]`` conv maps alike. Subclasses
+implement :meth:`encode_vectors` and :meth:`decode_vectors` on ``[B, C]`` rows, :meth:`loss_terms` and
+:meth:`decoder_directions`; the base moves the channel axis so the same SAE applies to a conv map position by
+position, applies the optional input normalisation (kept in the checkpoint, so a loaded SAE takes raw
+activations), and counts for every latent how many samples have passed since it last fired.
+
+Checkpoints are safetensors: the state dict plus one JSON metadata entry (plugin, parameters, dimensions,
+model, layer, store, metrics). :func:`load_sae` rebuilds the SAE through the registry; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from convlens.core.contracts import SAEParams  # noqa: F401  (re-exported: plugins import it from here or convlens)
+from convlens.core.errors import ContractError, ConvlensError
+
+CHECKPOINT_FORMAT = "convlens-sae/1"
+METADATA_KEY = "convlens_sae"
+
+
+def squared_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``||reconstruction - target||^2`` (the reconstruction term of sec. 8.2.1), one fused
+    kernel forward and one backward."""
+    return F.mse_loss(reconstruction, target, reduction="sum") / max(len(target), 1)
+
+
+class SAEOutput:
+    """Reconstruction, latents and named loss terms of a forward pass. ``latents`` may be given as a
+    zero-argument function; it is then built on first access (an SAE whose loss does not read its latents,
+    like TopK, so never materialises a dense ``[B, latent_dim]`` tensor that nobody reads)."""
+
+    def __init__(
+        self,
+        reconstruction: torch.Tensor,
+        latents: torch.Tensor | Callable[[], torch.Tensor],
+        losses: dict[str, torch.Tensor],
+    ):
+        self.reconstruction = reconstruction
+        self._latents = latents
+        self.losses = losses
+
+    @property
+    def latents(self) -> torch.Tensor:
+        if callable(self._latents):
+            self._latents = self._latents()
+        return self._latents
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values(), torch.zeros((), device=self.reconstruction.device))
+
+
+class SparseAutoencoder(nn.Module, abc.ABC):
+    axis: int = 1
+
+    def __init__(self, input_dim: int, latent_dim: int):
+        super().__init__()
+        if input_dim < 1 or latent_dim < 1:
+            raise ContractError(f"SAE dimensions must be positive (input {input_dim}, latent {latent_dim})")
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        self.register_buffer("input_mean", torch.zeros(input_dim))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("samples_since_fired", torch.zeros(latent_dim, dtype=torch.int64))
+
+    # --- what a plugin implements -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, latent_dim]`` for (normalised) rows ``[B, input_dim]``."""
+
+    @abc.abstractmethod
+    def decode_vectors(self, latents: torch.Tensor) -> torch.Tensor:
+        """(Normalised) reconstruction ``[B, input_dim]`` for latents ``[B, latent_dim]``."""
+
+    @abc.abstractmethod
+    def loss_terms(
+        self, x: torch.Tensor, reconstruction: torch.Tensor, latents: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms (on normalised rows) whose sum is the training loss."""
+
+    def decoder_directions(self) -> torch.Tensor:
+        """The decoder's atoms as rows ``[latent_dim, input_dim]``, as a view of the parameter when possible."""
+        raise ContractError(f"{type(self).__name__} does not expose its decoder directions")
+
+    def preactivation_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs ``[B, latent_dim]`` before the sparsifying non-linearity: what feature visualisation
+        maximises for a latent, since a latent that is off passes no gradient. Default: the latents themselves."""
+        return self.encode_vectors(x)
+
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor]:
+        """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely).
+        ``latents`` may be a zero-argument function building them, when :meth:`loss_terms` does not read them
+        (it then receives that function)."""
+        latents = self.encode_vectors(x)
+        return latents, self.decode_vectors(latents)
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        """The sparsity setting, e.g. ``{"l1": 1e-3}`` or ``{"k": 32}``."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step (e.g. to keep constrained weights consistent)."""
+
+    # --- what the base provides ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        rows, restore = self._to_rows(x, self.input_dim)
+        return restore(self.encode_vectors(self.normalise(rows)))
+
+    def preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`preactivation_vectors` of ``x`` (features on axis 1, like :meth:`encode`)."""
+        rows, restore = self._to_rows(x, self.input_dim)
+        return restore(self.preactivation_vectors(self.normalise(rows)))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        rows, restore = self._to_rows(latents, self.latent_dim)
+        return restore(self.denormalise(self.decode_vectors(rows)))
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        rows, restore = self._to_rows(x, self.input_dim)
+        normalised = self.normalise(rows)
+        latents, reconstruction = self.encode_decode(normalised)
+        losses = self.loss_terms(normalised, reconstruction, latents)
+        restored = (lambda: restore(latents())) if callable(latents) else restore(latents)
+        return SAEOutput(restore(self.denormalise(reconstruction)), restored, losses)
+
+    def normalise(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows - self.input_mean) / self.input_scale
+
+    def denormalise(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows * self.input_scale + self.input_mean
+
+    def set_normalisation(self, mean: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """Inputs are centred by ``mean`` and divided by ``scale`` before encoding (and the reverse after)."""
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+            self.input_scale.copy_(torch.as_tensor(scale, dtype=self.input_scale.dtype))
+
+    def record_activity(self, fired: torch.Tensor, samples: int) -> None:
+        """Latents in ``fired`` (bool ``[latent_dim]``) fired in the last ``samples`` samples."""
+        with torch.no_grad():
+            self.samples_since_fired.add_(samples)
+            self.samples_since_fired.masked_fill_(fired.to(self.samples_since_fired.device), 0)
+
+    def dead_latents(self, after_samples: int) -> torch.Tensor:
+        """Bool ``[latent_dim]``: latents that have not fired in the last ``after_samples`` samples."""
+        return self.samples_since_fired >= after_samples
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale every decoder atom to unit norm (in place)."""
+        directions = self.decoder_directions()
+        directions.div_(directions.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def _to_rows(self, x: torch.Tensor, dim: int):
+        """Rows ``[B, dim]`` of ``x`` (axis 1 is the feature axis) and a function mapping rows back."""
+        if x.ndim < 2 or x.shape[1] != dim:
+            raise ContractError(f"{type(self).__name__} expects {dim} features on axis 1, got shape {tuple(x.shape)}")
+        if x.ndim == 2:
+            return x, lambda rows: rows
+        moved = x.movedim(1, -1)
+        spatial = moved.shape[:-1]
+
+        def restore(rows: torch.Tensor) -> torch.Tensor:
+            return rows.reshape(*spatial, rows.shape[-1]).movedim(-1, 1)
+
+        return moved.reshape(-1, dim), restore
+
+
+def save_sae(
+    sae: SparseAutoencoder, path: str | Path, *, name: str, params: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
+    """Write ``sae`` as safetensors with the metadata :func:`load_sae` needs (``name``: the registry name)."""
+    from convlens.runtime.tensor_files import save_tensors_atomic
+
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "sae": name,
+        "params": params,
+        "input_dim": sae.input_dim,
+        "latent_dim": sae.latent_dim,
+        **(extra or {}),
+    }
+    tensors = {key: value.detach().contiguous() for key, value in sae.state_dict().items()}
+    save_tensors_atomic(tensors, Path(path), {METADATA_KEY: json.dumps(metadata)})
+
+
+def read_sae_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an SAE checkpoint; anything else is one clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise ConvlensError(f"cannot read {path} as an SAE checkpoint: {exc}") from None
+    if raw is None:
+        raise ConvlensError(
+            f"{path} is a safetensors file but not a convlens SAE checkpoint (no '{METADATA_KEY}' metadata)"
+        )
+    return json.loads(raw)
+
+
+def load_sae(
+    path: str | Path, *, input_dim: int | None = None, device: Any = None, registry: Any = None
+) -> SparseAutoencoder:
+    """Rebuild the SAE saved at ``path`` through the registry; ``input_dim`` (the store's or layer's channels)
+    is checked against the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from convlens.core.component_registry import default_registry
+
+    path = Path(path)
+    metadata = read_sae_metadata(path)
+    if input_dim is not None and metadata["input_dim"] != input_dim:
+        raise ConvlensError(
+            f"{path} is an SAE for {metadata['input_dim']}-dimensional inputs, but the activations "
+            f"here have {input_dim} channels"
+        )
+    sae = (registry or default_registry()).create("sae", metadata["sae"], **metadata["params"])
+    state = load_file(str(path))
+    missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())
+    if missing or unexpected:
+        raise ConvlensError(
+            f"{path} does not match SAE '{metadata['sae']}': missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    sae.load_state_dict(state)
+    return sae.to(device) if device is not None else sae
+
+
+def unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """Random directions ``[rows, columns]`` of unit norm, from ``seed``."""
+    directions = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed))
+    return directions / directions.norm(dim=1, keepdim=True)

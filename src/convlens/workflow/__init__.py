@@ -1,0 +1,1 @@
+"""The whole workflow: TOML recipes checked against the registry, and the resumable pipeline that runs them."""
