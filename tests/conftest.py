@@ -1,6 +1,34 @@
+import os
+
 import pytest
 
 pytest_plugins = ["convlens.testing"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets an equal share of the cores (torch threads, and through the environment
+    the threads of the subprocesses it starts): oversubscribed OpenMP threads spin and slow everything down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first (stable otherwise), so that parallel workers finish together; tests marked cuda
+    skip where no GPU is present."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if any(item.get_closest_marker("cuda") for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in items:
+                if item.get_closest_marker("cuda"):
+                    item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(autouse=True)

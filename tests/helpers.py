@@ -10,6 +10,11 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib  # noqa: F401  (tests import it from here)
+else:  # Python 3.10: the same parser from PyPI (a dependency there)
+    import tomli as tomllib  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -189,6 +189,7 @@ def trained(tmp_path_factory):
     return train_tiny_cnn(tmp_path_factory.mktemp("attribution"), "run", images=800, size=64, epochs=8)
 
 
+@pytest.mark.slow
 def test_gradcam_points_at_the_object_on_shapes(trained, tmp_path):
     out = tmp_path / "gradcam"
     result = CliRunner().invoke(

@@ -159,6 +159,7 @@ def trained(tmp_path_factory):
     return train_tiny_cnn(tmp_path_factory.mktemp("circuit"), "model", images=480, size=32, epochs=4)
 
 
+@pytest.mark.slow
 def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_trained_tiny_cnn(trained, tmp_path):
     out = tmp_path / "tiny"
     result = CliRunner().invoke(
@@ -197,6 +198,7 @@ def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_trained_tiny_cnn
     assert (out / "validation.png").is_file() and len(record["units"]) == 8
 
 
+@pytest.mark.slow
 def test_best_subgraphs_beat_random_and_random_beats_worst_on_a_resnet18(trained, tmp_path):
     """A randomly initialised resnet18 (no weights can be downloaded), its channels of the last conv of layer2.
     (A block's output, an addition node, has two incoming edges: random subgraphs at 20 % nearly always cut one and

@@ -21,6 +21,7 @@ from convlens.plugins.visualizers.circuit.view import (
     subgraph_layout,
     write_view,
 )
+from helpers import tomllib
 from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 POSITIVE = [[0.2, 0.5, 0.1], [0.3, 0.9, 0.2], [0.0, 0.4, -0.1]]
@@ -167,7 +168,6 @@ def test_view_inlines_its_style_sheet_and_script_from_package_data(view, tmp_pat
     assert "const THRESHOLD = 0.3;" in text and 'const INPUT_COLOURS = ["rgb(235, 95, 95)", ' in text
     assert not re.search(r"<link |<script src|@import|url\(", text)
     assert write_view(make_record(), tmp_path, "again.html").read_bytes() == path.read_bytes()
-    tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
     assert "assets/*" in config["tool"]["setuptools"]["package-data"]["convlens.plugins.visualizers.circuit"]
 

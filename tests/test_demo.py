@@ -15,15 +15,23 @@ import pytest
 from test_report import _close, _metric, _metrics
 from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
+pytestmark = pytest.mark.slow
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    finished = subprocess.run(
-        [sys.executable, "-m", "convlens", "demo", "--out", str(out)], capture_output=True, text=True
-    )
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    return out, finished.stdout
+    """The demo, run once per session: its output is kept beside the run, since a pytest-xdist worker that runs
+    out of queued tests tears its fixtures down before the next batch arrives."""
+    root = tmp_path_factory.getbasetemp() / "demo"
+    out, printed = root / "run", root / "stdout.txt"
+    if not printed.is_file():
+        root.mkdir(exist_ok=True)
+        finished = subprocess.run(
+            [sys.executable, "-m", "convlens", "demo", "--out", str(out)], capture_output=True, text=True
+        )
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        printed.write_text(finished.stdout)
+    return out, printed.read_text()
 
 
 def test_the_demo_runs_the_whole_recipe_and_prints_the_report_path(demo):

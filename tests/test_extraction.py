@@ -98,6 +98,7 @@ def assert_same_samples(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_extract_killed_and_rerun_gives_exactly_the_uninterrupted_samples(shapes_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run(
@@ -143,6 +144,7 @@ def test_extract_killed_and_rerun_gives_exactly_the_uninterrupted_samples(shapes
     assert changed.returncode == 1 and "holds an extraction with other settings (filter differ)" in changed.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_gives_the_same_samples(shapes_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(extract_command(shapes_data, tmp_path / "one"), capture_output=True, text=True, env=env)

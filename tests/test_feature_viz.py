@@ -100,6 +100,7 @@ def test_planted_units_render_to_their_pattern_far_above_random_images(preset, t
     assert record["settings"]["steps"] == PRESETS[preset]["steps"] == 200
 
 
+@pytest.mark.slow
 def test_improved_and_fourier_have_less_high_frequency_energy_than_naive(tmp_path):
     bundle = convlens.registry.create("model", "tiny-cnn", input_size=32, seed=0)
     shares = {}

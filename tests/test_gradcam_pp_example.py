@@ -119,6 +119,7 @@ def test_formula_by_hand_in_float64(installed_example):
     assert torch.equal(flat, torch.zeros_like(flat))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, params, layer, size", MODELS)
 def test_visualizer_matches_pytorch_grad_cam(installed_example, model, params, layer, size):
     bundle = convlens.registry.create("model", model, **params)

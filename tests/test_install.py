@@ -8,6 +8,8 @@ import pytest
 
 from helpers import child_environment, readme_plugin_files, write_package
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):

@@ -222,6 +222,7 @@ def test_a_second_run_skips_every_step_and_a_changed_setting_reruns_only_what_de
     ]
 
 
+@pytest.mark.slow
 def test_killing_a_run_part_way_and_rerunning_it_ends_with_the_same_outputs(finished_run, tmp_path):
     recipe, reference, _ = finished_run
     out = tmp_path / "run"
@@ -273,6 +274,7 @@ size = 16
 """
 
 
+@pytest.mark.slow
 def test_the_dataset_level_views_run_in_a_recipe_and_the_report_shows_them(tmp_path):
     recipe = write_recipe(tmp_path, TINY_RECIPE.split("[visualize]")[0] + DATASET_VIEWS)
     out = tmp_path / "run"

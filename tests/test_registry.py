@@ -3,7 +3,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import convlens
 from convlens import (
@@ -17,6 +16,7 @@ from convlens import (
 )
 from convlens.core import loader as plugin_loading
 from convlens.core.component_registry import Registry
+from helpers import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FILTERS = ["active-count", "gradcam", "magnitude", "max", "median", "uniform"]

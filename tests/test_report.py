@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from convlens.cli import cli
+from helpers import tomllib
 
 FIXTURE_DONE = "fixture-complete"
 CNN_VISUALISED = [2, 0, 1]
@@ -683,6 +684,5 @@ def test_the_style_sheet_and_script_are_package_data_inlined_into_the_pages(tmp_
 
 
 def test_the_assets_are_declared_package_data():
-    tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
     assert "assets/*" in config["tool"]["setuptools"]["package-data"]["convlens.report"]

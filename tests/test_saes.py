@@ -65,6 +65,7 @@ ARCHITECTURES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, params, training", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
 def test_every_architecture_recovers_a_planted_dictionary(planted, tmp_path, name, params, training):
     store, dictionary = planted
@@ -301,6 +302,7 @@ def test_train_sae_cli_on_an_extracted_store_and_sae_info(tmp_path):
     assert unknown.exit_code != 0 and "topk" in unknown.output
 
 
+@pytest.mark.slow
 def test_one_process_and_two_torchrun_processes_agree(planted, tmp_path):
     store, _ = planted
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -441,6 +443,7 @@ def test_sweep_reads_the_store_once_for_every_configuration(planted, tmp_path, m
     assert recovery(best, dictionary) > 0.8
 
 
+@pytest.mark.slow
 def test_evaluate_sae_on_shapes_keeps_top1_and_reports_the_floor(tmp_path):
     from convlens.data.shapes import write_shapes
 

@@ -51,6 +51,7 @@ def run_training(data, out, epochs=2, resume=False, on_epoch_end=None, **overrid
     )
 
 
+@pytest.mark.slow
 def test_training_learns_shapes_well_above_chance(tmp_path):
     data = tmp_path / "shapes"
     write_shapes(data, n=960, size=32, seed=0)
@@ -86,6 +87,7 @@ def test_training_learns_shapes_well_above_chance(tmp_path):
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(shapes_small, tmp_path):
     straight, _ = run_training(shapes_small, tmp_path / "straight", epochs=3)
 
