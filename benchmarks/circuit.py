@@ -20,8 +20,13 @@ import time
 import torch
 
 import convlens
-from convlens.plugins.visualizers.circuit import CircuitTarget, extract_subgraph, score_components, subgraph_gates
 from convlens.plugins.visualizers.circuit.graph import ChannelGraph, Gates, gate_derivatives
+from convlens.plugins.visualizers.circuit.scoring import (
+    CircuitTarget,
+    extract_subgraph,
+    score_components,
+    subgraph_gates,
+)
 
 
 def best_of(repeats: int, work) -> float:

@@ -126,3 +126,25 @@ def test_a_plugin_written_from_the_readme_uses_the_public_api_and_passes_the_con
     sae = check_component("sae", "plain-relu", registry, input_dim=6, expansion=2.0)
     assert sae.latent_dim == 12 and sae.sparsity == {"l1": 1.0}
     assert check_component("visualizer", "grad-x-act", registry).explains_units_on_images
+
+
+def importable(module: str, name: str) -> bool:
+    """``from module import name`` would work: an attribute, or a submodule."""
+    if hasattr(importlib.import_module(module), name):
+        return True
+    try:
+        importlib.import_module(f"{module}.{name}")
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def test_every_convlens_name_the_benchmarks_import_exists():
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("convlens"):
+                missing += [
+                    f"{path.name}: {node.module}.{a.name}" for a in node.names if not importable(node.module, a.name)
+                ]
+    assert not missing, "benchmarks import names that do not exist:\n" + "\n".join(missing)
