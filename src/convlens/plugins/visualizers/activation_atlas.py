@@ -7,7 +7,7 @@ order of reading), or with an SAE that position's latent code. All vectors are p
 ``grid`` x ``grid`` grid is laid over the projection's bounding box, and every cell holding at least ``min_count``
 points gets the mean of its vectors (for SAE codes: the mean code ``z`` decoded to the layer's channels with the
 SAE's decoder as ``decode(z) - decode(0)``, the part of the reconstruction the latents write; see
-``direction_images.channel_directions``), which feature visualisation then inverts with a direction objective
+``feature_viz.directions.channel_directions``), which feature visualisation then inverts with a direction objective
 (``Objective.direction``, a preset of feature-viz), ``render_batch`` cells per optimisation batch.
 
 Cells: ``column = min(grid - 1, floor((x - x_min) / (x_max - x_min) * grid))`` and, with ``y`` pointing up,

@@ -3,7 +3,7 @@
 Every spatial patch ``(y, x)`` of a layer's grid has a vector of activations, one value per channel. The grid draws,
 in the layer's layout beside the input image, one feature visualisation per patch that maximises the direction of
 that patch's vector; all patches of an image are optimised in one batch. With an SAE the patch's vector is its
-latent code, decoded into the layer's channel space to give the direction (see ``direction_images``).
+latent code, decoded into the layer's channel space to give the direction (see ``feature_viz.directions``).
 
 The semantic dictionary of one patch (the one with the largest vector norm unless ``patch`` names another) pairs
 its units, sorted by their activation at the patch, with each unit's own feature visualisation (a channel
