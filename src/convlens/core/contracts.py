@@ -1,4 +1,5 @@
-"""What a model, a filter and a visualizer object must provide (the SAE base lives in ``core.sae``).
+"""What a model, a filter and a visualizer object must provide (the SAE base is :class:`convlens.SparseAutoencoder`,
+in the sae stage).
 
 This module imports no torch at load time, so plugin modules can subclass these bases and still be listed
 without importing torch.
