@@ -34,7 +34,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _plugin_env(monkeypatch):
     """Tests start from default plugin settings, whatever the calling shell exported."""
-    for name in ("CONVLENS_STRICT_PLUGINS", "CONVLENS_LOAD_PLUGINS", "CONVLENS_DISABLE_PLUGINS"):
+    for name in (
+        "CONVLENS_STRICT_PLUGINS",
+        "CONVLENS_LOAD_PLUGINS",
+        "CONVLENS_DISABLE_PLUGINS",
+        "CONVLENS_PLUGIN_BUDGET",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -162,7 +162,9 @@ def test_unexpected_errors_are_one_line_unless_debug(run, tmp_path):
     )
     result = run("--plugin", str(path), "crash")
     assert result.exit_code == 1
-    assert result.output.strip() == "Error: unexpected ZeroDivisionError: oops (rerun with --debug for the traceback)"
+    assert result.output.strip() == (
+        "Error: convlens crash: unexpected ZeroDivisionError: oops (rerun with --debug for the traceback)"
+    )
     with pytest.raises(ZeroDivisionError):
         run("--plugin", str(path), "--debug", "crash")
 

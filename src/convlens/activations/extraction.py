@@ -22,7 +22,7 @@ from convlens.activations.sampling import sample_activations
 from convlens.activations.store import FORMAT, finished_chunks, write_shard
 from convlens.core.contracts import ActivationFilter, FilterContext
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches
+from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, require_readable
 from convlens.models.layers import activations_at
 from convlens.runtime.distributed import barrier, distributed_rank
 from convlens.runtime.run_records import write_json_atomic
@@ -65,8 +65,12 @@ def extract(
     workers: int = 0,
     progress: bool | None = None,
     dataset: dict[str, Any] | None = None,
+    on_nonfinite: Literal["skip", "stop"] = "skip",
 ) -> dict[str, Any]:
-    """Write (or complete) the activation store ``out``; returns the run summary of this process."""
+    """Write (or complete) the activation store ``out``; returns the run summary of this process.
+
+    An image whose activations hold NaN or inf is left out and recorded among the skipped files
+    (``on_nonfinite="skip"``) or stops the run naming it (``"stop"``)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -82,15 +86,16 @@ def extract(
         "images": count,
     }
     config_path = out / "extraction.json"
+    require_readable(index)
     if rank == 0:
         if config_path.is_file():
-            saved = json.loads(config_path.read_text())
-            now = json.loads(json.dumps(config))
+            saved = _with_resolved_root(json.loads(config_path.read_text()))
+            now = _with_resolved_root(json.loads(json.dumps(config)))
             if saved != now:
                 changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
                 raise ConvlensError(
                     f"{out} holds an extraction with other settings ({', '.join(changed)} differ); "
-                    "choose another --out or delete it"
+                    f"to extract with these settings, write to a new --out (the finished shards in {out} are kept)"
                 )
         else:
             (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -102,7 +107,7 @@ def extract(
     val_mask = validation_images(count, settings.val_fraction, settings.seed)
     dataset_ = ImageDataset(index, Preprocessing.of(bundle).eval_transform)
     dtype = getattr(torch, settings.dtype)
-    totals = {"images": 0, "samples": 0, "fallbacks": 0, "skipped": 0}
+    totals = {"images": 0, "samples": 0, "fallbacks": 0, "skipped": 0, "nonfinite": 0}
     started = time.perf_counter()
     bar = tqdm(
         total=sum(min(count, (c + 1) * settings.images_per_shard) - c * settings.images_per_shard for c in todo),
@@ -117,7 +122,7 @@ def extract(
         parts: dict[str, list[torch.Tensor]] = {
             k: [] for k in ("vectors", "image_index", "position", "weight", "maps", "map_image_index")
         }
-        fallbacks, grid = 0, None
+        fallbacks, grid, nonfinite = 0, None, 0
         for batch in image_batches(
             dataset_, batch_size=settings.batch_size, skip_log=skip_log, order=list(positions), workers=workers
         ):
@@ -133,26 +138,34 @@ def extract(
                     f"layer '{settings.layer}' gives shape {tuple(activations.shape)}; extraction "
                     "needs a convolutional layer with output [N, C, H, W]"
                 )
+            gradients = captured.gradients.get(settings.layer)
+            kept = batch.positions
+            finite = _finite_images(activations, kept, index, settings.layer, skip_log, on_nonfinite)
+            bar.update(len(batch.skipped) + int((~finite).sum()))
+            if not finite.all():
+                nonfinite += int((~finite).sum())
+                keep = finite.to(activations.device)
+                activations, images, labels = activations[keep], images[keep], labels[keep]
+                gradients = gradients[keep] if gradients is not None else None
+                kept = kept[finite]
+                if not len(kept):
+                    continue
             context = FilterContext(
-                model=bundle,
-                images=images,
-                labels=labels,
-                layer=settings.layer,
-                gradients=captured.gradients.get(settings.layer),
+                model=bundle, images=images, labels=labels, layer=settings.layer, gradients=gradients
             )
             weights = filter_(activations, context)
             grid = list(activations.shape[2:])
             per_image = settings.per_image or grid[0] * grid[1]
-            samples = sample_activations(activations, weights, batch.positions, per_image=per_image, seed=settings.seed)
+            samples = sample_activations(activations, weights, kept, per_image=per_image, seed=settings.seed)
             parts["vectors"].append(samples.vectors.to(dtype))
             parts["image_index"].append(samples.image_index)
             parts["position"].append(samples.position)
             parts["weight"].append(samples.weight)
             if settings.save_maps:
                 parts["maps"].append(weights.detach().float().cpu())
-                parts["map_image_index"].append(batch.positions)
+                parts["map_image_index"].append(kept)
             fallbacks += int(samples.fallback.sum())
-            bar.update(len(batch) + len(batch.skipped))
+            bar.update(len(kept))
         tensors = _chunk_tensors(parts, val_mask, bundle, settings)
         write_shard(
             out,
@@ -171,6 +184,7 @@ def extract(
         totals["samples"] += int(tensors["vectors"].shape[0])
         totals["fallbacks"] += fallbacks
         totals["skipped"] += len(skip_log)
+        totals["nonfinite"] += nonfinite
     bar.close()
     seconds = time.perf_counter() - started
     barrier(world)
@@ -186,6 +200,43 @@ def extract(
         "images_per_second": round(totals["images"] / seconds, 1) if seconds > 0 and totals["images"] else None,
         "manifest": manifest,
     }
+
+
+def _with_resolved_root(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its dataset folder resolved, so that the same folder spelled differently compares equal."""
+    dataset = config.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("root"), str):
+        return config
+    return {**config, "dataset": {**dataset, "root": str(Path(dataset["root"]).resolve())}}
+
+
+NONFINITE_REASON = "non-finite activations"
+
+
+def _finite_images(
+    activations: torch.Tensor,
+    positions: torch.Tensor,
+    index: ImageIndex,
+    layer: str,
+    skip_log: SkipLog,
+    on_nonfinite: Literal["skip", "stop"],
+) -> torch.Tensor:
+    """Bool ``[N]``: the images whose activations are all finite. The others are recorded in ``skip_log``, or
+    the first of them stops the run (``on_nonfinite="stop"``)."""
+    values = activations.detach()
+    if bool(torch.isfinite(values).all()):
+        return torch.ones(len(values), dtype=torch.bool)
+    counts = (~torch.isfinite(values)).flatten(1).sum(1).cpu()
+    for row in counts.nonzero().flatten().tolist():
+        path = index.paths[int(positions[row])]
+        found = f"{int(counts[row])} of {values[row].numel()} values at layer '{layer}' are NaN or inf"
+        if on_nonfinite == "stop":
+            raise ConvlensError(
+                f"{path}: the model's activations are non-finite ({found}); the shards written so far are kept; "
+                "use --on-nonfinite skip to leave such images out"
+            )
+        skip_log.record(index.relative(path), f"{NONFINITE_REASON}: {found}")
+    return counts == 0
 
 
 def _chunk_tensors(

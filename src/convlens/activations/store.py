@@ -77,6 +77,41 @@ def finished_chunks(store: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The store's ``manifest.json``, checked before anything is read by it: one message naming the file and the
+    key for anything that is not a manifest this version wrote."""
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConvlensError(f"{path} is not a store manifest: not JSON text ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ConvlensError(f"{path} is not a store manifest: it holds a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT:
+        raise ConvlensError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    channels = manifest.get("channels")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise ConvlensError(f"{path}: 'channels' must be a positive whole number, got {channels!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ConvlensError(f"{path}: 'shards' must be a list of shard records, got {type(shards).__name__}")
+    for number, record in enumerate(shards):
+        _check_shard_record(path, number, record)
+    return manifest
+
+
+def _check_shard_record(path: Path, number: int, record: Any) -> None:
+    where = f"{path}: shards[{number}]"
+    if not isinstance(record, dict):
+        raise ConvlensError(f"{where} must be an object, got {type(record).__name__}")
+    file, samples, checksum = record.get("file"), record.get("samples"), record.get("sha256")
+    if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+        raise ConvlensError(f"{where}: 'file' must be a path inside the store, got {file!r}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise ConvlensError(f"{where}: 'samples' must be a whole number >= 0, got {samples!r}")
+    if not isinstance(checksum, str):
+        raise ConvlensError(f"{where}: 'sha256' must be a string, got {checksum!r}")
+
+
 class ActivationStore:
     """Read access to a finished store: random access, split selection, and a shuffling batch iterator."""
 
@@ -86,9 +121,7 @@ class ActivationStore:
         if not manifest.is_file():
             hint = " (the extraction has not finished; re-run it to resume)" if (self.path / "shards").is_dir() else ""
             raise ConvlensError(f"{self.path} is not an activation store: no manifest.json{hint}")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ConvlensError(f"{manifest} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.manifest = read_manifest(manifest)
         self.shards = self.manifest["shards"]
         self.verify = verify
         self._verified: set[str] = set()
@@ -124,9 +157,21 @@ class ActivationStore:
         path = self._checked(self.shards[number])
         try:
             with safe_open(str(path), framework="pt") as handle:
-                return {name: handle.get_tensor(name) for name in names if name in handle.keys()}
+                tensors = {name: handle.get_tensor(name) for name in names if name in handle.keys()}
         except (SafetensorError, OSError) as exc:
             raise ConvlensError(f"cannot read shard {self.shards[number]['file']} of {self.path}: {exc}") from None
+        if "vectors" in tensors:
+            self._check_finite(number, tensors["vectors"])
+        return tensors
+
+    def _check_finite(self, number: int, vectors: torch.Tensor) -> None:
+        if vectors.is_floating_point() and not torch.isfinite(vectors).all():
+            bad = int((~torch.isfinite(vectors)).sum())
+            raise ConvlensError(
+                f"shard {self.shards[number]['file']} of {self.path} holds {bad} non-finite activation values "
+                "(NaN or inf), which no SAE can train on; extract again into a new --out (extraction now leaves "
+                "such images out)"
+            )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index`` (a global position over all shards) through a memory-mapped slice."""
@@ -137,10 +182,12 @@ class ActivationStore:
         number = int(torch.searchsorted(self._offsets, torch.tensor(index), right=True)) - 1
         offset = index - int(self._offsets[number])
         with safe_open(str(self._checked(self.shards[number])), framework="pt") as handle:
-            return {
+            sample = {
                 name: handle.get_slice(name)[offset : offset + 1][0]
                 for name in ("vectors", "image_index", "position", "weight", "split")
             }
+        self._check_finite(number, sample["vectors"])
+        return sample
 
     def split(self, name: str = "train") -> dict[str, torch.Tensor]:
         """Every sample of one split, concatenated (for stores that fit in memory; use batches() otherwise)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from convlens._version import __version__
+from convlens.core.component_registry import default_registry
+from convlens.core.errors import PluginLoadError
+from convlens.core.loader import STRICT_ENV
 
 from .base import ConvlensGroup, set_debug, setup_registry
 from .circuit import circuit_command
@@ -23,14 +26,29 @@ from .training import train_model_command
 from .visualize import visualize_command
 
 
+def load_plugin_files(ctx: click.Context, param: click.Parameter, paths: tuple[str, ...]) -> None:
+    """Load the ``--plugin`` files now, so that one that fails says so once, on stderr."""
+    setup_registry(ctx, param, paths)
+    if not paths or ctx.resilient_parsing:
+        return
+    try:
+        infos = default_registry().plugins()
+    except PluginLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for plugin_info in infos:
+        if plugin_info.local and plugin_info.status == "error":
+            for error in plugin_info.errors:
+                click.echo(f"warning: --plugin {error} (ignored; {STRICT_ENV}=1 makes this an error)", err=True)
+
+
 @click.group(cls=ConvlensGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="convlens")
 @click.option(
     "--plugin",
     "plugin_files",
     multiple=True,
-    type=click.Path(dir_okay=False),
-    callback=setup_registry,
+    type=click.Path(dir_okay=False, exists=True),
+    callback=load_plugin_files,
     expose_value=False,
     is_eager=True,
     help="Load a one-off local plugin from a Python file (repeatable).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import warnings
@@ -31,18 +32,30 @@ def reraise_as_click(ctx: click.Context, exc: Exception) -> None:
         raise exc
     if isinstance(exc, ConvlensError):
         raise click.ClickException(str(exc)) from exc
-    raise click.ClickException(
-        f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-    ) from exc
+    raise click.ClickException(describe_unexpected(exc, _command_name(ctx))) from exc
+
+
+def describe_unexpected(exc: Exception, command: str) -> str:
+    """One line for an exception convlens did not turn into a message: the command, the file when known."""
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and filename is not None:
+        if exc.errno == errno.ENOSPC:
+            return f"{command}: the disk is full: cannot write {filename}; free some space and rerun"
+        return f"{command}: cannot access {filename}: {exc.strerror or exc}"
+    where = f" while processing {filename}" if filename else ""
+    return f"{command}: unexpected {type(exc).__name__}{where}: {exc} (rerun with --debug for the traceback)"
+
+
+def _command_name(ctx: click.Context) -> str:
+    """'convlens NAME' of the subcommand that failed."""
+    return f"convlens {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "convlens"
 
 
 def _show_warning(
     fallback: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
 ) -> None:
     """convlens's own warnings as one 'warning: ...' line on stderr, printed around any progress bar."""
-    from convlens.data.images import SkippedImageWarning
-
-    if issubclass(category, SkippedImageWarning):
+    if category.__module__.startswith("convlens."):
         from tqdm import tqdm
 
         tqdm.write(f"warning: {message}", file=sys.stderr)

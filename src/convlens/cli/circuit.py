@@ -11,6 +11,7 @@ import click
 from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json, echo_table
 from .plugin_options import ModelOptionsCommand
@@ -52,7 +53,7 @@ class CircuitCommand(ModelOptionsCommand):
     "sae_path",
     default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help="An SAE checkpoint trained on --layer: the units are its latents.",
+    help="An SAE checkpoint trained on this model and --layer (default: its layer): the units are its latents.",
 )
 @click.option(
     "--data",
@@ -64,6 +65,7 @@ class CircuitCommand(ModelOptionsCommand):
     "--out", "-o", default=None, type=click.Path(file_okay=False), help="Output folder (default: runs/circuit-LAYER)."
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--force", is_flag=True, help="Use an --sae trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 def circuit_command(
     model_name: str,
@@ -73,6 +75,7 @@ def circuit_command(
     data: str,
     out: str | None,
     device: str | None,
+    force: bool,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -85,10 +88,12 @@ def circuit_command(
     from convlens.runtime.run_records import versions, write_json_atomic
 
     visualizer = default_registry().create("visualizer", METHOD, **values_from_click(options, VISUALIZER_PREFIX))
-    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device, options)
+    target, model_record, target_device = load_visual_target(
+        model_name, layer, units, sae_path, data, device, options, force
+    )
     layer, chosen = target.layer, target.units
     out_dir = Path(out or f"runs/circuit-{layer}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    click.get_current_context().with_resource(output_lock(out_dir, command="circuit"))
     write_json_atomic(
         out_dir / "config.json",
         {

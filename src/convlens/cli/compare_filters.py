@@ -9,6 +9,7 @@ import click
 
 from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import PluginOptionsCommand, load_model
@@ -145,6 +146,7 @@ def compare_filters_command(
         foreground_threshold=foreground_threshold,
     )
     out = out or f"runs/compare-filters-{layer}"
+    click.get_current_context().with_resource(output_lock(out, command="compare-filters"))
     filter_records = {
         name: {"name": registry.get("filter", name).qualified_name, "params": f.params.to_dict() if f.params else {}}
         for name, f in filters.items()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from convlens.runtime.locks import output_lock
+
 from .output import echo_json
 
 
@@ -29,6 +31,7 @@ def shapes(out: str, count: int, size: int, seed: int, as_json: bool) -> None:
 
     from convlens.data.shapes import write_shapes
 
+    click.get_current_context().with_resource(output_lock(out, command="data shapes"))
     with tqdm(total=count, desc="shapes", unit="img", leave=False, disable=None) as bar:
         summary = write_shapes(out, n=count, size=size, seed=seed, progress=bar.update)
     if as_json:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import click
 
 from convlens.core.component_registry import default_registry
 from convlens.core.params import values_from_click
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
@@ -54,6 +55,13 @@ from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--save-maps", is_flag=True, help="Also store every image's full filter map.")
+@click.option(
+    "--on-nonfinite",
+    default="skip",
+    show_default=True,
+    type=click.Choice(["skip", "stop"]),
+    help="An image whose activations hold NaN or inf: leave it out and list it (skip), or stop naming it (stop).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Output the summary as JSON.")
@@ -70,6 +78,7 @@ def extract(
     workers: int,
     dtype: str,
     save_maps: bool,
+    on_nonfinite: Literal["skip", "stop"],
     seed: int,
     device: str | None,
     as_json: bool,
@@ -80,7 +89,7 @@ def extract(
     Runs data-parallel under torchrun (e.g. `torchrun --nproc-per-node 2 -m convlens extract ...`); re-running
     the same command after an interruption completes the store without duplicating or losing samples.
     """
-    from convlens.activations.extraction import ExtractionSettings
+    from convlens.activations.extraction import NONFINITE_REASON, ExtractionSettings
     from convlens.activations.extraction import extract as run_extraction
     from convlens.data.images import scan_images
     from convlens.runtime.device import resolve_device
@@ -105,6 +114,7 @@ def extract(
         dtype=dtype,
     )
     out = out or f"runs/activations-{layer}-{component.name}"
+    click.get_current_context().with_resource(output_lock(out, command="extract"))
     summary = run_extraction(
         bundle,
         filter_,
@@ -114,6 +124,7 @@ def extract(
         device=resolve_device(device),
         workers=workers,
         dataset={"root": str(index.root), "fingerprint": index.fingerprint()},
+        on_nonfinite=on_nonfinite,
     )
     manifest = summary.pop("manifest")
     if summary["rank"] != 0:
@@ -135,7 +146,10 @@ def extract(
         f"{summary['fallbacks']} uniform fallbacks; {summary['chunks_reused']} shards reused; store {out} "
         f"holds {manifest['samples']} samples of {manifest['images_used']} images"
     )
-    if manifest["skipped"]:
-        items = ", ".join(f"{s['path']} ({s['reason']})" for s in manifest["skipped"][:5])
-        more = f" and {len(manifest['skipped']) - 5} more" if len(manifest["skipped"]) > 5 else ""
-        click.echo(f"skipped {len(manifest['skipped'])} unreadable files: {items}{more}")
+    nonfinite = [s for s in manifest["skipped"] if s["reason"].startswith(NONFINITE_REASON)]
+    unreadable = [s for s in manifest["skipped"] if s not in nonfinite]
+    for skipped, what in ((unreadable, "unreadable files"), (nonfinite, "images with non-finite activations")):
+        if skipped:
+            items = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            click.echo(f"skipped {len(skipped)} {what}: {items}{more}")

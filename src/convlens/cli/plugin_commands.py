@@ -10,7 +10,7 @@ import click
 
 from convlens.core.component_registry import KINDS, default_registry
 from convlens.core.errors import ConvlensError
-from convlens.core.loader import canonical_dist, installed_plugin_dists
+from convlens.core.loader import BUDGET_ENV, canonical_dist, installed_plugin_dists, plugin_budget
 
 from .output import echo_json, echo_table
 
@@ -22,7 +22,7 @@ _KIND_COLUMNS = {"model": "MODELS", "filter": "FILTERS", "sae": "SAES", "visuali
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 @click.option("--requirements", is_flag=True, help="Show each distribution's requirements.")
 def plugins(show_all: bool, as_json: bool, requirements: bool) -> None:
-    """List plugin distributions: version, status (ok/error/disabled) and components per kind."""
+    """List plugin distributions: version, status (ok/slow/error/disabled) and components per kind."""
     infos = [i for i in default_registry().plugins() if show_all or not i.builtin]
     if as_json:
         echo_json([i.to_dict() for i in infos])
@@ -46,6 +46,11 @@ def plugins(show_all: bool, as_json: bool, requirements: bool) -> None:
         for info in failed:
             for error in info.errors:
                 click.echo(f"  {info.dist}: {error}")
+    slow = [i for i in infos if i.status == "slow"]
+    if slow:
+        click.echo(f"\nslow to load (budget {plugin_budget():g} s, {BUDGET_ENV}); every command waits for them:")
+        for info in slow:
+            click.echo(f"  {info.dist}: {info.load_seconds:.2f} s to import and register")
 
 
 @click.command("list")

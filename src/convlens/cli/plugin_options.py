@@ -39,7 +39,7 @@ class PluginOptionsCommand(click.Command):
         try:
             model = _peek(args, "--model") if "--model" in self.plugin_flags else None
             if model:
-                name, _ = resolve_model_argument(model)
+                name, _ = resolve_model_argument(model, trust_code=True)  # only its name; load_model checks trust
                 spec = default_registry().get("model", name).spec.params
                 every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
                 self.params += click_parameters(

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from convlens.runtime.locks import output_lock
+
 from .output import echo_json, echo_table
 from .plugin_options import ModelOptionsCommand, load_model
 
@@ -121,7 +123,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     from convlens.drawing.charts import bar_chart
     from convlens.runtime.run_records import versions, write_json_atomic
 
-    out.mkdir(parents=True, exist_ok=True)
+    click.get_current_context().with_resource(output_lock(out, command="rank-units"))
     write_json_atomic(out / "ranking.json", {**result, "versions": versions()})
     for key, name in (("channels", "channel"), ("latents", "latent")):
         if key in result:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from convlens.runtime.locks import output_lock
+
 from .output import echo_json
 
 DEMO_RECIPE = "demo.toml"
@@ -29,6 +31,7 @@ def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None,
         todo = sum(row["status"] != "done" for row in plan)
         click.echo(f"recipe {recipe_path.name} is valid: {len(plan)} steps, {todo} to run, in {out}")
         return
+    click.get_current_context().with_resource(output_lock(out, command=f"run {recipe_path.name}"))
     try:
         summary = pipeline.run()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import click
 
 from convlens.core.component_registry import default_registry
 from convlens.core.params import click_parameters, coerce, values_from_click
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import SAE_PREFIX, ModelOptionsCommand, PluginOptionsCommand
@@ -80,6 +81,7 @@ def train_sae_command(
     validation = ActivationStore(val_store) if val_store else None
     sae, record = build_sae(sae_name, values_from_click(options, SAE_PREFIX), activations.dim, training.seed)
     out = out or f"runs/sae-{default_registry().get('sae', sae_name).name}"
+    click.get_current_context().with_resource(output_lock(out, command="train-sae"))
     try:
         summary = train_sae(
             sae, record, activations, out, training, val_store=validation, device=resolve_device(device), resume=resume
@@ -182,6 +184,7 @@ def sae_info(path: str, as_json: bool) -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--force", is_flag=True, help="Evaluate an SAE trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON.")
 def evaluate_sae_command(
     model_name: str,
@@ -195,6 +198,7 @@ def evaluate_sae_command(
     out: str | None,
     seed: int,
     device: str | None,
+    force: bool,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -206,8 +210,9 @@ def evaluate_sae_command(
     from convlens.data.images import scan_images
     from convlens.runtime.device import resolve_device
     from convlens.runtime.run_records import write_json_atomic
-    from convlens.sae.base import load_sae, read_sae_metadata
+    from convlens.sae.base import load_sae
     from convlens.sae.evaluation import evaluate_splice
+    from convlens.sae.provenance import check_sae_target, trained_layer
 
     from .plugin_options import load_model
 
@@ -221,10 +226,10 @@ def evaluate_sae_command(
                 f"--ablate '{ablate}' is neither a count nor a comma-separated list of latent ids"
             ) from None
     bundle, model_record = load_model(model_name, options)
-    metadata = read_sae_metadata(sae_path)
-    layer = layer or metadata.get("layer") or bundle.default_layer
+    layer = layer or trained_layer(sae_path) or bundle.default_layer
     resolved_device = resolve_device(device)
-    sae = load_sae(sae_path, device=resolved_device)
+    sae = load_sae(sae_path, input_dim=layer_channels(bundle, layer, model_record["name"]), device=resolved_device)
+    check_sae_target(sae_path, model_record, layer, force=force)
     result = evaluate_splice(
         bundle,
         sae,
@@ -262,6 +267,18 @@ def evaluate_sae_command(
         click.echo(
             f"  latent {entry['latent']}: active on {entry['images_active']} images; zeroing it lowers {lowered or '-'}"
         )
+
+
+def layer_channels(bundle: Any, layer: str, model_name: str) -> int | None:
+    """The channels of ``layer``'s output (one blank image through the model), or None when it has no axis 1."""
+    import torch
+
+    from convlens.models.layers import activations_at
+
+    probe = activations_at(
+        bundle.module.eval(), torch.zeros(1, 3, *bundle.input_size), layer, model_name=model_name
+    ).activations[layer]
+    return int(probe.shape[1]) if probe.ndim > 1 else None
 
 
 class SweepCommand(TrainSAECommand):
@@ -334,6 +351,7 @@ def sweep_command(
         configs = sweep_preset(preset, place="--preset")
     activations = ActivationStore(store)
     validation = ActivationStore(val_store) if val_store else None
+    click.get_current_context().with_resource(output_lock(out, command="sweep"))
     result = run_sweep(
         configs,
         lambda config: build_sae(config["sae"], config.get("params", {}), activations.dim, training.seed),

@@ -11,6 +11,7 @@ import click
 from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import values_from_click
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json, echo_table
 from .plugin_options import load_model
@@ -112,13 +113,13 @@ def sanity_check_command(
     )
     if batch is None:
         raise ConvlensError(f"none of the first {max_images} images under {index.root} could be read")
+    out_dir = Path(out or f"runs/sanity-check-{spec.name}-{layer}")
+    click.get_current_context().with_resource(output_lock(out_dir, command="sanity-check"))
     images = batch.images.to(target_device)
     started = time.perf_counter()
     results = cascading_randomisation(
         bundle, methods, images, layer, depth=depth, seed=seed, progress=False if as_json else None
     )
-    out_dir = Path(out or f"runs/sanity-check-{spec.name}-{layer}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     figures = cascade_figures(results, [preprocessing.to_pil(image) for image in images], out_dir)
     rows = [row for result in results for row in result.table()]
     record = {

@@ -9,6 +9,7 @@ import click
 from convlens.core.component_registry import default_registry
 from convlens.core.params import click_parameters, coerce, values_from_click
 from convlens.models.fine_tuning import TrainingParams
+from convlens.runtime.locks import output_lock
 
 from .base import ComponentGroup
 from .output import echo_json
@@ -39,6 +40,7 @@ def _train(
         params["seed"] = training.seed
     bundle = default_registry().create("model", component.qualified_name, **params)
     out = out or f"runs/train-{component.name}"
+    click.get_current_context().with_resource(output_lock(out, command="train-model"))
     try:
         summary = train_model(
             bundle,

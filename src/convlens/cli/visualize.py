@@ -11,6 +11,7 @@ import click
 from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
+from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import PluginOptionsCommand, load_model
@@ -35,8 +36,12 @@ class VisualizeCommand(PluginOptionsCommand):
         return super().parse_args(ctx, args)
 
 
+MAX_UNKNOWN_RANGE = 65_536  # the longest range accepted while the number of units is not known
+
+
 def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
-    """``0,5,9``, ranges ``0-7`` and ``all`` (every unit of the layer, or every SAE latent)."""
+    """``0,5,9``, ranges ``0-7`` and ``all`` (every unit of the layer, or every SAE latent); a range is checked
+    against ``available`` before it is expanded (single numbers are checked where the units are used)."""
     if not text:
         return ()
     units: list[int] = []
@@ -49,12 +54,20 @@ def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
             low, _, high = part.partition("-")
             if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
                 raise ConvlensError(f"--units: '{part}' is not a range like 0-7")
+            _check_unit(part, int(high), available)
+            if available is None and int(high) - int(low) >= MAX_UNKNOWN_RANGE:
+                raise ConvlensError(f"--units: '{part}' is longer than {MAX_UNKNOWN_RANGE} units")
             units += range(int(low), int(high) + 1)
         elif part.isdigit():
             units.append(int(part))
         else:
             raise ConvlensError(f"--units: '{part}' is not a unit number, a range like 0-7, or 'all'")
     return tuple(dict.fromkeys(units))
+
+
+def _check_unit(part: str, highest: int, available: int | None) -> None:
+    if available is not None and highest >= available:
+        raise ConvlensError(f"--units: '{part}' is out of range: there are units 0..{available - 1}")
 
 
 def load_visual_target(
@@ -65,18 +78,21 @@ def load_visual_target(
     data: Any,
     device: str | None,
     options: dict[str, Any],
+    force: bool = False,
 ):
     """The :class:`VisualTarget` of the shared options (model on its device in eval mode, the layer's units or the
-    SAE's latents), the model's record and the device."""
+    SAE's latents), the model's record and the device. An SAE trained on another model or layer is refused unless
+    ``force``; without ``layer`` it is used at the layer it was trained on."""
     import torch
 
     from convlens import VisualTarget
     from convlens.models.layers import activations_at
     from convlens.runtime.device import resolve_device
     from convlens.sae.base import load_sae
+    from convlens.sae.provenance import check_sae_target, trained_layer
 
     bundle, model_record = load_model(model_name, options)
-    layer = layer or bundle.default_layer
+    layer = layer or (trained_layer(sae_path) if sae_path else None) or bundle.default_layer
     target_device = resolve_device(device)
     bundle.module.to(target_device).eval()
     probe = activations_at(
@@ -86,6 +102,8 @@ def load_visual_target(
         model_name=model_record["name"],
     ).activations[layer]
     sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval() if sae_path else None
+    if sae_path:
+        check_sae_target(sae_path, model_record, layer, force=force)
     chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
     return VisualTarget(bundle, layer, chosen, sae, data), model_record, target_device
 
@@ -105,7 +123,7 @@ def load_visual_target(
     "sae_path",
     default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help="An SAE checkpoint trained on this layer: units are then its latents.",
+    help="An SAE checkpoint trained on this model and layer (default --layer: its layer): units are its latents.",
 )
 @click.option(
     "--data",
@@ -121,6 +139,7 @@ def load_visual_target(
     help="Output folder (default: runs/visualize-NAME-LAYER).",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--force", is_flag=True, help="Use an --sae trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the visualizer's JSON record.")
 def visualize_command(
     name: str,
@@ -131,6 +150,7 @@ def visualize_command(
     data: str | None,
     out: str | None,
     device: str | None,
+    force: bool,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -146,10 +166,12 @@ def visualize_command(
     visualizer = registry.create("visualizer", name, **visualizer_params)
     if getattr(visualizer, "needs_data", False) and data is None:
         raise ConvlensError(f"visualizer '{spec.name}' looks at images: pass --data (an image file or folder)")
-    target, model_record, target_device = load_visual_target(model_name, layer, units, sae_path, data, device, options)
+    target, model_record, target_device = load_visual_target(
+        model_name, layer, units, sae_path, data, device, options, force
+    )
     layer, chosen, sae = target.layer, target.units, target.sae
     out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    click.get_current_context().with_resource(output_lock(out_dir, command="visualize"))
     write_json_atomic(
         out_dir / "config.json",
         {

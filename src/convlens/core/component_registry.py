@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import importlib
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,13 +37,18 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class ComponentSpec:
-    """What a plugin registers: a name, a factory ``factory(params)`` and a parameter dataclass."""
+    """What a plugin registers: a name, a factory ``factory(params)`` and a parameter dataclass.
+
+    ``runs_code`` marks a component that executes code its parameters name (a model built from a Python file):
+    such parameters are taken only from the user, never from a run folder's record.
+    """
 
     name: str
     factory: Callable[[Any], Any] | str
     params: type = NoParams
     summary: str = ""
     aliases: tuple[str, ...] = ()
+    runs_code: bool = False
     kind: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -159,11 +165,13 @@ class Registry:
     def load(self) -> None:
         if self._loaded:
             return
+        budget = plugin_loading.plugin_budget()
         self._manager = manager = plugin_loading.new_plugin_manager()
         sources = plugin_loading.discover_sources(self.local_plugins)
         self._infos, self._plugin_objects = plugin_loading.load_sources(manager, sources)
         for source, plugin in self._plugin_objects:
             self._register_plugin(source, plugin)
+        plugin_loading.mark_slow(list(self._infos.values()), budget)
         self._loaded = True
         self._raise_if_strict()
 
@@ -212,6 +220,7 @@ class Registry:
     def _register_plugin(self, source: plugin_loading.PluginSource, plugin: Any) -> None:
         info = self._infos[plugin_loading.canonical_dist(source.dist)]
         collected: list[Component] = []
+        started = time.perf_counter()
         try:
             for kind, hook in _HOOK_FOR_KIND.items():
                 plugin_loading.call_hook_per_plugin(
@@ -221,6 +230,8 @@ class Registry:
             info.status = "error"
             info.errors.append(f"{source.label}: {plugin_loading._describe(exc)}")
             return
+        finally:
+            info.load_seconds += time.perf_counter() - started
         self._components.extend(collected)
         self._recount(info)
 
@@ -352,6 +363,7 @@ class Registry:
             "version": component.version,
             "summary": spec.summary,
             "aliases": list(spec.aliases),
+            "runs_code": spec.runs_code,
             "source": component.source,
             "plugin_module": component.module,
             "params": describe_params(spec.params),

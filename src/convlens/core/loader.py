@@ -4,7 +4,9 @@ Loading is tolerant: a plugin that fails to import, to validate against the hook
 marked ``error`` with its message, none of its components are kept, and everything else keeps working.
 ``CONVLENS_STRICT_PLUGINS=1`` turns such failures into an error. ``CONVLENS_LOAD_PLUGINS`` is an
 allow-list of distributions (empty: built-ins only); ``CONVLENS_DISABLE_PLUGINS`` lists distributions to
-skip. Built-ins are found through the same entry points; a source checkout without installed metadata
+skip. Each plugin's import and registration time is measured; a plugin slower than
+``CONVLENS_PLUGIN_BUDGET`` seconds (default 5) is marked ``slow`` (an import cannot be interrupted safely, so it is
+reported, not stopped). Built-ins are found through the same entry points; a source checkout without installed metadata
 falls back to :data:`BUILTIN_MODULES` (a test keeps that list equal to ``pyproject.toml``).
 """
 
@@ -18,6 +20,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from typing import Any
 import pluggy
 
 from convlens.core import hookspecs
-from convlens.core.errors import ConvlensError
+from convlens.core.errors import ConvlensError, PluginLoadError
 
 ENTRY_POINT_GROUP = "convlens"
 BUILTIN_DIST = "convlens"
@@ -59,6 +62,8 @@ BUILTIN_MODULES = (
 STRICT_ENV = "CONVLENS_STRICT_PLUGINS"
 LOAD_ENV = "CONVLENS_LOAD_PLUGINS"
 DISABLE_ENV = "CONVLENS_DISABLE_PLUGINS"
+BUDGET_ENV = "CONVLENS_PLUGIN_BUDGET"
+DEFAULT_BUDGET_SECONDS = 5.0
 
 
 def canonical_dist(name: str) -> str:
@@ -91,6 +96,8 @@ class PluginInfo:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     builtin: bool = False
     requirements: tuple[str, ...] = ()
+    local: bool = False
+    load_seconds: float = 0.0
 
     @property
     def error(self) -> str | None:
@@ -106,11 +113,33 @@ class PluginInfo:
             "components": dict(self.counts),
             "builtin": self.builtin,
             "requirements": list(self.requirements),
+            "load_seconds": round(self.load_seconds, 3),
         }
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def plugin_budget() -> float:
+    """Seconds a plugin may take to import and register before it is marked ``slow``."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BUDGET_SECONDS
+    try:
+        budget = float(raw)
+    except ValueError:
+        budget = -1.0
+    if not budget > 0:
+        raise PluginLoadError(f"{BUDGET_ENV} must be a positive number of seconds, got {raw!r}")
+    return budget
+
+
+def mark_slow(infos: list[PluginInfo], budget: float) -> None:
+    """Mark every plugin that loaded but took longer than ``budget`` seconds as ``slow``."""
+    for info in infos:
+        if info.status == "ok" and info.load_seconds > budget:
+            info.status = "slow"
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -203,12 +232,17 @@ def load_sources(
         info = infos.get(key)
         if info is None:
             info = infos[key] = PluginInfo(
-                source.dist, source.version, builtin=source.builtin, requirements=source.requirements
+                source.dist,
+                source.version,
+                builtin=source.builtin,
+                requirements=source.requirements,
+                local=source.local,
             )
         info.modules.append(source.label)
         if key in disabled or (allowed is not None and not (source.builtin or source.local) and key not in allowed):
             info.status = "disabled"
             continue
+        started = time.perf_counter()
         try:
             plugin = source.load()
             register_checked(manager, plugin, f"{source.dist}:{source.label}")
@@ -216,6 +250,8 @@ def load_sources(
             info.status = "error"
             info.errors.append(f"{source.label}: {_describe(exc)}")
             continue
+        finally:
+            info.load_seconds += time.perf_counter() - started
         loaded.append((source, plugin))
     return infos, loaded
 

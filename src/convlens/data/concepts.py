@@ -4,18 +4,23 @@ Each image record names one concept per category (e.g. shape, colour, texture) a
 category's ``region`` says where its concept lies in the image: ``foreground`` (inside the mask),
 ``background`` (outside it) or ``image`` (everywhere). The per-pixel mask of a concept in an image is the
 region of the category the concept belongs to, and empty for concepts the image does not show.
+
+Every path the file names stays inside the dataset: the image and mask folders inside its root, each image and mask
+inside its folder, with symbolic links resolved; a path that leads out is refused with an error naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from convlens.core.errors import ConvlensError
+from convlens.data.images import resolves_inside, shown
 
 if TYPE_CHECKING:
     from convlens.data.images import ImageIndex
@@ -38,18 +43,25 @@ class ConceptSet:
         return [(category, name) for category, names in self.categories.items() for name in names]
 
     def image_path(self, position: int) -> Path:
-        return self.root / self.image_root / self.images[position]["file"]
+        return self._inside(self.image_root, self.images[position]["file"])
 
     def foreground(self, position: int) -> np.ndarray:
         """The foreground mask of image ``position`` as a bool array ``[H, W]``."""
         from PIL import Image
 
-        path = self.root / self.mask_root / self.images[position]["mask"]
+        path = self._inside(self.mask_root, self.images[position]["mask"])
         try:
             with Image.open(path) as mask:
                 return np.asarray(mask.convert("L")) >= 128
         except OSError as exc:
             raise ConvlensError(f"cannot read mask {path}: {exc}") from None
+
+    def _inside(self, folder: str, name: str) -> Path:
+        """``root/folder/name``, refused when it resolves (symbolic links included) outside ``root/folder``."""
+        path = self.root / folder / name
+        if not resolves_inside(path, self.root / folder):
+            raise ConvlensError(f"{shown(path)} lies outside {shown(self.root / folder)} (a symbolic link?); refused")
+        return path
 
     def positions_in(self, index: ImageIndex) -> dict[int, int]:
         """Image index position -> concept record position, matched by the file's path under the image folder."""
@@ -96,6 +108,19 @@ def load_concepts(root: str | Path) -> ConceptSet:
     bad = {category: region for category, region in regions.items() if region not in REGIONS}
     if bad or set(regions) != set(categories):
         raise ConvlensError(f"{path}: every category needs a region among {', '.join(REGIONS)}; got {regions}")
-    return ConceptSet(
-        root, categories, regions, images, data.get("image_root", "images"), data.get("mask_root", "masks")
-    )
+    folders = {key: data.get(key, default) for key, default in (("image_root", "images"), ("mask_root", "masks"))}
+    for key, folder in folders.items():
+        if not isinstance(folder, str) or not resolves_inside(root / folder, root):
+            raise ConvlensError(f"{shown(path)}: {key} {folder!r} lies outside {shown(root)}; refused")
+    _check_record_paths(path, images, folders)
+    return ConceptSet(root, categories, regions, images, folders["image_root"], folders["mask_root"])
+
+
+def _check_record_paths(path: Path, images: tuple[Any, ...], folders: dict[str, str]) -> None:
+    """Every image's ``file`` and ``mask`` name a path inside their folder (spelling only; links are resolved on
+    use)."""
+    for number, record in enumerate(images):
+        for key, folder in (("file", folders["image_root"]), ("mask", folders["mask_root"])):
+            name = record.get(key) if isinstance(record, dict) else None
+            if isinstance(name, str) and (os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == ".."):
+                raise ConvlensError(f"{shown(path)}: {key} {name!r} of image {number} lies outside {folder}; refused")

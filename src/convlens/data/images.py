@@ -2,7 +2,10 @@
 
 A folder is either an ImageFolder tree (one sub-folder per class) or a flat folder of images. A dataset root
 may hold a ``concepts.json`` naming its image sub-folder (the ``shapes`` layout); that sub-folder is used.
-Files that cannot be decoded are skipped with a warning and recorded in a :class:`SkipLog`, never a crash.
+Files that cannot be decoded are skipped with a warning and recorded in a :class:`SkipLog`, never a crash. A
+folder needs at least one image that decodes, and a class folder none of whose images decodes is left out.
+File names may hold any bytes: fingerprints hash the bytes, and messages and records show them through
+:func:`shown` (bytes that are not UTF-8 as escapes such as ``\\xff``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class SkippedImageWarning(UserWarning):
     """Issued once per file that is skipped because it cannot be decoded."""
 
 
+class EmptyClassWarning(SkippedImageWarning):
+    """Issued once per class folder that is left out because none of its images can be decoded."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageIndex:
     """The images of a folder in a fixed order, with class labels when the folder is an ImageFolder tree."""
@@ -53,19 +60,35 @@ class ImageIndex:
         return dataclasses.replace(self, paths=tuple(self.paths[i] for i in positions), labels=labels, ignored=())
 
     def fingerprint(self) -> str:
-        """A short hash of the relative paths, labels and file sizes: it changes when the data does."""
+        """A short hash of the relative paths (their bytes), labels and file sizes: it changes when the data does."""
         import hashlib
 
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels or [-1] * len(self)):
-            digest.update(f"{self.relative(path)}\0{label}\0{path.stat().st_size}\n".encode())
+            digest.update(os.fsencode(_relative_to(self.root, path)) + f"\0{label}\0{path.stat().st_size}\n".encode())
         return digest.hexdigest()[:16]
 
     def relative(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+        """``path`` relative to the root, as :func:`shown` text (for messages and records)."""
+        return shown(_relative_to(self.root, path))
+
+
+def _relative_to(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that prints and encodes anywhere: bytes of the name that are not UTF-8 become ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def resolves_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with symbolic links and ``..`` resolved, lies in ``folder`` (resolved alike)."""
+    resolved, base = Path(path).resolve(), Path(folder).resolve()
+    return resolved == base or base in resolved.parents
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -85,33 +108,99 @@ def image_root(root: Path) -> Path:
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ConvlensError(f"cannot read {dataset_file}: {exc}") from None
         if name:
+            if not isinstance(name, str) or not resolves_inside(root / name, root):
+                raise ConvlensError(
+                    f"{shown(dataset_file)}: image_root {name!r} lies outside {shown(root)}; "
+                    "it must name a folder inside the dataset"
+                )
             return root / name
     return root
 
 
 def scan_images(root: str | Path) -> ImageIndex:
-    """Every image file under ``root``: class sub-folders give labels; otherwise a flat, unlabelled folder."""
+    """Every image file under ``root``: class sub-folders give labels; otherwise a flat, unlabelled folder.
+
+    Images are decoded only until one per class (or one in a flat folder) reads, so scanning stays fast. A folder
+    without any image that decodes is an error. A class folder none of whose images decodes is left out with an
+    :class:`EmptyClassWarning` (its files count as ``ignored``): labels number the remaining classes in order, so
+    ``class_names``, labels and a trained model's outputs always agree, and a separate validation folder must
+    keep the same classes.
+    """
     root = image_root(Path(root))
     if not root.is_dir():
-        raise ConvlensError(f"image folder not found: {root}")
+        raise ConvlensError(f"image folder not found: {shown(root)}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = [d for d in class_dirs if any(f.suffix.lower() in IMAGE_SUFFIXES for f in _visible_files(d))]
-    if classes:
-        paths, labels, ignored = [], [], []
-        for label, folder in enumerate(classes):
-            for file in _visible_files(folder):
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(file)
-                    labels.append(label)
-                else:
-                    ignored.append(file)
-        ignored += [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-        return ImageIndex(root, tuple(paths), tuple(labels), tuple(d.name for d in classes), tuple(sorted(ignored)))
-    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    paths = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+    class_files = {folder: _visible_files(folder) for folder in class_dirs}
+    class_files = {folder: files for folder, files in class_files.items() if any(map(_has_image_suffix, files))}
+    loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if class_files:
+        return _class_tree(root, class_files, loose)
+    paths = sorted(p for p in loose if _has_image_suffix(p))
     if not paths:
-        raise ConvlensError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageIndex(root, tuple(paths), ignored=tuple(sorted(set(files) - set(paths))))
+        raise ConvlensError(f"no images found in {shown(root)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    index = ImageIndex(root, tuple(paths), ignored=tuple(sorted(set(loose) - set(paths))))
+    require_readable(index)
+    return index
+
+
+def _has_image_suffix(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _class_tree(root: Path, class_files: dict[Path, list[Path]], loose: list[Path]) -> ImageIndex:
+    """The labelled index of the class folders that hold at least one readable image."""
+    images = {folder: [f for f in files if _has_image_suffix(f)] for folder, files in class_files.items()}
+    failures = {folder: _failures_until_readable(paths) for folder, paths in images.items()}
+    empty = [folder for folder in images if len(failures[folder]) == len(images[folder])]
+    if len(empty) == len(images):
+        every_failure = {path: reason for folder in empty for path, reason in failures[folder].items()}
+        raise ConvlensError(_no_readable_image(shown(root), root, every_failure))
+    for folder in empty:
+        warnings.warn(
+            f"class '{shown(folder.name)}' left out: {_unreadable_files(root, failures[folder])}",
+            EmptyClassWarning,
+            stacklevel=3,
+        )
+    classes = [folder for folder in images if folder not in empty]
+    paths, labels, ignored = [], [], list(loose)
+    for label, folder in enumerate(classes):
+        paths += images[folder]
+        labels += [label] * len(images[folder])
+        ignored += [f for f in class_files[folder] if not _has_image_suffix(f)]
+    ignored += [f for folder in empty for f in class_files[folder]]
+    return ImageIndex(root, tuple(paths), tuple(labels), tuple(d.name for d in classes), tuple(sorted(ignored)))
+
+
+def require_readable(index: ImageIndex, where: str | None = None) -> None:
+    """Raise unless at least one image of ``index`` decodes (images are tried in order until one does)."""
+    failures = _failures_until_readable(index.paths)
+    if len(failures) == len(index.paths):
+        raise ConvlensError(_no_readable_image(where or shown(index.root), index.root, failures))
+
+
+def _failures_until_readable(paths: Sequence[Path]) -> dict[Path, str]:
+    """Why each file before the first one that decodes cannot be read: every file's reason when none can."""
+    failures = {}
+    for path in paths:
+        try:
+            open_rgb(path)
+        except UnreadableImageError as exc:
+            failures[path] = str(exc).removeprefix(f"{shown(path)}: ")
+            continue
+        break
+    return failures
+
+
+def _no_readable_image(where: str, root: Path, failures: dict[Path, str]) -> str:
+    return f"no readable image in {where}: {_unreadable_files(root, failures)}"
+
+
+def _unreadable_files(root: Path, failures: dict[Path, str], limit: int = 5) -> str:
+    """E.g. '3 image files could not be read (cat/a.png: not an image, ...)'."""
+    items = [f"{shown(_relative_to(root, path))}: {reason}" for path, reason in sorted(failures.items())]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    plural = "s" if len(items) != 1 else ""
+    return f"{len(items)} image file{plural} could not be read ({', '.join(items[:limit])}{more})"
 
 
 def images_at(path: str | Path | Sequence[str | Path]) -> ImageIndex:
@@ -123,17 +212,17 @@ def images_at(path: str | Path | Sequence[str | Path]) -> ImageIndex:
     if path.is_file():
         return ImageIndex(path.parent, (path,))
     if not path.exists():
-        raise ConvlensError(f"no image or image folder at {path}")
+        raise ConvlensError(f"no image or image folder at {shown(path)}")
     return scan_images(path)
 
 
 def _listed_images(paths: list[Path]) -> ImageIndex:
     if not paths:
         raise ConvlensError("the list of images is empty")
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [shown(p) for p in paths if not p.is_file()]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ConvlensError(f"no image file at {shown}")
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConvlensError(f"no image file at {listed}")
     try:
         root = Path(os.path.commonpath([p.parent for p in paths]))
     except ValueError:  # relative and absolute paths mixed
@@ -152,15 +241,15 @@ def open_rgb(path: str | Path) -> Image.Image:
             image.load()
             return to_rgb(image)
     except FileNotFoundError:
-        raise UnreadableImageError(f"{path}: file not found") from None
+        raise UnreadableImageError(f"{shown(path)}: file not found") from None
     except UnidentifiedImageError:
         reason = "empty file" if path.stat().st_size == 0 else "not an image"
-        raise UnreadableImageError(f"{path}: {reason}") from None
+        raise UnreadableImageError(f"{shown(path)}: {reason}") from None
     except Image.DecompressionBombError as exc:
-        raise UnreadableImageError(f"{path}: {exc}") from None
+        raise UnreadableImageError(f"{shown(path)}: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = "truncated image" if "truncated" in str(exc) else f"cannot decode ({exc})"
-        raise UnreadableImageError(f"{path}: {reason}") from None
+        reason = "truncated image" if "truncated" in str(exc) else f"cannot decode ({shown(str(exc))})"
+        raise UnreadableImageError(f"{shown(path)}: {reason}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -303,7 +392,7 @@ class ImageDataset:
         try:
             image = self.transform(open_rgb(path), position)
         except UnreadableImageError as exc:
-            reason = str(exc).removeprefix(f"{path}: ")
+            reason = str(exc).removeprefix(f"{shown(path)}: ")
             return {"image": None, "label": label, "position": position, "error": reason}
         return {"image": image, "label": label, "position": position, "error": None}
 

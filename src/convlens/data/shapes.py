@@ -27,6 +27,7 @@ import numpy as np
 
 from convlens.core.errors import ConvlensError
 from convlens.data.images import save_png
+from convlens.runtime.locks import holds_files
 
 SHAPES = ("circle", "triangle", "square", "star", "cross", "ring", "crescent", "heart")
 COLOURS = {
@@ -188,7 +189,7 @@ def write_shapes(
         raise ConvlensError("--n must be at least 1")
     if size < 16:
         raise ConvlensError("--size must be at least 16 pixels")
-    if out.exists() and any(out.iterdir()) and not (out / "concepts.json").is_file():
+    if holds_files(out) and not (out / "concepts.json").is_file():
         raise ConvlensError(f"{out} exists and is not a shapes dataset; choose an empty or new folder")
     for shape in SHAPES:
         (out / "images" / shape).mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConvlensError(
-            f"refusing to load {path}: it is not a plain state dict of tensors (only weights_only=True loading "
-            f"is allowed; save model.state_dict() instead): {first_line}"
-        ) from None
+        raise ConvlensError(_unreadable_checkpoint(path, exc)) from None
     if isinstance(loaded, Mapping) and set(loaded) == {"state_dict"}:
         loaded = loaded["state_dict"]
     if not (isinstance(loaded, Mapping) and all(isinstance(v, torch.Tensor) for v in loaded.values())):
@@ -43,6 +39,20 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: expected a state dict mapping names to tensors, got {type(loaded).__name__}"
         )
     return dict(loaded)
+
+
+def _unreadable_checkpoint(path: Path, exc: Exception) -> str:
+    if "weights only load failed" in str(exc).lower():
+        return (
+            f"refusing to load {path}: it is a pickle, not a plain state dict of tensors, and convlens never "
+            "unpickles (that can run any code in the file); where you trust the file, convert it: load the model "
+            "and save its weights as safetensors, safetensors.torch.save_file(model.state_dict(), "
+            "'model.safetensors'), then pass that file"
+        )
+    return (
+        f"cannot load {path}: it is neither a safetensors file nor a PyTorch state dict "
+        f"({type(exc).__name__}); pass a .safetensors file or a .pt file saved with torch.save(model.state_dict())"
+    )
 
 
 def checkpoint_metadata(path: str | Path) -> dict[str, str]:

@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from convlens.core.errors import ConvlensError
 from convlens.core.params import Params, param
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, scan_images
+from convlens.data.images import (
+    ImageDataset,
+    ImageIndex,
+    Preprocessing,
+    SkipLog,
+    image_batches,
+    require_readable,
+    scan_images,
+    shown,
+)
 from convlens.runtime.run_records import (
     load_optimizer_state,
     save_optimizer_state,
@@ -349,8 +358,17 @@ def prepare_data(data: str | Path, params: TrainingParams, val_data: str | Path 
         return TrainingData(index, train, val)
     val_index = scan_images(val_data)
     if val_index.class_names != index.class_names:
-        raise ConvlensError(f"the validation classes of {val_data} differ from the training classes of {data}")
+        raise ConvlensError(
+            f"the validation classes of {val_data} differ from the training classes of {data} "
+            f"({_class_difference(index.class_names or (), val_index.class_names or ())})"
+        )
     return TrainingData(index, list(range(len(index))), list(range(len(val_index))), val_index)
+
+
+def _class_difference(train: tuple[str, ...], val: tuple[str, ...]) -> str:
+    only_train = ", ".join(shown(name) for name in train if name not in val) or "none"
+    only_val = ", ".join(shown(name) for name in val if name not in train) or "none"
+    return f"only in training: {only_train}; only in validation: {only_val}"
 
 
 def train_model(
@@ -381,6 +399,7 @@ def train_model(
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     module = bundle.module
     class_names = data.class_names
+    require_readable(data.index.subset(data.train), f"the training split of {shown(data.index.root)}")
     preprocessing = Preprocessing.of(bundle)
     _check_output_size(module, preprocessing, len(class_names))
     config = {
@@ -578,6 +597,8 @@ def _resume(
     changes = []
     for section in ("model", "data", "training", "preprocessing"):
         before, now = saved.get(section), json.loads(json.dumps(config[section]))
+        if section == "data":
+            before, now = _with_resolved_roots(before), _with_resolved_roots(now)
         if before != now:
             if isinstance(before, dict) and isinstance(now, dict):
                 changes += [
@@ -588,11 +609,24 @@ def _resume(
             else:
                 changes.append(f"{section} differs")
     if changes:
-        raise ConvlensError(f"cannot resume {out}: the settings differ from the saved run ({'; '.join(changes)})")
+        raise ConvlensError(
+            f"cannot resume {out}: the settings differ from the saved run ({'; '.join(changes)}); to train with "
+            f"these settings, write to a new --out (the finished epochs in {out} are kept)"
+        )
     epoch = int(metadata["epoch"])
     load_weights(module, out / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
     optimizer.load_state_dict(optimizer_state)
     return list(metadata["history"])[:epoch]
+
+
+def _with_resolved_roots(data: Any) -> Any:
+    """The data section with its folders resolved, so that the same folder spelled differently compares equal."""
+    if not isinstance(data, dict):
+        return data
+    return {
+        key: str(Path(value).resolve()) if key in ("root", "val_root") and isinstance(value, str) else value
+        for key, value in data.items()
+    }
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: Any) -> None:

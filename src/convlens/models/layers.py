@@ -24,6 +24,8 @@ def resolve_layer(module: nn.Module, name: str, model_name: str = "model") -> nn
         return layers[name]
     close = suggest(name, layers, n=5)
     hint = f"; closest: {', '.join(close)}" if close else ""
+    if "/" in name:
+        hint += f"; layer names are separated by '.', not '/' (e.g. '{name.replace('/', '.')}')"
     raise UnknownComponentError(f"{model_name} has no layer '{name}'{hint} (run 'convlens layers' to list them)")
 
 

@@ -11,6 +11,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
+from convlens.data.images import resolves_inside
 from convlens.report.pages import figure
 from convlens.report.run_folder import Group
 
@@ -58,8 +59,9 @@ class Links:
         return relative_url(page, self.unit_page(group, unit))
 
     def image_url(self, page: Path, image: Path) -> str:
-        """The URL from ``page`` to a picture of the run folder (or to its copy, when pictures are copied)."""
-        inside_run = image == self.run_folder or self.run_folder in image.parents
+        """The URL from ``page`` to a picture of the run folder (or to its copy, when pictures are copied); only a
+        picture that stays in the run folder with symbolic links resolved is copied."""
+        inside_run = self.run_folder in image.parents and resolves_inside(image, self.run_folder)
         inside_out = image == self.out or self.out in image.parents
         if self.copy_images and inside_run and not inside_out:
             copy = self.out / COPIED_IMAGES / image.relative_to(self.run_folder)

@@ -4,7 +4,8 @@
 :func:`read_run` reads ``pipeline.json`` and the JSON, JSONL and safetensors headers of the steps it names, checks
 which pictures exist inside the run folder, and returns a :class:`~convlens.report.run_folder.RunFolder`. Parts a run
 does not have, or files it cannot read, become notes (``RunFolder.notes``) rather than errors; only a folder without
-a readable ``pipeline.json`` raises :class:`~convlens.core.errors.ConvlensError`.
+a readable ``pipeline.json`` raises :class:`~convlens.core.errors.ConvlensError`. A path that resolves (symbolic links
+included) outside the run folder is never read or shown: it is left out with a note naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from convlens.core.errors import ConvlensError
+from convlens.data.images import resolves_inside, shown
 from convlens.report.run_folder import (
     CNN_GROUP,
     ClassAccuracy,
@@ -95,6 +97,7 @@ class _Reader:
     def __init__(self, folder: Path):
         self.folder = folder
         self.notes: list[str] = []
+        self.refused: set[str] = set()
 
     # files and paths
 
@@ -103,13 +106,31 @@ class _Reader:
             self.notes.append(text)
 
     def path(self, relative: Any) -> Path | None:
-        """``relative`` (from pipeline.json) as a path in the run folder, or None when it is not a usable path."""
+        """``relative`` (from pipeline.json) as a path in the run folder, or None when it is not a usable path or
+        resolves outside the run folder (noted)."""
         if not isinstance(relative, str) or not relative:
             return None
-        return Path(os.path.normpath(self.folder / relative))
+        path = Path(os.path.normpath(self.folder / relative))
+        if not self.contained(path, relative):
+            self.refused.add(relative)
+            return None
+        return path
+
+    def absent(self, relative: Any, text: str) -> None:
+        """Note ``text`` for a part the run does not have, unless ``relative`` was refused (which has its note)."""
+        if not (isinstance(relative, str) and relative in self.refused):
+            self.note(text)
 
     def inside(self, path: Path) -> bool:
         return path == self.folder or self.folder in path.parents
+
+    def contained(self, path: Path, name: str | None = None) -> bool:
+        """Whether ``path`` lies in the run folder with symbolic links resolved; when it does not, notes it by
+        ``name`` (as pipeline.json or a record spells it) or its path."""
+        if self.inside(path) and resolves_inside(path, self.folder):
+            return True
+        self.note(f"{shown(name or self.show(path))} lies outside the run folder; left out")
+        return False
 
     def show(self, path: Path) -> str:
         """``path`` relative to the run folder when it lies inside it."""
@@ -119,7 +140,7 @@ class _Reader:
         """``path`` when it is an existing image inside the run folder; otherwise None."""
         if path is None or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             return None
-        return path if self.inside(path) else None
+        return path if self.contained(path) else None
 
     def image_in(self, folder: Path, relative: Any) -> Path | None:
         """The image that ``relative`` (from a record in ``folder``) names, if it exists inside the run folder."""
@@ -128,6 +149,8 @@ class _Reader:
     def read_json(self, path: Path, what: str) -> Any:
         if not path.is_file():
             self.note(f"{what}: {self.show(path)} is missing")
+            return None
+        if not self.contained(path):
             return None
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -140,7 +163,7 @@ class _Reader:
         return self.read_json(path, what) if path.is_file() else None
 
     def read_jsonl(self, path: Path, what: str) -> list[dict[str, Any]]:
-        if not path.is_file():
+        if not path.is_file() or not self.contained(path):
             return []
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -220,7 +243,9 @@ class _Reader:
     def model(self, entry: dict[str, Any]) -> ModelTraining | None:
         folder = self.path(entry.get("run"))
         if folder is None:
-            self.note("no trained model in this run (a ready-made model was used): no training curves")
+            self.absent(
+                entry.get("run"), "no trained model in this run (a ready-made model was used): no training curves"
+            )
             return None
         if not folder.is_dir():
             self.note(f"model: {self.show(folder)} is missing")
@@ -246,7 +271,7 @@ class _Reader:
     def comparison(self, entry: dict[str, Any]) -> FilterComparison | None:
         folder = self.path(entry.get("comparison"))
         if folder is None:
-            self.note("no filter comparison in this run")
+            self.absent(entry.get("comparison"), "no filter comparison in this run")
             return None
         comparison = self.read_json(folder / "comparison.json", "filter comparison")
         if not isinstance(comparison, dict):
@@ -309,7 +334,7 @@ class _Reader:
         folder = self.path(entry.get("run"))
         sae = SaeRun(label, entry.get("name"), as_dict(entry.get("params")), folder)
         if folder is None or not folder.is_dir():
-            self.note(f"SAE '{label}': its run folder {entry.get('run')} is missing")
+            self.absent(entry.get("run"), f"SAE '{label}': its run folder {entry.get('run')} is missing")
         else:
             self.sae_folder(sae, entry, folder)
         sae.evaluation = self.evaluation(label, entry.get("evaluation"))
@@ -324,7 +349,7 @@ class _Reader:
             if isinstance(row.get("val"), dict) and row["val"]
         ]
         metadata: dict[str, Any] = {}
-        if (folder / "sae.safetensors").is_file():
+        if (folder / "sae.safetensors").is_file() and self.contained(folder / "sae.safetensors"):
             try:
                 raw_metadata = read_safetensors_metadata(folder / "sae.safetensors").get(SAE_METADATA_KEY)
                 metadata = as_dict(json.loads(raw_metadata)) if raw_metadata else {}
@@ -351,7 +376,7 @@ class _Reader:
     def evaluation(self, label: str, relative: Any) -> SpliceEvaluation | None:
         path = self.path(relative)
         if path is None:
-            self.note(f"SAE '{label}': not spliced into the model (no evaluation in this run)")
+            self.absent(relative, f"SAE '{label}': not spliced into the model (no evaluation in this run)")
             return None
         value = self.read_json(path, f"SAE '{label}' evaluation")
         if not isinstance(value, dict) or not value:
@@ -384,7 +409,7 @@ class _Reader:
     def sweep(self, relative: Any) -> Sweep | None:
         folder = self.path(relative)
         if folder is None:
-            self.note("no sweep in this run: no Pareto frontier")
+            self.absent(relative, "no sweep in this run: no Pareto frontier")
             return None
         sweep = self.read_json(folder / "sweep.json", "sweep")
         if not isinstance(sweep, dict):
@@ -416,7 +441,7 @@ class _Reader:
     def statistics(self, relative: Any, groups: dict[str, Group]) -> Statistics | None:
         folder = self.path(relative)
         if folder is None:
-            self.note("no unit statistics in this run: unit pages only for visualised units")
+            self.absent(relative, "no unit statistics in this run: unit pages only for visualised units")
             return None
         statistics = self.read_json(folder / "statistics.json", "unit statistics")
         if not isinstance(statistics, dict):
@@ -450,7 +475,7 @@ class _Reader:
     def visual_run(self, group: Group, name: str, folder_name: Any) -> VisualRun | None:
         folder = self.path(folder_name)
         if folder is None or not folder.is_dir():
-            self.note(f"{group.short}: visualizer run '{name}' ({folder_name}) is missing")
+            self.absent(folder_name, f"{group.short}: visualizer run '{name}' ({folder_name}) is missing")
             return None
         what = f"{group.short} visualizer run '{name}'"
         record = self.record(folder, what)
@@ -467,7 +492,7 @@ class _Reader:
             value = self.read_json(folder / "record.json", what)
             return value if isinstance(value, dict) else None
         for candidate in sorted(folder.glob("*.json")):
-            if candidate.name == "config.json":
+            if candidate.name == "config.json" or not self.contained(candidate):
                 continue
             try:
                 value = json.loads(candidate.read_text(encoding="utf-8"))

@@ -35,6 +35,7 @@ from convlens.report.pages import Content, page
 from convlens.report.reader import read_run
 from convlens.report.run_folder import RunFolder
 from convlens.report.unit_pages import UnitPages
+from convlens.runtime.locks import holds_files, output_lock
 
 REPORT_RECORD = "report.json"
 GENERATOR = "convlens report"
@@ -45,7 +46,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, copy_ima
     return its summary: paths, page counts per group, and the notes on parts the run does not have."""
     run = read_run(run_dir)
     site = Path(os.path.abspath(out)) if out is not None else run.folder / "report"
-    return Site(run, site, copy_images=copy_images).write()
+    with output_lock(site, command="report"):
+        return Site(run, site, copy_images=copy_images).write()
 
 
 class Site:
@@ -116,6 +118,8 @@ class Site:
         """Copy the pictures the pages refer to into ``OUT/assets`` (only those that changed), when asked to."""
         for source, copy in sorted(self.links.copies.items()):
             copy.parent.mkdir(parents=True, exist_ok=True)
+            if copy.is_symlink():  # never write through a link to a file outside the site
+                copy.unlink()
             if not copy.is_file() or copy.read_bytes() != source.read_bytes():
                 shutil.copyfile(source, copy)
 
@@ -133,7 +137,7 @@ class Site:
     def check_out(self) -> None:
         if self.out.is_file():
             raise ConvlensError(f"--out {self.out} is a file; pass a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / REPORT_RECORD).is_file():
+        if holds_files(self.out) and not (self.out / REPORT_RECORD).is_file():
             raise ConvlensError(
                 f"{self.out} holds other files and no {REPORT_RECORD} of an earlier report; choose a new or empty --out"
             )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +20,19 @@ def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON through a temporary file and a rename."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
+    with naming_the_file(path):
+        temporary.write_text(json.dumps(value, indent=1) + "\n")
+        os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """An OSError raised inside (a full disk fails a write, which names no file) names ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = str(path)
+        raise
 
 
 def versions() -> dict[str, str]:
@@ -92,5 +105,6 @@ def load_optimizer_state(
 
 def write_lines_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    with naming_the_file(path):
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(temporary, path)

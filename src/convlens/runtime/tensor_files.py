@@ -42,8 +42,10 @@ def save_tensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[str,
         save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            exc.filename = str(path)  # a full disk fails a write, which names no file
         raise
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 
 from convlens.core.contracts import SAEParams  # noqa: F401  (re-exported: plugins import it from here or convlens)
 from convlens.core.errors import ContractError, ConvlensError
+from convlens.core.params import coerce
 
 CHECKPOINT_FORMAT = "convlens-sae/1"
 METADATA_KEY = "convlens_sae"
@@ -197,7 +199,7 @@ def save_sae(
 
 
 def read_sae_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of an SAE checkpoint; anything else is one clear error."""
+    """The metadata of an SAE checkpoint, its shape checked; anything else is one clear error."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -210,14 +212,75 @@ def read_sae_metadata(path: str | Path) -> dict[str, Any]:
         raise ConvlensError(
             f"{path} is a safetensors file but not a convlens SAE checkpoint (no '{METADATA_KEY}' metadata)"
         )
-    return json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConvlensError(f"{path}: the '{METADATA_KEY}' metadata is not valid JSON ({reason})") from None
+    _check_metadata(path, metadata)
+    return metadata
+
+
+# what each metadata key must hold; None is allowed for the optional ones
+REQUIRED_METADATA = {"sae": (str,), "params": (dict,), "input_dim": (int,), "latent_dim": (int,)}
+OPTIONAL_METADATA = {"format": (str,), "layer": (str,), "model": (dict, str), "store": (dict,), "metrics": (dict,)}
+MAX_METADATA_DEPTH = 8
+
+
+def _check_metadata(path: Path, metadata: Any) -> None:
+    if not isinstance(metadata, dict):
+        raise ConvlensError(f"{path}: the '{METADATA_KEY}' metadata must be a JSON object, not {_json_kind(metadata)}")
+    for key, kinds in {**REQUIRED_METADATA, **OPTIONAL_METADATA}.items():
+        if key not in metadata:
+            if key in REQUIRED_METADATA:
+                raise ConvlensError(f"{path}: the '{METADATA_KEY}' metadata has no '{key}'")
+            continue
+        value = metadata[key]
+        if value is None and key in OPTIONAL_METADATA:
+            continue
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            expected = " or ".join(_KIND_NAMES[kind] for kind in kinds)
+            raise ConvlensError(f"{path}: metadata key '{key}' must be {expected}, not {_json_kind(value)}")
+    for key in ("input_dim", "latent_dim"):
+        if metadata[key] < 1:
+            raise ConvlensError(f"{path}: metadata key '{key}' must be positive, not {metadata[key]}")
+    if metadata.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise ConvlensError(f"{path}: metadata key 'format' is {metadata['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    for name, value in metadata["params"].items():
+        items = value if isinstance(value, list) else [value]
+        if not all(item is None or isinstance(item, (str, int, float)) for item in items):
+            raise ConvlensError(
+                f"{path}: metadata key 'params.{name}' must be a number, text, true/false or a list of them, "
+                f"not {_json_kind(value)}"
+            )
+    for key, value in metadata.items():
+        if _deeper_than(value, MAX_METADATA_DEPTH):
+            raise ConvlensError(f"{path}: metadata key '{key}' is nested more than {MAX_METADATA_DEPTH} levels deep")
+
+
+_KIND_NAMES = {str: "text", dict: "a JSON object", int: "an integer", list: "a list"}
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "text", bool: "true/false", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")
+
+
+def _deeper_than(value: Any, depth: int) -> bool:
+    if not isinstance(value, (dict, list)):
+        return False
+    if depth == 0:
+        return True
+    children = value.values() if isinstance(value, dict) else value
+    return any(_deeper_than(child, depth - 1) for child in children)
 
 
 def load_sae(
     path: str | Path, *, input_dim: int | None = None, device: Any = None, registry: Any = None
 ) -> SparseAutoencoder:
     """Rebuild the SAE saved at ``path`` through the registry; ``input_dim`` (the store's or layer's channels)
-    is checked against the checkpoint's."""
+    is checked against the checkpoint's. The metadata's dimensions are checked against the stored tensors before
+    anything is built, and every tensor's shape, type and values before it is loaded."""
     from safetensors.torch import load_file
 
     from convlens.core.component_registry import default_registry
@@ -229,15 +292,89 @@ def load_sae(
             f"{path} is an SAE for {metadata['input_dim']}-dimensional inputs, but the activations "
             f"here have {input_dim} channels"
         )
-    sae = (registry or default_registry()).create("sae", metadata["sae"], **metadata["params"])
+    registry = registry or default_registry()
+    shapes = stored_shapes(path)
+    _check_dimensions(path, metadata, shapes, registry)
+    try:
+        sae = registry.create("sae", metadata["sae"], **metadata["params"])
+    except ConvlensError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    _check_tensor_shapes(path, metadata["sae"], sae, shapes)
     state = load_file(str(path))
-    missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())
-    if missing or unexpected:
-        raise ConvlensError(
-            f"{path} does not match SAE '{metadata['sae']}': missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-        )
+    _check_tensor_values(path, sae, state)
     sae.load_state_dict(state)
     return sae.to(device) if device is not None else sae
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, read from its header (nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ConvlensError(f"cannot read {path} as an SAE checkpoint: {exc}") from None
+
+
+def _check_dimensions(path: Path, metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], registry: Any) -> None:
+    """The metadata's and the parameters' dimensions against the base's buffers ``input_mean [input_dim]`` and
+    ``samples_since_fired [latent_dim]``, so a forged size is refused before anything of that size exists."""
+    stored = {}
+    for key, buffer in (("input_dim", "input_mean"), ("latent_dim", "samples_since_fired")):
+        if len(shapes.get(buffer, ())) != 1:
+            raise ConvlensError(
+                f"{path}: tensor '{buffer}' must be one-dimensional ({key}); found {shapes.get(buffer)}"
+            )
+        stored[key] = shapes[buffer][0]
+        if metadata[key] != stored[key]:
+            raise ConvlensError(
+                f"{path}: metadata key '{key}' is {metadata[key]}, but the stored tensor '{buffer}' has "
+                f"shape {shapes[buffer]}"
+            )
+    if stored["input_dim"] * stored["latent_dim"] > sum(math.prod(shape) for shape in shapes.values()):
+        raise ConvlensError(
+            f"{path}: metadata keys 'input_dim' and 'latent_dim' ({stored['input_dim']} x {stored['latent_dim']}) "
+            "are larger than the tensors stored in the file"
+        )
+    try:
+        params = coerce(registry.get("sae", metadata["sae"]).spec.params, metadata["params"])
+    except ConvlensError as exc:
+        raise type(exc)(f"{path}: metadata key 'params': {exc}") from None
+    if isinstance(params, SAEParams):
+        built = {"input_dim": params.input_dim, "latent_dim": params.latents}
+        for key, size in built.items():
+            if size != stored[key]:
+                raise ConvlensError(
+                    f"{path}: metadata key 'params' gives {key} {size}, but the stored tensors have {stored[key]}"
+                )
+
+
+def _check_tensor_shapes(path: Path, name: str, sae: SparseAutoencoder, shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = {key: tuple(value.shape) for key, value in sae.state_dict().items()}
+    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
+    if missing or unexpected:
+        raise ConvlensError(
+            f"{path} does not match SAE '{name}': missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise ConvlensError(f"{path}: tensor '{key}' has shape {shapes[key]}, but SAE '{name}' needs {shape}")
+
+
+def _check_tensor_values(path: Path, sae: SparseAutoencoder, state: dict[str, torch.Tensor]) -> None:
+    for key, expected in sae.state_dict().items():
+        tensor = state[key]
+        if not expected.is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise ConvlensError(f"{path}: tensor '{key}' is {kind}; SAE weights must be floating point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ConvlensError(
+                f"{path}: tensor '{key}' holds {bad} non-finite values (NaN or inf) of {tensor.numel()}"
+            )
 
 
 def unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:

@@ -281,12 +281,14 @@ def train_sae(
     sae.to(device)
     optimizer = adam(sae.parameters(), params.lr)
     step, rows = 0, []
+    tally: dict[str, float] = {}
     if resume:
         weights: dict[str, torch.Tensor] = {}
         optimizer_state, metadata = load_optimizer_state(state_path, weights)
         sae.load_state_dict(weights)
         optimizer.load_state_dict(optimizer_state)
         step = int(metadata["step"])
+        tally = metadata.get("tally", {}) if rank == 0 else dict.fromkeys(metadata.get("tally", {}), 0.0)
         metrics_file = out / "metrics.jsonl"
         if metrics_file.is_file():
             rows = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if row["step"] <= step]
@@ -304,8 +306,11 @@ def train_sae(
     barrier(world)
 
     def save_state() -> None:
+        # the metric sums since the last row go into the checkpoint, so a resumed run writes the same rows
+        summed = all_reduce_sum(torch.tensor(list(tally.values()), dtype=torch.float64), world).tolist()
         if rank == 0:
-            save_optimizer_state(state_path, optimizer, {"step": step}, extra=sae.state_dict())
+            state = {"step": step, "tally": dict(zip(tally, summed))}
+            save_optimizer_state(state_path, optimizer, state, extra=sae.state_dict())
 
     def metric_row(tally: dict[str, float]) -> dict[str, Any]:
         values = all_reduce_sum(torch.tensor(list(tally.values()), dtype=torch.float64), world)
@@ -332,7 +337,6 @@ def train_sae(
         leave=False,
         disable=(rank != 0) or (None if progress is None else not progress),
     )
-    tally: dict[str, float] = {}
     epoch, skip = divmod(step, steps_per_epoch)
     while step < total_steps:
         for position, batch in enumerate(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from convlens.core.errors import ConvlensError
+from convlens.runtime.locks import holds_files
 from convlens.runtime.run_records import write_json_atomic
 from convlens.workflow.recipes import Recipe
 
@@ -105,7 +106,9 @@ class PipelineRun:
             from convlens.models.loading import load_model
 
             params = {} if self.recipe.training is not None else self.recipe.model_params
-            bundle, record = load_model(self.model_argument(), params)
+            # a model this run trained comes from the recipe's own [model], which was checked before training
+            trained_here = self.recipe.training is not None
+            bundle, record = load_model(self.model_argument(), params, trust_code=trained_here)
             bundle.module.to(self.device).eval()
             self._bundle = (bundle, record)
         return self._bundle
@@ -523,7 +526,10 @@ class PipelineRun:
         )
         warnings = []
         if manifest["skipped"]:
-            warnings.append(f"extract {component.label}: skipped {len(manifest['skipped'])} unreadable files")
+            warnings.append(
+                f"extract {component.label}: skipped {len(manifest['skipped'])} images (unreadable, or non-finite "
+                "activations; manifest.json lists each with its reason)"
+            )
         return {"warnings": warnings}
 
     def _compare_filters(self) -> dict[str, Any]:
@@ -775,5 +781,5 @@ def _now() -> str:
 
 def check_run_folder(run_dir: Path) -> None:
     """A run folder must be new, empty, or an earlier run of a recipe (it holds ``pipeline.json``)."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / PIPELINE_FILE).is_file():
+    if holds_files(run_dir) and not (run_dir / PIPELINE_FILE).is_file():
         raise ConvlensError(f"{run_dir} holds other files and no {PIPELINE_FILE}; choose a new or empty --out")

@@ -192,6 +192,11 @@ def load_recipe(path: str | Path, *, text: str | None = None) -> Recipe:
             text = path.read_text()
         except OSError as exc:
             raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise RecipeError(
+                f"cannot read recipe {path}: it is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                f"position {exc.start}); a recipe is a TOML text file"
+            ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -227,9 +232,12 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
         raise RecipeError(str(exc)) from None
 
 
-def _component(kind: str, entry: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[Component, dict[str, Any]]:
+def _component(
+    kind: str, entry: Any, where: str, extra: tuple[str, ...] = (), channels: int = 1
+) -> tuple[Component, dict[str, Any]]:
     """``"name"`` or ``{name = ..., params = {...}, label = ...}``: the plugin checked against the registry, its
-    parameters validated; returns the component and the entry's other keys (``extra``)."""
+    parameters validated (an SAE's for ``channels`` inputs); returns the component and the entry's other keys
+    (``extra``)."""
     from convlens.core.component_registry import default_registry
     from convlens.core.params import parameter_specs
 
@@ -248,7 +256,7 @@ def _component(kind: str, entry: Any, where: str, extra: tuple[str, ...] = ()) -
     fields = {spec.name for spec in parameter_specs(component.spec.params)}
     checked = dict(params)
     if kind == "sae" and "input_dim" in fields:
-        checked.setdefault("input_dim", 1)  # the real one comes from the store
+        checked.setdefault("input_dim", channels)  # the layer's: the store will have as many
     owner = where if component.name in where else f"{where} ({kind} '{component.name}')"
     _section(component.spec.params, checked, owner)
     label = str(entry.get("label") or component.name)
@@ -331,7 +339,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         raise RecipeError("[[sae]] must be an array of tables")
     saes = []
     for i, entry in enumerate(saes_raw):
-        component, extra = _component("sae", entry, f"[[sae]] #{i + 1}", extra=("train", "store"))
+        component, extra = _component("sae", entry, f"[[sae]] #{i + 1}", extra=("train", "store"), channels=channels)
         store = extra.get("store", default_store)
         if store not in labels:
             raise RecipeError(f"[[sae]] #{i + 1} store '{store}' is not one of the filters ({', '.join(labels)})")
@@ -342,7 +350,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
 
     sweep = None
     if "sweep" in raw:
-        sweep = _check_sweep(_table(raw, "sweep", ""), labels, default_store)
+        sweep = _check_sweep(_table(raw, "sweep", ""), labels, default_store, channels)
 
     evaluate = _section(EvaluateSection, _table(raw, "evaluate", ""), "[evaluate]")
     statistics = _section(StatisticsSection, _table(raw, "statistics", ""), "[statistics]")
@@ -428,7 +436,7 @@ def _check_model(model: dict[str, Any], base: Path) -> tuple[str, dict[str, Any]
     return (name if run_folder.is_dir() else record["name"]), params, layer, int(probe.shape[1]), bundle.module
 
 
-def _check_sweep(sweep: dict[str, Any], labels: list[str], default_store: str) -> dict[str, Any]:
+def _check_sweep(sweep: dict[str, Any], labels: list[str], default_store: str, channels: int) -> dict[str, Any]:
     from convlens.sae.training import SAETrainingParams
 
     _known(sweep, ("preset", "configs", "train", "store"), "[sweep]")
@@ -447,7 +455,8 @@ def _check_sweep(sweep: dict[str, Any], labels: list[str], default_store: str) -
         if not isinstance(config, dict) or "sae" not in config:
             raise RecipeError(f"[sweep] configs[{i}] needs an 'sae' name")
         _known(config, ("sae", "params", "group"), f"[sweep] configs[{i}]")
-        _component("sae", {"name": config["sae"], "params": config.get("params", {})}, f"[sweep] configs[{i}]")
+        entry = {"name": config["sae"], "params": config.get("params", {})}
+        _component("sae", entry, f"[sweep] configs[{i}]", channels=channels)
     store = sweep.get("store", default_store)
     if store not in labels:
         raise RecipeError(f"[sweep] store '{store}' is not one of the filters ({', '.join(labels)})")

@@ -76,5 +76,6 @@ def register_models(register):
             params=PythonModelParams,
             summary="your own model from a Python builder function, with optional checkpoint and preprocessing",
             aliases=("custom",),
+            runs_code=True,
         )
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convlens import SAEParams, SAESpec, hookimpl, param
+from convlens import ParameterError, SAEParams, SAESpec, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,16 @@ class TopKParams(SAEParams):
     aux_k: int = param(256, min=0, help="AuxK: dead latents used to model the residual (0: off)")
     aux_coefficient: float = param(1 / 32, min=0.0, help="weight of the AuxK loss (Gao et al. use 1/32)")
     dead_after: int = param(100_000, min=1, help="a latent is dead after this many training samples without firing")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k >= self.latents:
+            owner = getattr(self, "_convlens_owner", None) or "sae 'topk'"
+            source = "latent_dim" if self.latent_dim is not None else f"{self.input_dim} inputs x {self.expansion:g}"
+            raise ParameterError(
+                f"{owner}: k = {self.k} must be below the number of latents, here {self.latents} latents "
+                f"({source}); lower k or raise latent_dim / expansion"
+            )
 
 
 @hookimpl

@@ -105,7 +105,7 @@ class SparseDecode(torch.autograd.Function):
 class TopKSAE(SparseAutoencoder):
     def __init__(self, params):
         super().__init__(params.input_dim, params.latents)
-        self.k = min(params.k, self.latent_dim)
+        self.k = params.k
         self.aux_k, self.aux_coefficient, self.dead_after = params.aux_k, params.aux_coefficient, params.dead_after
         atoms = unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)
