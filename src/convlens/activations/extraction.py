@@ -22,7 +22,15 @@ from convlens.activations.sampling import sample_activations
 from convlens.activations.store import FORMAT, finished_chunks, write_shard
 from convlens.core.contracts import ActivationFilter, FilterContext
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, require_readable
+from convlens.data.images import (
+    ImageDataset,
+    ImageIndex,
+    Preprocessing,
+    SkipLog,
+    image_batches,
+    require_readable,
+    shown,
+)
 from convlens.models.layers import activations_at
 from convlens.runtime.distributed import barrier, distributed_rank
 from convlens.runtime.run_records import write_json_atomic
@@ -232,7 +240,7 @@ def _finite_images(
         found = f"{int(counts[row])} of {values[row].numel()} values at layer '{layer}' are NaN or inf"
         if on_nonfinite == "stop":
             raise ConvlensError(
-                f"{path}: the model's activations are non-finite ({found}); the shards written so far are kept; "
+                f"{shown(path)}: the model's activations are non-finite ({found}); the shards written so far are kept; "
                 "use --on-nonfinite skip to leave such images out"
             )
         skip_log.record(index.relative(path), f"{NONFINITE_REASON}: {found}")
