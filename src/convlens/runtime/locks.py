@@ -218,6 +218,8 @@ def _release(path: Path, handle: int) -> None:
         if _is_current(handle, path):
             path.unlink()
     except OSError:
-        pass  # the folder went away with its lock file
+        # the folder went away, or the file cannot be removed: closing the handle ends the flock, so the next
+        # writer takes the file over as stale; never mask the command's own outcome here
+        pass
     finally:
         os.close(handle)
