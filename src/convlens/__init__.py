@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     # runtime: seeds, devices, atomic files
     **dict.fromkeys(("derive_seed", "torch_generator"), "convlens.runtime.seeding"),
     "resolve_device": "convlens.runtime.device",
+    **dict.fromkeys(("COMPUTE_DTYPES", "autocast", "channels_last"), "convlens.runtime.precision"),
     "save_tensors_atomic": "convlens.runtime.tensor_files",
     "write_json_atomic": "convlens.runtime.run_records",
     # drawing: charts and tiles
@@ -200,6 +201,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from convlens.models.loading import load_model
     from convlens.models.smoothing import smooth_network
     from convlens.runtime.device import resolve_device
+    from convlens.runtime.precision import COMPUTE_DTYPES, autocast, channels_last
     from convlens.runtime.run_records import write_json_atomic
     from convlens.runtime.seeding import derive_seed, torch_generator
     from convlens.runtime.tensor_files import save_tensors_atomic

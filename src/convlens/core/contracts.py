@@ -103,6 +103,9 @@ class VisualTarget:
     units: tuple[int, ...] = ()
     sae: Any = None
     data: str | Path | Sequence[str | Path] | None = None
+    #: The compute precision (``--dtype``): "float32", or "bfloat16" / "float16" run under
+    #: :func:`convlens.autocast`; results are written in float32 either way.
+    dtype: str = "float32"
 
 
 class Visualizer(abc.ABC):
