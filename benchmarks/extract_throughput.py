@@ -25,7 +25,8 @@ import torch
 
 import convlens
 from convlens.activations.extraction import ExtractionSettings, extract
-from convlens.data.images import ImageDataset, Preprocessing, SkipLog, image_batches, scan_images
+from convlens.data.images import Preprocessing, SkipLog, scan_images
+from convlens.data.loading import ImageDataset, image_batches
 from convlens.data.shapes import write_shapes
 
 CASES = (("layer4", "magnitude"), ("layer1", "magnitude"), ("layer4", "gradcam"))
@@ -44,7 +45,7 @@ def main() -> None:
     bundle = convlens.registry.create("model", "resnet18-smooth", num_classes=8)
     module = bundle.module.eval()
     index = scan_images(work / "shapes")
-    dataset = ImageDataset(index, Preprocessing.of(bundle).eval_transform)
+    dataset = ImageDataset(index, Preprocessing.of(bundle))
     in_memory = [b.images for b in image_batches(dataset, batch_size=args.batch, skip_log=SkipLog())]
 
     def loader_forward() -> float:

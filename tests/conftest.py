@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """The tests marked slow first (stable otherwise), so that parallel workers finish together; tests marked cuda
-    skip where no GPU is present."""
+    skip where no GPU is present, each named in the summary."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if any(item.get_closest_marker("cuda") for item in items):
         import torch
@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             for item in items:
                 if item.get_closest_marker("cuda"):
-                    item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+                    item.add_marker(pytest.mark.skip(reason=f"{item.name} needs a CUDA GPU"))  # listed one by one
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +57,15 @@ def renders(monkeypatch):
 
     monkeypatch.setattr(feature_viz_render, "render", recording)
     return calls
+
+
+@pytest.fixture(scope="module")
+def small_trained_model(tmp_path_factory):
+    """tiny-cnn (width 8, 4 blocks) trained for 3 epochs on 240 shapes images of 32 px (a few seconds): ``.model``,
+    its run folder, and ``.data``, the images."""
+    from types import SimpleNamespace
+
+    from helpers import train_tiny_cnn
+
+    root = train_tiny_cnn(tmp_path_factory.mktemp("small-trained"), "model", images=240, size=32, epochs=3)
+    return SimpleNamespace(model=root / "model", data=root / "shapes")

@@ -14,15 +14,14 @@ from convlens.cli import cli
 from convlens.core.errors import ConvlensError
 from convlens.data.concepts import load_concepts
 from convlens.data.images import (
-    ImageDataset,
     Preprocessing,
     SkipLog,
     SkippedImageWarning,
     UnreadableImageError,
-    image_batches,
     open_rgb,
     scan_images,
 )
+from convlens.data.loading import ImageDataset, image_batches
 from convlens.data.shapes import COLOURS, SHAPES, TEXTURES, render_shape_image, write_shapes
 
 
@@ -101,7 +100,7 @@ def test_batches_skip_bad_files_and_name_them(tmp_path):
     Image.new("RGB", (20, 30), (255, 0, 0)).save(tmp_path / "data" / "a" / "good.png")
     index = scan_images(tmp_path / "data")
     bundle = convlens.registry.create("model", "tiny-cnn", input_size=16)
-    dataset = ImageDataset(index, Preprocessing.of(bundle).eval_transform)
+    dataset = ImageDataset(index, Preprocessing.of(bundle))
     log = SkipLog()
     with pytest.warns(SkippedImageWarning) as caught:
         batches = list(image_batches(dataset, batch_size=2, skip_log=log))

@@ -198,3 +198,66 @@ def test_store_reads_splits_batches_and_reports_a_corrupted_shard(shapes_data, t
     shard.write_bytes(bytes(data))
     with pytest.raises(ConvlensError, match="shard shards/shard-00002.safetensors of .* is corrupted"):
         ActivationStore(tmp_path / "s").split("train")
+
+
+def _extract_in_process(data, out, *extra):
+    from click.testing import CliRunner
+
+    from convlens.cli import cli
+
+    result = CliRunner().invoke(cli, extract_command(data, out, *extra)[3:])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_workers_and_batch_sizes_give_exactly_the_same_store(shapes_data, tmp_path):
+    reference = samples_of_store(_extract_in_process(shapes_data, tmp_path / "w0", "--filter", "median"))
+    for workers, batch in [("2", "4"), ("1", "3")]:
+        summary = _extract_in_process(
+            shapes_data, tmp_path / f"w{workers}", "--filter", "median", "--workers", workers, "--batch-size", batch
+        )
+        assert summary["decode"] == "cpu"
+        assert_same_samples(reference, samples_of_store(summary))
+
+
+def samples_of_store(summary):
+    return samples_of(summary["out"])
+
+
+def test_device_decoding_gives_the_same_samples_within_the_pixel_tolerance(tmp_path):
+    """JPEGs decoded by torchvision (the device path, here on the CPU) against PIL: the same sampled positions
+    under the uniform filter, activation vectors agreeing to a correlation above 0.999."""
+    from PIL import Image
+
+    write_shapes(tmp_path / "shapes", n=24, size=45, seed=2)  # resized to the model's 32 px
+    jpegs = tmp_path / "jpegs"
+    for path in sorted((tmp_path / "shapes").rglob("*.png")):
+        target = jpegs / path.parent.name / f"{path.stem}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("RGB").save(target, quality=92)
+    cpu = _extract_in_process(jpegs, tmp_path / "cpu", "--filter", "uniform", "--decode", "cpu")
+    device = _extract_in_process(jpegs, tmp_path / "device", "--filter", "uniform", "--decode", "device")
+    assert (cpu["decode"], device["decode"]) == ("cpu", "device")
+    a, b = samples_of(tmp_path / "cpu"), samples_of(tmp_path / "device")
+    assert torch.equal(a["image_index"], b["image_index"]) and torch.equal(a["position"], b["position"])
+    correlation = torch.corrcoef(torch.stack([a["vectors"].flatten(), b["vectors"].flatten()]))[0, 1]
+    assert correlation > 0.999 and not torch.equal(a["vectors"], b["vectors"])
+
+
+def test_bfloat16_compute_agrees_with_float32_and_float16_needs_a_gpu(shapes_data, tmp_path):
+    from click.testing import CliRunner
+
+    from convlens.cli import cli
+
+    full = _extract_in_process(shapes_data, tmp_path / "f32", "--filter", "uniform")
+    half = _extract_in_process(shapes_data, tmp_path / "bf16", "--filter", "uniform", "--dtype", "bfloat16")
+    a, b = samples_of_store(full), samples_of_store(half)
+    assert b["vectors"].dtype == torch.float32 and torch.equal(a["position"], b["position"])
+    scale = a["vectors"].abs().max()
+    assert (a["vectors"] - b["vectors"]).abs().max() <= 0.05 * scale  # the README's bfloat16 tolerance
+    assert json.loads((tmp_path / "bf16" / "extraction.json").read_text())["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in json.loads((tmp_path / "f32" / "extraction.json").read_text())
+    refused = CliRunner().invoke(cli, extract_command(shapes_data, tmp_path / "f16", "--dtype", "float16")[3:])
+    assert refused.exit_code == 1 and "--dtype float16 needs a GPU" in refused.output
+    stored_half = _extract_in_process(shapes_data, tmp_path / "s16", "--filter", "uniform", "--store-dtype", "float16")
+    assert samples_of_store(stored_half)["vectors"].dtype == torch.float16

@@ -387,3 +387,24 @@ def test_visualize_cli_writes_images_grid_snapshots_and_record(tmp_path):
             ],
         )
         assert failed.exit_code != 0 and message in failed.output, failed.output
+
+
+class FailsLater(nn.Module):
+    """A 1x1 convolution whose output turns NaN from its ``healthy + 1``-th call on."""
+
+    def __init__(self, healthy: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.calls, self.healthy = 0, healthy
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * (float("nan") if self.calls > self.healthy else 1.0)
+
+
+def test_a_loss_that_turns_nan_is_named_by_its_first_step_though_checked_only_every_few_steps():
+    module = nn.Sequential(FailsLater(healthy=2 + 29))  # the shape probe, the start values, then steps 1-29
+    settings = RenderSettings(**{**PRESETS["naive"], "steps": 40}, size=(8, 8))
+    with pytest.raises(ConvlensError, match=r"the objective became nan at step 30 for channel:0"):
+        render(module, "0", [parse_objective("channel:0")], settings, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
+    assert count_hooks(module) == 0 and all(p.requires_grad for p in module.parameters())

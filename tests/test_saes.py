@@ -577,3 +577,169 @@ def test_spliced_kl_matches_a_float64_reference():
     reference = (p.double().softmax(1) * (p.double().log_softmax(1) - q.double().log_softmax(1))).sum(1)
     torch.testing.assert_close(kl_divergence(p, q), reference)
     assert torch.allclose(kl_divergence(p, p), torch.zeros(5, dtype=torch.float64))
+
+
+def poison_at(sae, step):
+    """Make ``sae``'s training loss NaN at its ``step``-th training forward pass (counted from 1)."""
+    real, calls = sae.loss_terms, []
+
+    def loss_terms(x, reconstruction, latents):
+        losses = real(x, reconstruction, latents)
+        if sae.training:
+            calls.append(step)
+            if len(calls) == step:
+                losses["reconstruction"] = losses["reconstruction"] * float("nan")
+        return losses
+
+    sae.loss_terms = loss_terms
+    return sae
+
+
+TOPK_RECORD = {"name": "topk", "params": {"input_dim": 64, "latent_dim": 128, "k": 4, "aux_k": 16, "dead_after": 512}}
+
+
+def topk_run(store, out, settings, **options):
+    sae = convlens.registry.create("sae", "topk", **TOPK_RECORD["params"])
+    summary = train_sae(sae, TOPK_RECORD, store, out, settings, progress=False, **options)
+    return sae, summary
+
+
+def test_training_from_memory_and_from_the_store_gives_the_same_run(planted, tmp_path):
+    store, _ = planted
+    common = {"epochs": 2, "batch_size": 256, "lr": 3e-3, "log_every": 10, "checkpoint_every": 20}
+    held = SAETrainingParams(**common, normalize_input=True, store_in_memory="yes")
+    streamed = SAETrainingParams(**common, normalize_input=True, store_in_memory="no")
+    reference, summary = topk_run(store, tmp_path / "held", held)
+    assert summary["store_in_memory"] is True
+    other, summary = topk_run(store, tmp_path / "streamed", streamed)
+    assert summary["store_in_memory"] is False
+    with pytest.raises(KeyboardInterrupt):
+        topk_run(store, tmp_path / "switched", streamed, on_step=stop_at(25))
+    config_file = tmp_path / "switched" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["training"]["store_in_memory"]  # as a run of an earlier version wrote it
+    config_file.write_text(json.dumps(config))
+    switched, _ = topk_run(store, tmp_path / "switched", held, resume=True)  # the setting changes no result
+    rows = {run: (tmp_path / run / "metrics.jsonl").read_text() for run in ("held", "streamed", "switched")}
+    assert rows["held"] == rows["streamed"] == rows["switched"] and len(rows["held"].splitlines()) == 6
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]) and torch.equal(value, switched.state_dict()[key]), key
+
+
+def previous_training_step(sae, optimizer, local):
+    """The trainer's step before its bookkeeping stayed on the device (a copy, for one process): the metric sums
+    read to the host at every step."""
+    sae.train()
+    optimizer.zero_grad(set_to_none=True)
+    output = sae(local)
+    loss = output.loss
+    loss.backward()
+    optimizer.step()
+    sae.after_step()
+    with torch.no_grad():
+        active = output.latents.detach() != 0
+        sae.record_activity(active.any(0), len(local))
+        return {
+            "samples": float(len(local)),
+            "loss": float(loss.detach()) * len(local),
+            **{name: float(term.detach()) * len(local) for name, term in output.losses.items()},
+            "squared_error": float((output.reconstruction - local).double().pow(2).sum()),
+            "l0": float(active.sum()),
+        }
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("topk", {"k": 4, "aux_k": 8, "dead_after": 256}), ("relu-l1", {"l1": 0.05}), ("jumprelu", {})],
+    ids=["topk", "relu-l1", "jumprelu"],
+)
+def test_the_metric_sums_on_the_device_equal_the_previous_per_step_sums(planted, name, params):
+    from convlens.sae.training import MetricTally, adam, training_step
+
+    store, _ = planted
+    saes = [convlens.registry.create("sae", name, input_dim=64, latent_dim=128, seed=4, **params) for _ in "ab"]
+    optimizers = [adam(sae.parameters(), 3e-3) for sae in saes]
+    previous, tally = {}, MetricTally(torch.device("cpu"))
+    for number, batch in enumerate(store.batches(256, "train", seed=1)):
+        if number == 12:
+            break
+        for key, value in previous_training_step(saes[0], optimizers[0], batch).items():
+            previous[key] = previous.get(key, 0.0) + value
+        loss_sum, sums = training_step(saes[1], optimizers[1], batch, len(batch))
+        assert float(loss_sum) == float(sums["loss"])
+        tally.add(sums)
+    assert tally.read(1) == previous
+    for key, value in saes[0].state_dict().items():
+        assert torch.equal(value, saes[1].state_dict()[key]), key
+
+
+def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(planted, tmp_path):
+    from convlens.runtime.run_records import load_optimizer_state
+
+    store, _ = planted
+    settings = SAETrainingParams(steps=20, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=5)
+    sae = poison_at(convlens.registry.create("sae", "topk", **TOPK_RECORD["params"]), 7)
+    with pytest.raises(ConvlensError, match=r"the SAE loss became nan at step 7; the last checkpoint in .* is kept"):
+        train_sae(sae, TOPK_RECORD, store, tmp_path / "run", settings, progress=False)
+    assert [json.loads(row)["step"] for row in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [5]
+    weights = {}
+    _, metadata = load_optimizer_state(tmp_path / "run" / "checkpoints" / "train-state.safetensors", weights)
+    assert metadata["step"] == 5 and all(torch.isfinite(value).all() for value in weights.values())
+    clean, _ = topk_run(store, tmp_path / "clean", SAETrainingParams(**{**settings.to_dict(), "steps": 5}))
+    for key, value in clean.state_dict().items():
+        assert torch.equal(weights[key], value), key
+
+
+def test_a_sweep_names_the_step_where_a_configuration_failed(planted, tmp_path):
+    from convlens.sae.sweep import run_sweep
+    from convlens.sae.training import build_sae
+
+    store, _ = planted
+    configs = [{"sae": "topk", "params": {"k": k, "latent_dim": 128, "aux_k": 0}} for k in (2, 4)]
+
+    def build(config):
+        sae, record = build_sae(config["sae"], config["params"], store.dim, 0)
+        return (poison_at(sae, 3) if config["params"]["k"] == 4 else sae), record
+
+    settings = SAETrainingParams(steps=12, batch_size=256, lr=3e-3, log_every=5, val_samples=256)
+    sweep = run_sweep(configs, build, store, tmp_path / "sweep", settings, progress=False)
+    rows = {row["params"]["k"]: row for row in sweep["configs"]}
+    assert rows[4]["failed"] == "loss became nan at step 3" and rows[4]["fve"] is None
+    assert rows[2]["failed"] is None and rows[2]["l0"] == 2.0 and sweep["steps"] == 12
+
+
+def test_store_in_memory_follows_the_free_memory(planted, tmp_path, monkeypatch):
+    from convlens.sae import training
+
+    store, _ = planted
+    monkeypatch.setattr(training, "free_memory", lambda device: 1 << 20)  # the split takes about 1.9 MiB
+    _, summary = topk_run(store, tmp_path / "auto", SAETrainingParams(steps=2, batch_size=256))
+    assert summary["store_in_memory"] is False
+    with pytest.raises(
+        ConvlensError,
+        match=r"store_in_memory is 'yes', but the training split .* takes 1\.8 MiB and cpu has 1\.0 MiB free",
+    ):
+        topk_run(store, tmp_path / "yes", SAETrainingParams(steps=2, batch_size=256, store_in_memory="yes"))
+
+
+def test_a_checkpoint_that_fails_in_the_background_is_one_message(planted, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    store, _ = planted
+    real_write = safetensors.torch.save_file
+
+    def full_for_checkpoints(tensors, filename, metadata=None):
+        if ".train-state.safetensors." in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_for_checkpoints)
+    arguments = ["train-sae", "--store", str(store.path), "--sae", "topk", "--k", "2", "--latent-dim", "16"]
+    arguments += ["--steps", "4", "--batch-size", "256", "--checkpoint-every", "2", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the disk is full" in result.output and "train-state.safetensors" in result.output
+    assert not (tmp_path / "run" / "sae.safetensors").exists()

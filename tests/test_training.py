@@ -10,7 +10,8 @@ from torchvision.transforms import functional as F
 import convlens
 from convlens.cli import cli
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, Preprocessing, SkipLog, image_batches, open_rgb, scan_images
+from convlens.data.images import Preprocessing, SkipLog, open_rgb, scan_images
+from convlens.data.loading import ImageDataset, image_batches
 from convlens.data.shapes import write_shapes
 from convlens.models.fine_tuning import (
     TrainAugmentation,

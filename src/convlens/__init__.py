@@ -73,7 +73,15 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("ConceptSet", "load_concepts"), "convlens.data.concepts"),
     # models: layers, checkpoints, loading
     **dict.fromkeys(
-        ("INPUT", "activations_at", "first_tensor", "gradients_between", "receptive_field", "resolve_layer"),
+        (
+            "INPUT",
+            "activations_at",
+            "first_tensor",
+            "full_precision",
+            "gradients_between",
+            "receptive_field",
+            "resolve_layer",
+        ),
         "convlens.models.layers",
     ),
     **dict.fromkeys(
@@ -86,7 +94,8 @@ _LAZY: dict[str, str] = {
     "ActivationStore": "convlens.activations.store",
     # SAEs
     **dict.fromkeys(
-        ("SAEOutput", "SparseAutoencoder", "load_sae", "save_sae", "squared_error", "unit_rows"), "convlens.sae.base"
+        ("SAEOutput", "SparseAutoencoder", "SparseLatents", "load_sae", "save_sae", "squared_error", "unit_rows"),
+        "convlens.sae.base",
     ),
     # attribution
     **dict.fromkeys(
@@ -194,6 +203,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         INPUT,
         activations_at,
         first_tensor,
+        full_precision,
         gradients_between,
         receptive_field,
         resolve_layer,
@@ -205,5 +215,13 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from convlens.runtime.run_records import write_json_atomic
     from convlens.runtime.seeding import derive_seed, torch_generator
     from convlens.runtime.tensor_files import save_tensors_atomic
-    from convlens.sae.base import SAEOutput, SparseAutoencoder, load_sae, save_sae, squared_error, unit_rows
+    from convlens.sae.base import (
+        SAEOutput,
+        SparseAutoencoder,
+        SparseLatents,
+        load_sae,
+        save_sae,
+        squared_error,
+        unit_rows,
+    )
     from convlens.units.maps import chosen_units, layer_maps

@@ -26,7 +26,8 @@ import torch
 from convlens.activations.sampling import draw_positions, sampling_probabilities
 from convlens.core.contracts import ActivationFilter, FilterContext
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches, save_png
+from convlens.data.images import ImageIndex, Preprocessing, SkipLog, save_png
+from convlens.data.loading import ImageDataset, decode_on_device, image_batches
 from convlens.drawing.charts import bar_chart, enlarge, heatmap, side_by_side, titled
 from convlens.models.layers import activations_at
 from convlens.runtime.rank_statistics import rowwise_cosine, rowwise_spearman
@@ -131,10 +132,12 @@ def compare_filters(
     *,
     concepts: ConceptSet | None = None,
     device: torch.device | None = None,
+    workers: int = 0,
     progress: bool | None = None,
     run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compare ``filters`` (by display name) on the images of ``index`` at ``settings.layer``; write ``out``."""
+    """Compare ``filters`` (by display name) on the images of ``index`` at ``settings.layer``; write ``out``
+    (``workers``: image-decoding processes)."""
     from tqdm.auto import tqdm
 
     if len(filters) < 2:
@@ -170,8 +173,10 @@ def compare_filters(
         leave=False,
         disable=None if progress is None else not progress,
     )
-    dataset = ImageDataset(index, preprocessing.eval_transform)
-    for batch in image_batches(dataset, batch_size=settings.batch_size, skip_log=skip_log, order=chosen):
+    dataset = ImageDataset(index, preprocessing, jpeg_bytes=decode_on_device("auto", device))
+    for batch in image_batches(
+        dataset, batch_size=settings.batch_size, skip_log=skip_log, order=chosen, workers=workers, device=device
+    ):
         images, labels = batch.images.to(device), batch.labels.to(device)
         plain = None
         maps: dict[str, torch.Tensor] = {}

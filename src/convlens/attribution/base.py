@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -176,8 +177,12 @@ class GradientMapFilter(ActivationFilter):
 def scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:
     """Each map of ``[N, H, W]`` shifted and scaled to [0, 1] as ``(m - min) / (max(m - min) + 1e-7)``, the
     normalisation of Grad-CAM's reference implementation (pytorch-grad-cam)."""
-    maps = maps - maps.amin(dim=(1, 2), keepdim=True)
-    return maps / (maps.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+    import torch
+
+    # max(m - min) is max - min exactly (rounding is monotonic), so one pass finds both ends
+    low, high = torch.aminmax(maps.flatten(1), dim=1)
+    low, high = low[:, None, None], high[:, None, None]
+    return (maps - low) / ((high - low) + NORMALISE_EPSILON)
 
 
 def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str | None, target: ExplainTarget) -> Capture:
@@ -189,20 +194,39 @@ def target_gradients(model: ModelBundle, images: torch.Tensor, layer: str | None
 
     kind = target.kind
     if kind == "class":
-
-        def class_logit(logits: torch.Tensor) -> torch.Tensor:
-            classes = logits.argmax(dim=1) if target.classes is None else target.classes.to(logits.device).long()
-            if classes.shape != (logits.shape[0],):
-                raise ContractError(f"{classes.shape[0]} target classes for {logits.shape[0]} images")
-            if bool(((classes < 0) | (classes >= logits.shape[1])).any()):
-                raise ConvlensError(f"target classes must lie in 0..{logits.shape[1] - 1}")
-            return logits.gather(1, classes[:, None]).squeeze(1)
-
-        return gradients_between(model.module, images, layer, None, class_logit)
+        if target.classes is None:
+            return gradients_between(model.module, images, layer, None, predicted_logit)
+        return _given_class_gradients(model, images, layer, target.classes)
     unit_layer = target.layer or layer
     if unit_layer is None:
         raise ContractError(f"the {target.label} target names no layer to read it at (ExplainTarget(layer=...))")
     return gradients_between(model.module, images, layer, unit_layer, target.unit_values(unit_layer))
+
+
+def predicted_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Per image, its largest logit."""
+    return logits.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def _given_class_gradients(model: ModelBundle, images: torch.Tensor, layer: str | None, given: torch.Tensor) -> Capture:
+    """:func:`target_gradients` of the logits of ``given`` classes. Their range is checked once the backward pass
+    is queued, so that a GPU never waits for the check in the middle of the pass."""
+    from convlens.models.layers import gradients_between
+
+    out_of_range: list[torch.Tensor] = []
+
+    def class_logit(logits: torch.Tensor) -> torch.Tensor:
+        classes = given.to(logits.device).long()
+        if classes.shape != (logits.shape[0],):
+            raise ContractError(f"{classes.shape[0]} target classes for {logits.shape[0]} images")
+        out_of_range.append(((classes < 0) | (classes >= logits.shape[1])).any())
+        return logits.gather(1, classes.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+
+    captured = gradients_between(model.module, images, layer, None, class_logit)
+    if bool(out_of_range[0]):
+        classes = captured.logits.shape[1]
+        raise ConvlensError(f"target classes must lie in 0..{classes - 1}")
+    return captured
 
 
 class AttributionVisualizer(ImageVisualizer):
@@ -212,7 +236,8 @@ class AttributionVisualizer(ImageVisualizer):
     of ``target.layer`` (a channel, or with ``target.sae`` an SAE latent) summed over the layer's positions; the
     maps are taken at the ``map_layer`` parameter, by default ``target.layer``. The JSON record lists every overlay
     in ``figures`` as ``{"unit", "path", "kind": "attribution", "caption"}``, ``path`` relative to the output
-    folder; overlays of class targets belong to no unit and carry ``"unit": null``.
+    folder; overlays of class targets belong to no unit and carry ``"unit": null``. The model runs under
+    autocast to ``target.dtype``; the maps are float32.
     """
 
     explains_units_on_images = True
@@ -222,8 +247,11 @@ class AttributionVisualizer(ImageVisualizer):
         """Maps ``[N, h, w]`` (any resolution: the layer's grid or the input's) for normalised ``images``."""
 
     def explain(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
-        """:meth:`attribute`, detached, with its output checked against the contract."""
+        """:meth:`attribute`, detached and in float32 (also under autocast), with its output checked against the
+        contract."""
         import torch
+
+        from convlens.models.layers import full_precision
 
         maps = self.attribute(model, images, layer, target)
         if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
@@ -231,9 +259,10 @@ class AttributionVisualizer(ImageVisualizer):
             raise ContractError(
                 f"attribution '{self.name}' returned {shape}, expected maps [N={images.shape[0]}, h, w]"
             )
-        if not bool(torch.isfinite(maps).all()):
+        # a float64 sum of float32 values cannot overflow: it is finite exactly when every value is
+        if not math.isfinite(float(maps.detach().sum(dtype=torch.float64))):
             raise ConvlensError(f"attribution '{self.name}' produced NaN or infinite values at layer '{layer}'")
-        return maps.detach()
+        return full_precision(maps.detach())
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         """Explain every image of ``target.data``: ``overlays/*.png``, ``maps.safetensors``, ``attribution.json``."""
@@ -242,6 +271,7 @@ class AttributionVisualizer(ImageVisualizer):
         from convlens.data.concepts import load_concepts
         from convlens.data.images import Preprocessing, SkipLog
         from convlens.models.layers import activations_at
+        from convlens.runtime.precision import autocast
         from convlens.runtime.run_records import write_json_atomic
         from convlens.runtime.tensor_files import save_tensors_atomic
 
@@ -271,6 +301,7 @@ class AttributionVisualizer(ImageVisualizer):
             "layer": layer,
             "map_layer": map_layer,
             "params": params.to_dict(),
+            "dtype": target.dtype,
             "target": "latents" if target.sae is not None else "channels" if target.units else "class",
             "images": [],
             "figures": [],
@@ -288,7 +319,7 @@ class AttributionVisualizer(ImageVisualizer):
                 for explain in unchecked:
                     explain.check(shape, layer)
                 unchecked = []
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, target.dtype):
                 probabilities = model.module(images).float().softmax(dim=1)
             predicted = probabilities.argmax(dim=1)
             classes = predicted if params.class_index is None else torch.full_like(predicted, params.class_index)
@@ -297,13 +328,12 @@ class AttributionVisualizer(ImageVisualizer):
                     f"class_index {params.class_index} is out of range for a model with "
                     f"{probabilities.shape[1]} classes"
                 )
-            maps = torch.stack(
-                [
+            with autocast(device, target.dtype):
+                maps = [
                     self.explain(model, images, map_layer, explain or ExplainTarget(classes=classes))
                     for explain in explained
-                ],
-                dim=1,
-            ).cpu()  # [B, targets, h, w]
+                ]
+            maps = torch.stack(maps, dim=1).cpu()  # [B, targets, h, w]
             peaks = input_peaks(maps, tuple(images.shape[2:]))
             for row in range(len(batch)):
                 position = int(batch.positions[row])

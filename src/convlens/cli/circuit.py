@@ -15,7 +15,7 @@ from convlens.runtime.locks import output_lock
 
 from .output import echo_json, echo_table
 from .plugin_options import ModelOptionsCommand
-from .visualize import VISUALIZER_PREFIX, load_visual_target
+from .visualize import DTYPE_OPTION, VISUALIZER_PREFIX, load_visual_target
 
 METHOD = "circuit"
 
@@ -65,6 +65,7 @@ class CircuitCommand(ModelOptionsCommand):
     "--out", "-o", default=None, type=click.Path(file_okay=False), help="Output folder (default: runs/circuit-LAYER)."
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@DTYPE_OPTION
 @click.option("--force", is_flag=True, help="Use an --sae trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 def circuit_command(
@@ -75,6 +76,7 @@ def circuit_command(
     data: str,
     out: str | None,
     device: str | None,
+    dtype: str,
     force: bool,
     as_json: bool,
     **options: Any,
@@ -89,7 +91,7 @@ def circuit_command(
 
     visualizer = default_registry().create("visualizer", METHOD, **values_from_click(options, VISUALIZER_PREFIX))
     target, model_record, target_device = load_visual_target(
-        model_name, layer, units, sae_path, data, device, options, force
+        model_name, layer, units, sae_path, data, device, options, force, dtype
     )
     layer, chosen = target.layer, target.units
     out_dir = Path(out or f"runs/circuit-{layer}")
@@ -105,6 +107,7 @@ def circuit_command(
             "sae": sae_path,
             "data": data,
             "device": str(target_device),
+            "dtype": dtype,
             "versions": versions(),
         },
     )

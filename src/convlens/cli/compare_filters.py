@@ -95,6 +95,7 @@ def parse_filter_options(values: tuple[str, ...], names: list[str]) -> dict[str,
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Image-decoding processes.")
 @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON.")
 def compare_filters_command(
     model_name: str,
@@ -110,6 +111,7 @@ def compare_filters_command(
     out: str | None,
     seed: int,
     device: str | None,
+    workers: int,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -159,6 +161,7 @@ def compare_filters_command(
         settings,
         concepts=concepts,
         device=resolve_device(device),
+        workers=workers,
         run_info={
             "model": model_record,
             "filter_settings": filter_records,

@@ -8,7 +8,9 @@ import click
 
 from convlens.core.component_registry import default_registry
 from convlens.core.params import values_from_click
+from convlens.data.loading import DECODE_MODES
 from convlens.runtime.locks import output_lock
+from convlens.runtime.precision import COMPUTE_DTYPES
 
 from .output import echo_json
 from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
@@ -52,8 +54,35 @@ from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
 )
 @click.option("--images-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Image-decoding processes (up to the number of cores; 0: decode in this process).",
+)
+@click.option(
+    "--decode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(DECODE_MODES),
+    help="Where JPEGs are decoded, resized and cropped: on the device (nvJPEG on CUDA), on the CPU in the loader "
+    "workers, or auto (device on CUDA, else cpu). Device pixels match the CPU's within 1 grey level.",
+)
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(COMPUTE_DTYPES),
+    help="Compute precision of the forward pass (autocast; float16 needs a GPU).",
+)
+@click.option(
+    "--store-dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Precision of the stored activation vectors.",
+)
 @click.option("--save-maps", is_flag=True, help="Also store every image's full filter map.")
 @click.option(
     "--on-nonfinite",
@@ -76,7 +105,9 @@ def extract(
     images_per_shard: int,
     batch_size: int,
     workers: int,
+    decode: str,
     dtype: str,
+    store_dtype: str,
     save_maps: bool,
     on_nonfinite: Literal["skip", "stop"],
     seed: int,
@@ -111,7 +142,8 @@ def extract(
         images_per_shard=images_per_shard,
         batch_size=batch_size,
         save_maps=save_maps,
-        dtype=dtype,
+        dtype=store_dtype,
+        compute_dtype=dtype,
     )
     out = out or f"runs/activations-{layer}-{component.name}"
     click.get_current_context().with_resource(output_lock(out, command="extract"))
@@ -123,6 +155,7 @@ def extract(
         settings,
         device=resolve_device(device),
         workers=workers,
+        decode=decode,
         dataset={"root": str(index.root), "fingerprint": index.fingerprint()},
         on_nonfinite=on_nonfinite,
     )

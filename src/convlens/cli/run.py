@@ -7,20 +7,32 @@ from pathlib import Path
 import click
 
 from convlens.runtime.locks import output_lock
+from convlens.runtime.precision import COMPUTE_DTYPES
 
 from .output import echo_json
 
 DEMO_RECIPE = "demo.toml"
 
 
-def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None, check: bool, as_json: bool) -> None:
+def _execute(
+    recipe_path: Path,
+    text: str | None,
+    out: Path,
+    device: str | None,
+    dtype: str | None,
+    workers: int,
+    check: bool,
+    as_json: bool,
+) -> None:
     from convlens.workflow.pipeline import PipelineRun, check_run_folder
     from convlens.workflow.recipes import load_recipe
 
     recipe = load_recipe(recipe_path, text=text)  # every plugin, parameter and layer checked before any work
     check_run_folder(out)
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    pipeline = PipelineRun(recipe, out, device=device, progress=False if as_json else None, echo=echo)
+    pipeline = PipelineRun(
+        recipe, out, device=device, dtype=dtype, workers=workers, progress=False if as_json else None, echo=echo
+    )
     if check:
         plan = pipeline.plan()
         if as_json:
@@ -61,9 +73,24 @@ def _execute(recipe_path: Path, text: str | None, out: Path, device: str | None,
 @click.option(
     "--device", default=None, help="cpu, cuda, cuda:1, ... (default: the recipe's, else cuda when available)."
 )
+@click.option(
+    "--dtype",
+    default=None,
+    type=click.Choice(COMPUTE_DTYPES),
+    help="Compute precision of the model's passes (autocast; default: the recipe's, else float32).",
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Image-decoding processes for the steps that read images (up to the number of cores).",
+)
 @click.option("--check", is_flag=True, help="Validate the recipe and list the steps with what is done; run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or with --check the plan) as JSON.")
-def run_command(recipe: str, out: str | None, device: str | None, check: bool, as_json: bool) -> None:
+def run_command(
+    recipe: str, out: str | None, device: str | None, dtype: str | None, workers: int, check: bool, as_json: bool
+) -> None:
     """Run a recipe of the paper's workflow (a TOML file): data, model and fine-tuning, extraction with one or
     several filters and their comparison, SAEs (and a sweep), evaluation, unit statistics, visualisation of the
     top CNN units and SAE latents, and the HTML report.
@@ -72,7 +99,7 @@ def run_command(recipe: str, out: str | None, device: str | None, check: bool, a
     run continues where it stopped. `convlens demo --print-recipe` prints a complete recipe to start from.
     """
     path = Path(recipe)
-    _execute(path, None, Path(out or f"runs/{path.stem}"), device, check, as_json)
+    _execute(path, None, Path(out or f"runs/{path.stem}"), device, dtype, workers, check, as_json)
 
 
 @click.command("demo")
@@ -80,9 +107,24 @@ def run_command(recipe: str, out: str | None, device: str | None, check: bool, a
     "--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run folder."
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option(
+    "--dtype",
+    default=None,
+    type=click.Choice(COMPUTE_DTYPES),
+    help="Compute precision of the model's passes (autocast; default: the recipe's, else float32).",
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Image-decoding processes for the steps that read images (up to the number of cores).",
+)
 @click.option("--print-recipe", is_flag=True, help="Print the demo's recipe (TOML) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo_command(out: str, device: str | None, print_recipe: bool, as_json: bool) -> None:
+def demo_command(
+    out: str, device: str | None, dtype: str | None, workers: int, print_recipe: bool, as_json: bool
+) -> None:
     """The whole workflow on the generated `shapes` dataset, no download: generates the images, trains
     `tiny-cnn`, extracts and compares five filters, trains two SAEs and a small sweep, evaluates them,
     visualises the top units and latents, and writes the report (a few minutes on 2 CPU cores)."""
@@ -92,4 +134,4 @@ def demo_command(out: str, device: str | None, print_recipe: bool, as_json: bool
     if print_recipe:
         click.echo(text, nl=False)
         return
-    _execute(Path(DEMO_RECIPE), text, Path(out), device, False, as_json)
+    _execute(Path(DEMO_RECIPE), text, Path(out), device, dtype, workers, False, as_json)

@@ -184,6 +184,7 @@ def sae_info(path: str, as_json: bool) -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Image-decoding processes.")
 @click.option("--force", is_flag=True, help="Evaluate an SAE trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON.")
 def evaluate_sae_command(
@@ -198,6 +199,7 @@ def evaluate_sae_command(
     out: str | None,
     seed: int,
     device: str | None,
+    workers: int,
     force: bool,
     as_json: bool,
     **options: Any,
@@ -241,6 +243,7 @@ def evaluate_sae_command(
         ablation_images=ablation_images,
         seed=seed,
         device=resolved_device,
+        workers=workers,
     )
     result = {"model": model_record, "sae": str(sae_path), **result}
     if out:

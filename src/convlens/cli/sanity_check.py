@@ -80,7 +80,8 @@ def sanity_check_command(
 
     from convlens.attribution.base import AttributionVisualizer
     from convlens.attribution.sanity_checks import cascade_figures, cascading_randomisation
-    from convlens.data.images import ImageDataset, Preprocessing, SkipLog, image_batches, images_at
+    from convlens.data.images import Preprocessing, SkipLog, images_at
+    from convlens.data.loading import ImageDataset, image_batches
     from convlens.runtime.device import resolve_device
     from convlens.runtime.run_records import versions, write_json_atomic
 
@@ -104,7 +105,7 @@ def sanity_check_command(
     skip_log = SkipLog(index.root)
     batch = next(
         image_batches(
-            ImageDataset(index, preprocessing.eval_transform),
+            ImageDataset(index, preprocessing),
             batch_size=max_images,
             skip_log=skip_log,
             order=range(min(max_images, len(index))),

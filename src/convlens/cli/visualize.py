@@ -12,6 +12,7 @@ from convlens.core.component_registry import default_registry
 from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
 from convlens.runtime.locks import output_lock
+from convlens.runtime.precision import COMPUTE_DTYPES
 
 from .output import echo_json
 from .plugin_options import PluginOptionsCommand, load_model
@@ -35,6 +36,15 @@ class VisualizeCommand(PluginOptionsCommand):
             self.params += click_parameters(spec, reserved=reserved, prefix="viz", dest_prefix=VISUALIZER_PREFIX)
         return super().parse_args(ctx, args)
 
+
+DTYPE_OPTION = click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(COMPUTE_DTYPES),
+    help="Compute precision: bfloat16 or float16 run the model under autocast (float16 needs a GPU); the outputs "
+    "stay float32.",
+)
 
 MAX_UNKNOWN_RANGE = 65_536  # the longest range accepted while the number of units is not known
 
@@ -79,22 +89,26 @@ def load_visual_target(
     device: str | None,
     options: dict[str, Any],
     force: bool = False,
+    dtype: str = "float32",
 ):
-    """The :class:`VisualTarget` of the shared options (model on its device in eval mode, the layer's units or the
-    SAE's latents), the model's record and the device. An SAE trained on another model or layer is refused unless
-    ``force``; without ``layer`` it is used at the layer it was trained on."""
+    """The :class:`VisualTarget` of the shared options (model on its device in eval mode, channels-last on a GPU,
+    the layer's units or the SAE's latents, the compute precision), the model's record and the device. An SAE
+    trained on another model or layer is refused unless ``force``; without ``layer`` it is used at the layer it was
+    trained on."""
     import torch
 
     from convlens import VisualTarget
     from convlens.models.layers import activations_at
     from convlens.runtime.device import resolve_device
+    from convlens.runtime.precision import channels_last, check_compute_dtype
     from convlens.sae.base import load_sae
     from convlens.sae.provenance import check_sae_target, trained_layer
 
     bundle, model_record = load_model(model_name, options)
     layer = layer or (trained_layer(sae_path) if sae_path else None) or bundle.default_layer
     target_device = resolve_device(device)
-    bundle.module.to(target_device).eval()
+    check_compute_dtype(dtype, target_device)
+    channels_last(bundle.module.to(target_device).eval(), target_device)
     probe = activations_at(
         bundle.module,
         torch.zeros(1, 3, *bundle.input_size, device=target_device),
@@ -105,7 +119,7 @@ def load_visual_target(
     if sae_path:
         check_sae_target(sae_path, model_record, layer, force=force)
     chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
-    return VisualTarget(bundle, layer, chosen, sae, data), model_record, target_device
+    return VisualTarget(bundle, layer, chosen, sae, data, dtype), model_record, target_device
 
 
 @click.command("visualize", cls=VisualizeCommand, context_settings={"ignore_unknown_options": False})
@@ -139,6 +153,7 @@ def load_visual_target(
     help="Output folder (default: runs/visualize-NAME-LAYER).",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@DTYPE_OPTION
 @click.option("--force", is_flag=True, help="Use an --sae trained on another model or layer (with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the visualizer's JSON record.")
 def visualize_command(
@@ -150,6 +165,7 @@ def visualize_command(
     data: str | None,
     out: str | None,
     device: str | None,
+    dtype: str,
     force: bool,
     as_json: bool,
     **options: Any,
@@ -167,7 +183,7 @@ def visualize_command(
     if getattr(visualizer, "needs_data", False) and data is None:
         raise ConvlensError(f"visualizer '{spec.name}' looks at images: pass --data (an image file or folder)")
     target, model_record, target_device = load_visual_target(
-        model_name, layer, units, sae_path, data, device, options, force
+        model_name, layer, units, sae_path, data, device, options, force, dtype
     )
     layer, chosen, sae = target.layer, target.units, target.sae
     out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
@@ -186,6 +202,7 @@ def visualize_command(
             "sae": sae_path,
             "data": data,
             "device": str(target_device),
+            "dtype": dtype,
             "versions": versions(),
         },
     )

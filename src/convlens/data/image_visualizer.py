@@ -6,7 +6,8 @@ from typing import Any
 
 from convlens.core.contracts import Visualizer, VisualTarget
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, image_batches, images_at
+from convlens.data.images import ImageIndex, Preprocessing, images_at
+from convlens.data.loading import ImageDataset, decode_on_device, image_batches
 
 
 class ImageVisualizer(Visualizer):
@@ -21,12 +22,14 @@ class ImageVisualizer(Visualizer):
         return images_at(target.data)
 
     def batches(self, target: VisualTarget, positions: Any, *, batch_size: int, skip_log: Any, workers: int = 0):
-        """Batches of model inputs for ``positions`` of ``target.data`` (see :func:`data_of`) in order, with a
-        progress bar (per :attr:`progress`) that counts skipped files too; unreadable files go to ``skip_log``."""
+        """Batches of model inputs for ``positions`` of ``target.data`` (see :func:`data_of`) in order, on the
+        model's device (JPEGs decoded there on CUDA), with a progress bar (per :attr:`progress`) that counts
+        skipped files too; unreadable files go to ``skip_log``."""
         from tqdm.auto import tqdm
 
         index = self.data_of(target)
-        dataset = ImageDataset(index, Preprocessing.of(target.model).eval_transform)
+        device = _device_of(target.model.module)
+        dataset = ImageDataset(index, Preprocessing.of(target.model), jpeg_bytes=decode_on_device("auto", device))
         bar = tqdm(
             total=len(positions),
             desc=f"{self.name} at {target.layer}",
@@ -36,9 +39,20 @@ class ImageVisualizer(Visualizer):
         )
         try:
             for batch in image_batches(
-                dataset, batch_size=batch_size, skip_log=skip_log, order=positions, workers=workers
+                dataset,
+                batch_size=batch_size,
+                skip_log=skip_log,
+                order=positions,
+                workers=workers,
+                device=device,
             ):
                 yield batch
                 bar.update(len(batch) + len(batch.skipped))
         finally:
             bar.close()
+
+
+def _device_of(module: Any) -> Any:
+    """The device of ``module``'s first parameter (cpu for a module without any)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else "cpu"

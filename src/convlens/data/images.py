@@ -14,9 +14,9 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from convlens.core.errors import ConvlensError
 
@@ -296,6 +296,24 @@ class Preprocessing:
 
         return self.normalize(F.pil_to_tensor(self.eval_geometry(image)))
 
+    def eval_pixels(self, image: Image.Image, index: int = 0) -> torch.Tensor:
+        """The eval geometry of :meth:`eval_transform` as uint8 pixels ``[3, H, W]``, not yet normalised."""
+        from torchvision.transforms import functional as F
+
+        return F.pil_to_tensor(self.eval_geometry(image))
+
+    def eval_geometry_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`eval_geometry` for uint8 pixels ``[3, h, w]`` on any device (a decoded JPEG on the GPU): the same
+        antialiased bilinear resize and centre crop, rounded back to uint8."""
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        height, width = self.input_size
+        shorter = round(max(height, width) / self.crop_fraction)
+        resized = F.resize(pixels.float(), shorter, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return F.center_crop(resized, [height, width]).round_().clamp_(0, 255).to(torch.uint8)
+
     def eval_geometry(self, image: Image.Image) -> Image.Image:
         """The resize and centre crop of :meth:`eval_transform` alone (also for masks aligned with the image)."""
         from torchvision.transforms import InterpolationMode
@@ -306,12 +324,16 @@ class Preprocessing:
         image = F.resize(image, shorter, interpolation=InterpolationMode.BILINEAR, antialias=True)
         return F.center_crop(image, [height, width])
 
-    def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float images (``[3, H, W]`` or ``[N, 3, H, W]``) to the model's input scale."""
+    def normalize(self, image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 or [0, 1] float images (``[3, H, W]`` or ``[N, 3, H, W]``) to the model's input scale; a uint8
+        image into ``out`` (float32, the image's shape) when given."""
         import torch
 
-        if image.dtype == torch.uint8:
-            image = image.float() / 255.0
+        if image.dtype == torch.uint8:  # (x / 255 - mean) / std as (x - 255 mean) / (255 std), in place
+            mean = torch.tensor(self.mean, device=image.device).view(3, 1, 1) * 255
+            std = torch.tensor(self.std, device=image.device).view(3, 1, 1) * 255
+            floats = out.copy_(image) if out is not None else image.float()
+            return floats.sub_(mean).div_(std)
         mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
         return (image - mean) / std
@@ -367,88 +389,3 @@ class SkipLog:
 
     def as_json(self) -> list[dict[str, str]]:
         return [{"path": path, "reason": reason} for path, reason in sorted(self.reasons.items())]
-
-
-Transform = Callable[[Any, int], Any]
-
-
-class ImageDataset:
-    """A map-style dataset over an :class:`ImageIndex`; an undecodable file yields ``image=None`` and its reason.
-
-    ``transform(image, index)`` receives the image's position in the index, so random augmentation can draw
-    its randomness from the image and not from the order in which workers load images.
-    """
-
-    def __init__(self, index: ImageIndex, transform: Transform):
-        self.index = index
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        path = self.index.paths[position]
-        label = self.index.labels[position] if self.index.labels is not None else -1
-        try:
-            image = self.transform(open_rgb(path), position)
-        except UnreadableImageError as exc:
-            reason = str(exc).removeprefix(f"{shown(path)}: ")
-            return {"image": None, "label": label, "position": position, "error": reason}
-        return {"image": image, "label": label, "position": position, "error": None}
-
-
-@dataclasses.dataclass
-class ImageBatch:
-    images: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor
-    skipped: list[tuple[int, str]]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-
-def collate_images(items: list[dict[str, Any]]) -> ImageBatch:
-    import torch
-
-    good = [item for item in items if item["image"] is not None]
-    skipped = [(item["position"], item["error"]) for item in items if item["image"] is None]
-    if not good:
-        empty = torch.empty(0, dtype=torch.long)
-        return ImageBatch(torch.empty(0), empty, empty, skipped)
-    return ImageBatch(
-        torch.stack([item["image"] for item in good]),
-        torch.tensor([item["label"] for item in good], dtype=torch.long),
-        torch.tensor([item["position"] for item in good], dtype=torch.long),
-        skipped,
-    )
-
-
-def image_batches(
-    dataset: ImageDataset,
-    *,
-    batch_size: int,
-    skip_log: SkipLog,
-    order: Sequence[int] | None = None,
-    workers: int = 0,
-    drop_last: bool = False,
-) -> Iterator[ImageBatch]:
-    """Batches of decoded images in ``order`` (default: index order); skipped files go to ``skip_log``.
-
-    Batches keep their size only up to skipped files: a batch loses the images that could not be decoded.
-    """
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=list(order) if order is not None else None,
-        num_workers=workers,
-        collate_fn=collate_images,
-        drop_last=drop_last,
-    )
-    for batch in loader:
-        for position, reason in batch.skipped:
-            skip_log.record(dataset.index.relative(dataset.index.paths[position]), reason)
-        if len(batch):
-            yield batch

@@ -29,15 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from convlens.core.errors import ConvlensError
 from convlens.core.params import Params, param
 from convlens.data.images import (
-    ImageDataset,
     ImageIndex,
     Preprocessing,
     SkipLog,
-    image_batches,
     require_readable,
     scan_images,
     shown,
 )
+from convlens.data.loading import ImageDataset, image_batches
 from convlens.runtime.run_records import (
     load_optimizer_state,
     save_optimizer_state,
@@ -431,10 +430,10 @@ def train_model(
     _optimizer_to(optimizer, device)
     train_set = ImageDataset(
         data.index.subset(data.train),
-        TrainAugmentation(preprocessing, params) if params.augment else preprocessing.eval_transform,
+        TrainAugmentation(preprocessing, params) if params.augment else preprocessing,
     )
     val_index = data.val_index or data.index.subset(data.val)
-    val_set = ImageDataset(val_index, preprocessing.eval_transform)
+    val_set = ImageDataset(val_index, preprocessing)
     skip_log = SkipLog()
     drop_last = len(train_set) > params.batch_size
     steps_per_epoch = len(train_set) // params.batch_size if drop_last else 1

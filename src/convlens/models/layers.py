@@ -62,6 +62,14 @@ def hooked_outputs(
             handle.remove()
 
 
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when autocast left it in bfloat16 or float16; any other tensor unchanged."""
+    return tensor.float() if tensor.dtype in REDUCED_PRECISION else tensor
+
+
 @dataclasses.dataclass
 class Capture:
     """Detached activations (and gradients of the target) per layer, plus the model's output."""
@@ -210,7 +218,8 @@ def gradients_between(
     from the target to the source only, never into the weights or further down. Returns the source's activations
     and gradient, the target layer's output among the activations, and the model's output as ``logits`` when the
     forward pass ran to the end. A target that does not run after the source and depend on it is one
-    :class:`UnknownComponentError`.
+    :class:`UnknownComponentError`. Under autocast the source is carried on in float32 (so its activations and
+    gradient are float32), and the target's output and the logits are returned in float32.
     """
     source_module = resolve_layer(module, source_layer, model_name) if source_layer is not None else None
     target_module = resolve_layer(module, target_layer, model_name) if target_layer is not None else None
@@ -225,7 +234,8 @@ def gradients_between(
     def make_leaf(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor):
             raise UnknownComponentError(f"layer '{source_layer}' of {model_name} does not return a single tensor")
-        recorded[source_key] = output.detach().requires_grad_(True)
+        recorded[source_key] = full_precision(output.detach()).requires_grad_(True)
+        torch.set_grad_enabled(True)  # the graph starts here; the enclosing block restores the mode
         return recorded[source_key]
 
     def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -240,7 +250,7 @@ def gradients_between(
             handles.append(target_module.register_forward_hook(stop))
         for parameter in frozen:
             parameter.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(source_layer is None):  # the layers before the source skip autograd entirely
             logits, stopped = None, False
             try:
                 logits = reached = first_tensor(module(inputs))
@@ -268,8 +278,12 @@ def gradients_between(
             parameter.requires_grad_(True)
     activations = {source_key: recorded[source_key].detach()}
     if target_layer is not None:
-        activations[target_layer] = reached.detach()
-    return Capture(activations, {source_key: gradient.detach()}, logits.detach() if logits is not None else None)
+        activations[target_layer] = full_precision(reached.detach())
+    return Capture(
+        activations,
+        {source_key: full_precision(gradient.detach())},
+        full_precision(logits.detach()) if logits is not None else None,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

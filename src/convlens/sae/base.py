@@ -37,20 +37,42 @@ def squared_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.T
     return F.mse_loss(reconstruction, target, reduction="sum") / max(len(target), 1)
 
 
+class SparseLatents:
+    """Latents given by the only ones that may be non-zero: ``values [B, k]`` of the latents ``index [B, k]``
+    (distinct within a row). Called, it builds the dense ``[B, latent_dim]`` latents; counting the active latents
+    (:meth:`SAEOutput.latent_activity`) needs only the pairs. A plugin may return it from ``encode_decode``."""
+
+    def __init__(self, index: torch.Tensor, values: torch.Tensor, latent_dim: int):
+        self.index, self.values, self.latent_dim = index, values, latent_dim
+
+    def __call__(self) -> torch.Tensor:
+        dense = torch.zeros(len(self.index), self.latent_dim, dtype=self.values.dtype, device=self.values.device)
+        return dense.scatter_(1, self.index, self.values)
+
+    def activity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        active = self.values.detach() != 0
+        rows_active = torch.zeros(self.latent_dim, dtype=torch.int64, device=active.device)
+        rows_active.index_add_(0, self.index.reshape(-1), active.reshape(-1).to(torch.int64))
+        return active.sum(), rows_active
+
+
 class SAEOutput:
     """Reconstruction, latents and named loss terms of a forward pass. ``latents`` may be given as a
     zero-argument function; it is then built on first access (an SAE whose loss does not read its latents,
-    like TopK, so never materialises a dense ``[B, latent_dim]`` tensor that nobody reads)."""
+    like TopK, so never materialises a dense ``[B, latent_dim]`` tensor that nobody reads). ``activity``, when
+    given, counts the active latents without them (see :meth:`latent_activity`)."""
 
     def __init__(
         self,
         reconstruction: torch.Tensor,
         latents: torch.Tensor | Callable[[], torch.Tensor],
         losses: dict[str, torch.Tensor],
+        activity: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.reconstruction = reconstruction
         self._latents = latents
         self.losses = losses
+        self._activity = activity
 
     @property
     def latents(self) -> torch.Tensor:
@@ -61,6 +83,15 @@ class SAEOutput:
     @property
     def loss(self) -> torch.Tensor:
         return sum(self.losses.values(), torch.zeros((), device=self.reconstruction.device))
+
+    def latent_activity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The non-zero latents over all rows (samples, or positions of a map), and per latent the rows it is
+        non-zero on ``[latent_dim]`` (int64 tensors on the latents' device; nothing waits for the device)."""
+        if self._activity is not None:
+            return self._activity()
+        latents = self.latents.detach()
+        active = latents.movedim(1, -1).reshape(-1, latents.shape[1]) != 0
+        return active.sum(), active.sum(0)
 
 
 class SparseAutoencoder(nn.Module, abc.ABC):
@@ -103,7 +134,7 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor]:
         """``(latents, reconstruction)`` of normalised rows; a plugin may fuse the two (TopK decodes sparsely).
         ``latents`` may be a zero-argument function building them, when :meth:`loss_terms` does not read them
-        (it then receives that function)."""
+        (it then receives that function), e.g. a :class:`SparseLatents`."""
         latents = self.encode_vectors(x)
         return latents, self.decode_vectors(latents)
 
@@ -135,7 +166,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         latents, reconstruction = self.encode_decode(normalised)
         losses = self.loss_terms(normalised, reconstruction, latents)
         restored = (lambda: restore(latents())) if callable(latents) else restore(latents)
-        return SAEOutput(restore(self.denormalise(reconstruction)), restored, losses)
+        activity = latents.activity if isinstance(latents, SparseLatents) else None
+        return SAEOutput(restore(self.denormalise(reconstruction)), restored, losses, activity)
 
     def normalise(self, rows: torch.Tensor) -> torch.Tensor:
         return (rows - self.input_mean) / self.input_scale

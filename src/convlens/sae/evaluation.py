@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches
+from convlens.data.images import ImageIndex, Preprocessing, SkipLog
+from convlens.data.loading import ImageDataset, decode_on_device, image_batches
 from convlens.models.layers import first_tensor, resolve_layer
 from convlens.runtime.seeding import torch_generator
 
@@ -64,6 +65,7 @@ def evaluate_splice(
     ablation_images: int = 512,
     seed: int = 0,
     device: torch.device | None = None,
+    workers: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Top-1 and KL of the model alone, with the SAE spliced in at ``layer`` and with the layer zeroed; and the
@@ -78,7 +80,7 @@ def evaluate_splice(
     if max_images is not None and max_images < len(index):
         picked = torch.randperm(len(index), generator=torch_generator(seed, "evaluate-sae"))[:max_images]
         chosen = sorted(picked.tolist())
-    dataset = ImageDataset(index, Preprocessing.of(bundle).eval_transform)
+    dataset = ImageDataset(index, Preprocessing.of(bundle), jpeg_bytes=decode_on_device("auto", device))
     skip_log = SkipLog(index.root)
     captured: dict[str, torch.Tensor] = {}
 
@@ -118,7 +120,9 @@ def evaluate_splice(
         disable=None if progress is None else not progress,
     )
     with torch.no_grad():
-        for batch in image_batches(dataset, batch_size=batch_size, skip_log=skip_log, order=chosen):
+        for batch in image_batches(
+            dataset, batch_size=batch_size, skip_log=skip_log, order=chosen, workers=workers, device=device
+        ):
             images, labels = batch.images.to(device), batch.labels.to(device)
             logits = first_tensor(module(images))
             with replaced_output(module, layer, through_sae):

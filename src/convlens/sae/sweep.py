@@ -11,6 +11,7 @@ sharing a ``group`` other than ``"frontier"`` form an ablation over the one para
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,7 +27,17 @@ from convlens.data.images import save_png
 from convlens.drawing.charts import line_chart, side_by_side
 from convlens.runtime.run_records import versions, write_json_atomic
 from convlens.sae.base import save_sae
-from convlens.sae.training import SAETrainingParams, adam, evaluate, input_statistics, split_count, training_step
+from convlens.sae.training import (
+    LossWatch,
+    SAETrainingParams,
+    adam,
+    evaluate_batches,
+    first_batches,
+    input_statistics,
+    split_count,
+    training_split_in_memory,
+    training_step,
+)
 
 FRONTIER = "frontier"
 
@@ -96,8 +107,11 @@ def run_sweep(
         if params.unit_norm_decoder:
             sae.normalize_decoder_()
         optimizers[number] = adam(sae.parameters(), params.lr)
-    steps_per_epoch = math.ceil(split_count(store, "train") / params.batch_size)
+    train_samples = split_count(store, "train")
+    steps_per_epoch = math.ceil(train_samples / params.batch_size)
     total_steps = params.steps or params.epochs * steps_per_epoch
+    resident = training_split_in_memory(store, device, params.store_in_memory, train_samples)
+    watches = {number: LossWatch(device) for number in unique}
     started = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -108,26 +122,36 @@ def run_sweep(
     )
     step, epoch, failed = 0, 0, {}
     while step < total_steps:
-        for batch in store.batches(params.batch_size, "train", seed=params.seed, epoch=epoch, window=params.window):
-            if step >= total_steps:
-                break
-            x = batch.to(device).float()
-            for number, optimizer in optimizers.items():
-                if number in failed:
-                    continue
-                try:
-                    training_step(built[number][0], optimizer, x, len(x), 1, params.unit_norm_decoder)
-                except FloatingPointError as exc:
-                    failed[number] = f"loss became {exc} at step {step + 1}"
-            step += 1
-            bar.update(1)
+        batches = store.batches(
+            params.batch_size,
+            "train",
+            seed=params.seed,
+            epoch=epoch,
+            window=params.window,
+            device=device,
+            resident=resident,
+        )
+        with contextlib.closing(batches):
+            for batch in batches:
+                if step >= total_steps:
+                    break
+                x = batch.to(device).float()
+                step += 1
+                for number, optimizer in optimizers.items():
+                    if number not in failed:
+                        loss_sum, _ = training_step(built[number][0], optimizer, x, len(x), 1, params.unit_norm_decoder)
+                        watches[number].observe(step, loss_sum)
+                if step % params.log_every == 0 or step == total_steps:
+                    failed.update(_failures(watches, failed))  # read every log_every steps, not at every step
+                bar.update(1)
         epoch += 1
     bar.close()
     validation = val_store or store
+    val_batches = first_batches(validation, "val", params.val_samples, device)
     metrics: dict[int, dict[str, Any]] = {}
     for number in unique:
         sae, record = built[number]
-        metrics[number] = {} if number in failed else evaluate(sae, validation, "val", params.val_samples, device)
+        metrics[number] = {} if number in failed else evaluate_batches(sae, val_batches, params.val_samples, device)
         if number not in failed:
             save_sae(
                 sae,
@@ -177,6 +201,16 @@ def run_sweep(
     if ablations:
         _plot_ablations(out, ablations)
     return sweep
+
+
+def _failures(watches: dict[int, LossWatch], failed: dict[int, str]) -> dict[int, str]:
+    """The configurations whose loss has become NaN or inf since the last look, and at which step."""
+    found = {}
+    for number, watch in watches.items():
+        bad = None if number in failed else watch.first_bad_step()
+        if bad is not None:
+            found[number] = f"loss became {bad[1]:g} at step {bad[0]}"
+    return found
 
 
 def _frontiers(results: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -15,21 +15,30 @@ A run folder holds::
     checkpoints/train-state.safetensors weights, Adam state and step, written atomically
     sae.safetensors                     the trained SAE (``convlens.load_sae``)
     summary.json
+
+A step never waits for the device: the metric sums and the first non-finite loss stay on it until a metric row or
+a checkpoint is written (no state after a non-finite loss is ever saved), checkpoints are written in the
+background, and the training split is held in the device's memory when it fits (``store_in_memory``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import itertools
 import json
 import math
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
-from convlens.activations.store import ActivationStore
+from convlens.activations.store import ActivationStore, ResidentSplit, free_memory
 from convlens.core.errors import ConvlensError
 from convlens.core.params import Params, param
 from convlens.runtime.distributed import all_reduce_sum, barrier, distributed_rank
@@ -44,6 +53,8 @@ from convlens.sae.base import SparseAutoencoder, save_sae
 
 DENSE_ABOVE = 0.1  # a latent firing on more than this share of validation samples counts as dense
 NORMALISATION_SAMPLES = 65_536
+STATE_FILE = "checkpoints/train-state.safetensors"
+MEMORY_SHARE = 0.5  # store_in_memory "auto": the training split may take this share of the device's free memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +70,20 @@ class SAETrainingParams(Params):
     )
     unit_norm_decoder: bool = param(False, help="rescale the decoder atoms to unit norm after every step")
     log_every: int = param(100, min=1, help="steps between metric rows")
-    checkpoint_every: int = param(1000, min=1, help="steps between resumable checkpoints (also at each epoch end)")
+    checkpoint_every: int = param(
+        1000,
+        min=1,
+        help="steps between resumable checkpoints (also at each epoch end, unless the last one is still being "
+        "written: they are written in the background)",
+    )
     val_samples: int = param(16_384, min=1, help="validation samples evaluated for each metric row")
     window: int = param(4, min=1, help="shards shuffled together when reading the store")
+    store_in_memory: Literal["auto", "yes", "no"] = param(
+        "auto",
+        help="hold the training split in the training device's memory instead of reading the store's shards while "
+        "training (the same batches, so the same results): auto when it takes at most half of the free memory "
+        "(the GPU's on cuda, the available RAM on cpu, shared by the local ranks)",
+    )
     seed: int = param(0, help="seed of the batch order (and of the SAE's initialisation when it has none)")
 
 
@@ -74,28 +96,69 @@ def adam(parameters, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=lr)
 
 
+# training parameters that do not change a run's results: a run may be resumed with other values
+RESULT_NEUTRAL = ("store_in_memory",)
+
+
 def split_count(store: ActivationStore, split: str) -> int:
     """Samples of ``split`` in ``store``."""
-    return sum(
-        int(store._select(store.read_shard(i, ("split",)), split)["split"].numel()) for i in range(len(store.shards))
-    )
+    return sum(len(positions) for positions in store.split_rows(split))
 
 
 def input_statistics(store: ActivationStore, limit: int = NORMALISATION_SAMPLES) -> tuple[torch.Tensor, float]:
     """(mean, scale) over the first ``limit`` training samples: scale^2 = mean squared distance to the mean / C."""
     seen, total, squares = 0, None, None
-    for batch in store.batches(4096, "train", shuffle=False):
-        batch = batch[: limit - seen].double()
-        total = batch.sum(0) if total is None else total + batch.sum(0)
-        squares = batch.pow(2).sum() if squares is None else squares + batch.pow(2).sum()
-        seen += len(batch)
-        if seen >= limit:
-            break
+    with contextlib.closing(store.batches(4096, "train", shuffle=False)) as batches:
+        for batch in batches:
+            batch = batch[: limit - seen].double()
+            total = batch.sum(0) if total is None else total + batch.sum(0)
+            squares = batch.pow(2).sum() if squares is None else squares + batch.pow(2).sum()
+            seen += len(batch)
+            if seen >= limit:
+                break
     if not seen:
         raise ConvlensError(f"{store.path} has no training samples")
     mean = total / seen
     spread = float((squares / seen - mean.pow(2).sum()) / store.dim)
     return mean.float(), math.sqrt(spread) if spread > 0 else 1.0
+
+
+def training_split_in_memory(
+    store: ActivationStore, device: torch.device, choice: str, samples: int
+) -> ResidentSplit | None:
+    """The training split held in ``device``'s memory when ``choice`` (store_in_memory) says so, else None."""
+    if choice == "no":
+        return None
+    needed = samples * store.vector_bytes()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    free = free_memory(device) // max(local_ranks, 1)
+    if choice == "auto" and needed > MEMORY_SHARE * free:
+        return None
+    if needed > free:
+        raise ConvlensError(
+            f"store_in_memory is 'yes', but the training split of {store.path} takes {_size(needed)} and {device} "
+            f"has {_size(free)} free; use 'auto' or 'no' to read it from the store while training"
+        )
+    return store.load_into_memory("train", device)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def first_batches(
+    store: ActivationStore, split: str | None, max_samples: int, device: torch.device, batch_size: int = 4096
+) -> list[torch.Tensor]:
+    """The batches :func:`evaluate` reads (the first ``max_samples`` samples of ``split``, unshuffled), on
+    ``device``: a trainer keeps them to evaluate on at every metric row without reading the store again."""
+    kept, seen = [], 0
+    with contextlib.closing(store.batches(batch_size, split, shuffle=False, device=device)) as batches:
+        for batch in batches:
+            kept.append(batch[: max_samples - seen].to(device).float())
+            seen += len(kept[-1])
+            if seen >= max_samples:
+                break
+    return kept
 
 
 @torch.no_grad()
@@ -108,29 +171,45 @@ def evaluate(
     batch_size: int = 4096,
 ) -> dict[str, float]:
     """Reconstruction and sparsity of ``sae`` on the first ``max_samples`` samples of ``split``, in raw units."""
+    with contextlib.closing(store.batches(batch_size, split, shuffle=False, device=device)) as batches:
+        return evaluate_batches(sae, batches, max_samples, device)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    sae: SparseAutoencoder, batches: Iterable[torch.Tensor], max_samples: int, device: torch.device
+) -> dict[str, float]:
+    """:func:`evaluate` on the first ``max_samples`` samples of ``batches``; the sums stay on the device until the
+    end."""
     was_training = sae.training
     sae.eval()
-    n, error, l0, inputs_nonzero = 0, 0.0, 0.0, 0.0
-    total = squares = fired = None
-    for batch in store.batches(batch_size, split, shuffle=False):
+    n = 0
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
         x = batch[: max_samples - n].to(device).float()
         output = sae(x)
-        active = output.latents != 0
-        error += float((output.reconstruction - x).double().pow(2).sum())
-        l0 += float(active.sum())
-        inputs_nonzero += float((x != 0).sum())
-        fired = active.sum(0) if fired is None else fired + active.sum(0)
-        total = x.double().sum(0) if total is None else total + x.double().sum(0)
-        squares = x.double().pow(2).sum(0) if squares is None else squares + x.double().pow(2).sum(0)
+        active, rows_active = output.latent_activity()
+        _accumulate(
+            sums,
+            {
+                "error": (output.reconstruction - x).double().pow(2).sum(),
+                "l0": active,
+                "inputs_nonzero": (x != 0).sum(),
+                "fired": rows_active,
+                "total": x.double().sum(0),
+                "squares": x.double().pow(2).sum(0),
+            },
+        )
         n += len(x)
         if n >= max_samples:
             break
     sae.train(was_training)
     if not n:
         return {}
-    variance = float((squares - total.pow(2) / n).sum())
+    error, l0, inputs_nonzero = (float(sums[key]) for key in ("error", "l0", "inputs_nonzero"))
+    variance = float((sums["squares"] - sums["total"].pow(2) / n).sum())
     mean_l0 = l0 / n
-    share = fired.double() / n
+    share = sums["fired"].double() / n
     return {
         "samples": n,
         "mse": error / (n * sae.input_dim),
@@ -140,6 +219,11 @@ def evaluate(
         "dense_fraction": float((share > DENSE_ABOVE).double().mean()),
         "compression": (inputs_nonzero / n) / mean_l0 if mean_l0 > 0 else math.nan,
     }
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    for key, value in values.items():
+        sums[key] = value if key not in sums else sums[key] + value
 
 
 def _store_record(store: ActivationStore, split: str | None) -> dict[str, Any]:
@@ -157,6 +241,18 @@ def _store_record(store: ActivationStore, split: str | None) -> dict[str, Any]:
     }
 
 
+def _changed_settings(previous: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The keys of ``config`` whose settings differ from the saved run's (ignoring :data:`RESULT_NEUTRAL`)."""
+
+    def comparable(key: str, settings: dict[str, Any]) -> str:
+        value = json.loads(json.dumps(settings.get(key)))
+        if key == "training" and isinstance(value, dict):
+            value = {name: setting for name, setting in value.items() if name not in RESULT_NEUTRAL}
+        return json.dumps(value, sort_keys=True)
+
+    return sorted(key for key in config if comparable(key, previous) != comparable(key, config))
+
+
 def _manifest_digest(store: ActivationStore) -> str:
     import hashlib
 
@@ -170,17 +266,18 @@ def training_step(
     global_rows: int,
     world: int = 1,
     unit_norm_decoder: bool = False,
-) -> dict[str, float]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """One optimiser step on this rank's ``local`` rows of a global batch of ``global_rows`` (gradients summed over
-    the ranks); returns the step's sums for the metric tally. A non-finite loss raises FloatingPointError."""
+    the ranks). Returns the loss summed over every rank's rows, and this rank's sums for the metric tally, as
+    tensors on the device: nothing here waits for the device, so the caller checks the loss for NaN or inf when it
+    reads the sums (:class:`LossWatch`; the steps after a non-finite loss compute on garbage that is never saved)."""
     sae.train()
     optimizer.zero_grad(set_to_none=True)
     output = sae(local)
     loss = output.loss
     (loss * (len(local) / global_rows)).backward()
-    loss_sum = all_reduce_sum(torch.tensor([float(loss.detach()) * len(local)], dtype=torch.float64), world)
-    if not math.isfinite(float(loss_sum)):
-        raise FloatingPointError(f"{float(loss_sum):g}")
+    rows = len(local)
+    loss_sum = all_reduce_sum(loss.detach().double().reshape(1) * rows, world)
     if world > 1:
         for parameter in sae.parameters():
             if parameter.grad is not None:
@@ -190,16 +287,65 @@ def training_step(
     if unit_norm_decoder:
         sae.normalize_decoder_()
     with torch.no_grad():
-        active = output.latents.detach() != 0
-        fired = all_reduce_sum(active.any(0).to(torch.int32), world) > 0
+        active, rows_active = output.latent_activity()
+        fired = all_reduce_sum((rows_active > 0).to(torch.int32), world) > 0
         sae.record_activity(fired, global_rows)
-        return {
-            "samples": float(len(local)),
-            "loss": float(loss.detach()) * len(local),
-            **{name: float(term.detach()) * len(local) for name, term in output.losses.items()},
-            "squared_error": float((output.reconstruction - local).double().pow(2).sum()),
-            "l0": float(active.sum()),
+        return loss_sum[0], {
+            "samples": float(rows),
+            "loss": loss.detach().double() * rows,
+            **{name: term.detach().double() * rows for name, term in output.losses.items()},
+            "squared_error": (output.reconstruction - local).double().pow_(2).sum(),
+            "l0": active.double(),
         }
+
+
+class MetricTally:
+    """The sums of the metric row in progress, kept on the device (float64) so that no step waits to add them."""
+
+    def __init__(self, device: torch.device, sums: dict[str, float] | None = None):
+        self.device = device
+        self.sums = {
+            key: torch.tensor(value, dtype=torch.float64, device=device) for key, value in (sums or {}).items()
+        }
+
+    def add(self, sums: dict[str, torch.Tensor | float]) -> None:
+        for key, value in sums.items():
+            if key not in self.sums:
+                self.sums[key] = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.sums[key].add_(value)
+
+    def read(self, world: int) -> dict[str, float]:
+        """The sums over every rank, on the host (one transfer)."""
+        if not self.sums:
+            return {}
+        summed = all_reduce_sum(torch.stack(list(self.sums.values())), world)
+        return dict(zip(self.sums, summed.tolist()))
+
+
+class LossWatch:
+    """The first step whose loss was NaN or inf, tracked on the device; :meth:`check` reads it (and raises)."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def observe(self, step: int, loss_sum: torch.Tensor) -> None:
+        first = torch.isfinite(loss_sum).logical_not_().logical_and_(self.step == 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss_sum, self.loss)
+
+    def first_bad_step(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss, or None when every loss so far was finite."""
+        step = int(self.step)
+        return (step, float(self.loss)) if step else None
+
+    def check(self, out: Path) -> None:
+        bad = self.first_bad_step()
+        if bad is not None:
+            raise ConvlensError(
+                f"the SAE loss became {bad[1]:g} at step {bad[0]}; the last checkpoint in {out} is kept (try a "
+                "lower --lr or --normalize-input)"
+            )
 
 
 def build_sae(name: str, values: dict[str, Any], input_dim: int, seed: int) -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -240,6 +386,74 @@ def train_sae(
     rank, world = distributed_rank()
     out = Path(out)
     device = torch.device(device or "cpu")
+    _check_dimensions(sae, store, val_store)
+    validation = val_store or store
+    config = {
+        "sae": sae_record,
+        "training": params.to_dict(),
+        "store": _store_record(store, "train"),
+        "validation": _store_record(validation, "val"),
+    }
+    _check_run_folder(out, config, resume)
+    train_samples = split_count(store, "train")
+    if not train_samples:
+        raise ConvlensError(f"{store.path} has no training samples")
+    sae.to(device)
+    run = TrainingRun(sae, adam(sae.parameters(), params.lr), params, out, device, rank, world, train_samples)
+    if resume:
+        run.resume()
+    else:
+        _start(run, store, config)
+    barrier(world)
+    resident = training_split_in_memory(store, device, params.store_in_memory, train_samples)
+    if rank == 0:
+        run.val_batches = first_batches(validation, "val", params.val_samples, device)
+    started = time.perf_counter()
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        desc=f"train {sae_record['name']}",
+        unit="step",
+        leave=False,
+        disable=(rank != 0) or (None if progress is None else not progress),
+    )
+    with run.checkpoints_kept():
+        epoch, skip = divmod(run.step, run.steps_per_epoch)
+        while run.step < run.total_steps:
+            batches = store.batches(
+                params.batch_size,
+                "train",
+                seed=params.seed,
+                epoch=epoch,
+                window=params.window,
+                device=device,
+                resident=resident,
+            )
+            with contextlib.closing(batches):
+                run.epoch(itertools.islice(batches, skip, None), bar, on_step)
+            epoch, skip = epoch + 1, 0
+    bar.close()
+    summary = {
+        "out": str(out),
+        "sae": sae_record["name"],
+        "input_dim": sae.input_dim,
+        "latent_dim": sae.latent_dim,
+        "sparsity": sae.sparsity,
+        "steps": run.step,
+        "epochs": round(run.step / run.steps_per_epoch, 3),
+        "train_samples": train_samples,
+        "world_size": world,
+        "store_in_memory": resident is not None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "final": run.rows[-1] if run.rows else {},
+    }
+    if rank == 0:
+        _finish(run, store, config, summary)
+    barrier(world)
+    return summary
+
+
+def _check_dimensions(sae: SparseAutoencoder, store: ActivationStore, val_store: ActivationStore | None) -> None:
     if sae.input_dim != store.dim:
         raise ConvlensError(
             f"the SAE takes {sae.input_dim}-dimensional inputs, but {store.path} holds {store.dim}-channel activations"
@@ -249,165 +463,232 @@ def train_sae(
             f"validation store {val_store.path} holds {val_store.dim}-channel activations, the "
             f"training store {store.dim}"
         )
-    validation = val_store or store
-    config = {
-        "sae": sae_record,
-        "training": params.to_dict(),
-        "store": _store_record(store, "train"),
-        "validation": _store_record(validation, "val"),
-    }
-    state_path = out / "checkpoints" / "train-state.safetensors"
-    saved_config = out / "config.json"
+
+
+def _check_run_folder(out: Path, config: dict[str, Any], resume: bool) -> None:
     if resume:
-        if not state_path.is_file():
-            raise ConvlensError(f"nothing to resume in {out}: no {state_path.relative_to(out)}")
-        previous = json.loads(saved_config.read_text())
-        changed = sorted(
-            k
-            for k in config
-            if json.dumps(previous.get(k), sort_keys=True)
-            != json.dumps(json.loads(json.dumps(config[k])), sort_keys=True)
-        )
+        if not (out / STATE_FILE).is_file():
+            raise ConvlensError(f"nothing to resume in {out}: no {STATE_FILE}")
+        changed = _changed_settings(json.loads((out / "config.json").read_text()), config)
         if changed:
             raise ConvlensError(f"--resume with other settings than the run in {out} ({', '.join(changed)} differ)")
-    elif saved_config.is_file():
+    elif (out / "config.json").is_file():
         raise ConvlensError(f"{out} already holds an SAE run; continue it with --resume or choose another --out")
 
-    train_samples = split_count(store, "train")
-    if not train_samples:
-        raise ConvlensError(f"{store.path} has no training samples")
-    steps_per_epoch = math.ceil(train_samples / params.batch_size)
-    total_steps = params.steps or params.epochs * steps_per_epoch
-    sae.to(device)
-    optimizer = adam(sae.parameters(), params.lr)
-    step, rows = 0, []
-    tally: dict[str, float] = {}
-    if resume:
+
+def _start(run: TrainingRun, store: ActivationStore, config: dict[str, Any]) -> None:
+    """A new run: the input normalisation, the decoder's norm, and config.json."""
+    if run.params.normalize_input:
+        mean, scale = input_statistics(store)
+        run.sae.set_normalisation(mean.to(run.device), scale)
+    if run.params.unit_norm_decoder:
+        run.sae.normalize_decoder_()
+    if run.rank == 0:
+        (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run.out / "config.json",
+            {**config, "world_size": run.world, "versions": versions(), "device": str(run.device)},
+        )
+
+
+def _finish(run: TrainingRun, store: ActivationStore, config: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The trained SAE, its curves and the summary."""
+    save_sae(
+        run.sae,
+        run.out / "sae.safetensors",
+        name=config["sae"]["name"],
+        params=config["sae"]["params"],
+        extra={
+            "model": store.manifest.get("model"),
+            "layer": store.manifest.get("layer"),
+            "store": config["store"],
+            "training": run.params.to_dict(),
+            "steps": run.step,
+            "metrics": summary["final"].get("val", {}),
+        },
+    )
+    _write_curves(run.out, run.rows)
+    write_json_atomic(run.out / "summary.json", summary)
+
+
+class TrainingRun:
+    """A run between its steps: the step count, the metric rows, the sums of the row in progress, the first
+    non-finite loss, and the checkpoints. Reading the device's results waits for it, so they are read only when a
+    metric row or a checkpoint is written."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        optimizer: torch.optim.Optimizer,
+        params: SAETrainingParams,
+        out: Path,
+        device: torch.device,
+        rank: int,
+        world: int,
+        train_samples: int,
+    ):
+        self.sae, self.optimizer, self.params, self.out, self.device = sae, optimizer, params, out, device
+        self.rank, self.world = rank, world
+        self.steps_per_epoch = math.ceil(train_samples / params.batch_size)
+        self.total_steps = params.steps or params.epochs * self.steps_per_epoch
+        self.step, self.rows = 0, []
+        self.tally, self.watch = MetricTally(device), LossWatch(device)
+        self.writer = CheckpointWriter(out / STATE_FILE)
+        self.val_batches: list[torch.Tensor] = []
+
+    def resume(self) -> None:
+        """Weights, optimiser, step, the sums of the row in progress and the rows written, from the checkpoint."""
         weights: dict[str, torch.Tensor] = {}
-        optimizer_state, metadata = load_optimizer_state(state_path, weights)
-        sae.load_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-        step = int(metadata["step"])
-        tally = metadata.get("tally", {}) if rank == 0 else dict.fromkeys(metadata.get("tally", {}), 0.0)
-        metrics_file = out / "metrics.jsonl"
+        optimizer_state, metadata = load_optimizer_state(self.out / STATE_FILE, weights)
+        self.sae.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = int(metadata["step"])
+        saved = metadata.get("tally", {})  # summed over the ranks: rank 0 carries it
+        self.tally = MetricTally(self.device, saved if self.rank == 0 else dict.fromkeys(saved, 0.0))
+        metrics_file = self.out / "metrics.jsonl"
         if metrics_file.is_file():
-            rows = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if row["step"] <= step]
-    else:
-        if params.normalize_input:
-            mean, scale = input_statistics(store)
-            sae.set_normalisation(mean.to(device), scale)
-        if params.unit_norm_decoder:
-            sae.normalize_decoder_()
-        if rank == 0:
-            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                saved_config, {**config, "world_size": world, "versions": versions(), "device": str(device)}
+            rows = map(json.loads, metrics_file.read_text().splitlines())
+            self.rows = [row for row in rows if row["step"] <= self.step]
+
+    def epoch(self, batches: Iterable[torch.Tensor], bar: Any, on_step: Callable[[int], None] | None) -> None:
+        """Steps on ``batches`` until they or the run end; a checkpoint at the epoch's end."""
+        for batch in batches:
+            if self.step >= self.total_steps:
+                return
+            x = batch.to(self.device).float()
+            loss_sum, sums = training_step(
+                self.sae, self.optimizer, x[self.rank :: self.world], len(x), self.world, self.params.unit_norm_decoder
             )
-    barrier(world)
+            self.step += 1
+            self.tally.add(sums)
+            self.watch.observe(self.step, loss_sum)
+            bar.update(1)
+            last = self.step == self.total_steps
+            if self.step % self.params.log_every == 0 or last:
+                self.write_row(bar)
+            if self.step % self.params.checkpoint_every == 0 or last:
+                self.save_state()
+            if on_step is not None:
+                on_step(self.step)
+        if self.step % self.params.checkpoint_every:
+            self.save_state(unless_writing=True)
 
-    def save_state() -> None:
-        # the metric sums since the last row go into the checkpoint, so a resumed run writes the same rows
-        summed = all_reduce_sum(torch.tensor(list(tally.values()), dtype=torch.float64), world).tolist()
-        if rank == 0:
-            state = {"step": step, "tally": dict(zip(tally, summed))}
-            save_optimizer_state(state_path, optimizer, state, extra=sae.state_dict())
-
-    def metric_row(tally: dict[str, float]) -> dict[str, Any]:
-        values = all_reduce_sum(torch.tensor(list(tally.values()), dtype=torch.float64), world)
-        summed = dict(zip(tally, values.tolist()))
+    def write_row(self, bar: Any) -> None:
+        self.watch.check(self.out)
+        summed = self.tally.read(self.world)
+        self.tally = MetricTally(self.device)
         count = max(summed.pop("samples"), 1.0)
         train = {key: value / count for key, value in summed.items()}
-        train["mse"] = train.pop("squared_error") / sae.input_dim
+        train["mse"] = train.pop("squared_error") / self.sae.input_dim
         row = {
-            "step": step,
-            "epoch": round(step / steps_per_epoch, 4),
-            "samples": step * params.batch_size,
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "samples": self.step * self.params.batch_size,
             "train": train,
         }
-        if rank == 0:
-            row["val"] = evaluate(sae, validation, "val", params.val_samples, device)
-        return row
+        if self.rank == 0:
+            row["val"] = evaluate_batches(self.sae, self.val_batches, self.params.val_samples, self.device)
+        self.rows.append(row)
+        if self.rank == 0:
+            write_lines_atomic(self.out / "metrics.jsonl", self.rows)
+            bar.set_postfix(loss=f"{train['loss']:.4g}", l0=f"{train['l0']:.1f}")
 
-    started = time.perf_counter()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"train {sae_record['name']}",
-        unit="step",
-        leave=False,
-        disable=(rank != 0) or (None if progress is None else not progress),
-    )
-    epoch, skip = divmod(step, steps_per_epoch)
-    while step < total_steps:
-        for position, batch in enumerate(
-            store.batches(params.batch_size, "train", seed=params.seed, epoch=epoch, window=params.window)
-        ):
-            if position < skip:
-                continue
-            if step >= total_steps:
-                break
-            x = batch.to(device).float()
-            local = x[rank::world]
-            try:
-                rows_local = training_step(sae, optimizer, local, len(x), world, params.unit_norm_decoder)
-            except FloatingPointError as exc:
-                raise ConvlensError(
-                    f"the SAE loss became {exc} at step {step + 1}; the last checkpoint in {out} is "
-                    "kept (try a lower --lr or --normalize-input)"
-                ) from None
-            for key, value in rows_local.items():
-                tally[key] = tally.get(key, 0.0) + value
-            step += 1
-            bar.update(1)
-            if step % params.log_every == 0 or step == total_steps:
-                rows.append(metric_row(tally))
-                tally = {}
-                if rank == 0:
-                    write_lines_atomic(out / "metrics.jsonl", rows)
-                    bar.set_postfix(loss=f"{rows[-1]['train']['loss']:.4g}", l0=f"{rows[-1]['train']['l0']:.1f}")
-            if step % params.checkpoint_every == 0 or step == total_steps:
-                save_state()
-            if on_step is not None:
-                on_step(step)
-        else:
-            if step % params.checkpoint_every:
-                save_state()
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    seconds = time.perf_counter() - started
-    final = rows[-1] if rows else {}
-    summary = {
-        "out": str(out),
-        "sae": sae_record["name"],
-        "input_dim": sae.input_dim,
-        "latent_dim": sae.latent_dim,
-        "sparsity": sae.sparsity,
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 3),
-        "train_samples": train_samples,
-        "world_size": world,
-        "seconds": round(seconds, 3),
-        "final": final,
-    }
-    if rank == 0:
-        save_sae(
-            sae,
-            out / "sae.safetensors",
-            name=sae_record["name"],
-            params=sae_record["params"],
-            extra={
-                "model": store.manifest.get("model"),
-                "layer": store.manifest.get("layer"),
-                "store": config["store"],
-                "training": params.to_dict(),
-                "steps": step,
-                "metrics": final.get("val", {}),
-            },
+    def save_state(self, unless_writing: bool = False) -> None:
+        """A checkpoint, written in the background; with ``unless_writing`` none while one is still being
+        written. The sums of the row in progress go into it, so a resumed run writes the same rows."""
+        self.watch.check(self.out)
+        summed = self.tally.read(self.world)
+        if self.rank == 0 and not (unless_writing and self.writer.busy):
+            self.writer.save(self.optimizer, self.sae, {"step": self.step, "tally": summed})
+
+    @contextlib.contextmanager
+    def checkpoints_kept(self) -> Iterator[None]:
+        """Waits for the checkpoint being written on the way out (an error in flight stays the one raised)."""
+        try:
+            yield
+        except BaseException:
+            self.writer.wait(raise_error=False)
+            raise
+        self.writer.wait()
+
+
+class CheckpointWriter:
+    """Writes the training checkpoint in a background thread while training goes on, one write at a time. The
+    state is copied at once (on cuda into pinned memory, without waiting for the device)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def save(self, optimizer: torch.optim.Optimizer, sae: SparseAutoencoder, metadata: dict[str, Any]) -> None:
+        self.wait()
+        state = optimizer.state_dict()
+        snapshot = {
+            "state": {key: _host_copies(values) for key, values in state["state"].items()},
+            "param_groups": copy.deepcopy(state["param_groups"]),
+        }
+        weights = _host_copies(sae.state_dict())
+        copied = torch.cuda.Event() if self._on_cuda(sae) else None
+        if copied is not None:
+            copied.record()
+        self._thread = threading.Thread(
+            target=self._write, args=(snapshot, weights, metadata, copied), name="convlens-checkpoint"
         )
-        _write_curves(out, rows)
-        write_json_atomic(out / "summary.json", summary)
-    barrier(world)
-    return summary
+        self._thread.start()
+
+    @staticmethod
+    def _on_cuda(sae: SparseAutoencoder) -> bool:
+        return any(tensor.is_cuda for tensor in sae.state_dict().values())
+
+    def _write(
+        self,
+        snapshot: dict[str, Any],
+        weights: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        copied: torch.cuda.Event | None,
+    ) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            save_optimizer_state(self.path, _SavedOptimizer(snapshot), metadata, extra=weights)
+        except BaseException as exc:  # noqa: BLE001 - raised in the training thread by wait()
+            self._error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the checkpoint being written is on disk; its write error, if any, is raised here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+
+class _SavedOptimizer:
+    """An optimiser state copied at one step, for :func:`save_optimizer_state`."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def _host_copies(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every tensor copied to host memory (pinned, without waiting, from cuda)."""
+    return {key: _host_copy(value) if isinstance(value, torch.Tensor) else value for key, value in values.items()}
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_cuda:
+        return tensor.detach().clone()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return pinned.copy_(tensor.detach(), non_blocking=True)
 
 
 def _write_curves(out: Path, rows: list[dict[str, Any]]) -> None:

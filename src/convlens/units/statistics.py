@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from convlens.core.errors import ConvlensError
-from convlens.data.images import ImageDataset, ImageIndex, Preprocessing, SkipLog, image_batches
-from convlens.models.layers import activations_at, resolve_layer
+from convlens.data.images import ImageIndex, Preprocessing, SkipLog
+from convlens.data.loading import ImageDataset, decode_on_device, image_batches
+from convlens.models.layers import activations_at, full_precision, resolve_layer
+from convlens.runtime.precision import autocast, channels_last, check_compute_dtype
 from convlens.runtime.rank_statistics import average_ranks
 from convlens.runtime.run_records import write_json_atomic
 from convlens.runtime.seeding import torch_generator
@@ -240,10 +242,14 @@ def unit_statistics(
     device=None,
     progress: bool | None = None,
     selective_auroc: float = 0.9,
+    dtype: str = "float32",
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Statistics of ``layer``'s channels and of each SAE's latents over the images of ``index`` (a seeded random
     subset of ``max_images`` of them, in index order); writes ``statistics.json`` and ``maxima.safetensors`` into
-    ``out_dir`` and returns the JSON record. ``device``: where the model runs (default: where it is)."""
+    ``out_dir`` and returns the JSON record. ``device``: where the model runs (default: where it is; on a GPU the
+    model is left in channels-last memory format); ``dtype``: its compute precision (autocast; the statistics are
+    computed from float32 activations either way); ``workers``: image-decoding processes."""
     from tqdm.auto import tqdm
 
     from convlens.runtime.device import resolve_device
@@ -273,10 +279,11 @@ def unit_statistics(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     training = {name: part.training for name, part in [(CNN_GROUP, module), *saes.items()]}
-    module.to(device).eval()
+    check_compute_dtype(dtype, device)
+    channels_last(module.to(device).eval(), device)
     for sae in saes.values():
         sae.to(device).eval()
-    dataset = ImageDataset(index, Preprocessing.of(model).eval_transform)
+    dataset = ImageDataset(index, Preprocessing.of(model), jpeg_bytes=decode_on_device("auto", device))
     skip_log = SkipLog(index.root)
     accumulators: dict[str, _Accumulator] = {}
     positions: list[torch.Tensor] = []
@@ -290,8 +297,12 @@ def unit_statistics(
     )
     try:
         with torch.no_grad():
-            for batch in image_batches(dataset, batch_size=batch_size, skip_log=skip_log, order=chosen):
-                activations = activations_at(module, batch.images.to(device), layer).activations[layer]
+            for batch in image_batches(
+                dataset, batch_size=batch_size, skip_log=skip_log, order=chosen, workers=workers, device=device
+            ):
+                with autocast(device, dtype):
+                    activations = activations_at(module, batch.images.to(device), layer).activations[layer]
+                activations = full_precision(activations)
                 if activations.ndim == 2:
                     activations = activations[:, :, None, None]
                 if activations.ndim != 4:
@@ -312,7 +323,8 @@ def unit_statistics(
                         accumulators[label] = _Accumulator(sae.latent_dim, len(chosen), device)
                 accumulators[CNN_GROUP].add(activations, seen)
                 for label, sae in saes.items():
-                    latents = sae.encode(activations.to(sae.input_mean.dtype))
+                    with autocast(device, dtype):
+                        latents = full_precision(sae.encode(activations.to(sae.input_mean.dtype)))
                     _check_finite(latents, layer, label)
                     accumulators[label].add(latents, seen)
                 positions.append(batch.positions)
@@ -348,6 +360,7 @@ def unit_statistics(
         "images": seen,
         "positions_per_image": per_image,
         "seed": seed,
+        "dtype": dtype,
         "selective_auroc": selective_auroc,
         "concepts": vocabulary,
         "concept_counts": None

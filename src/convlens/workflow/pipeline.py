@@ -59,12 +59,16 @@ class PipelineRun:
         run_dir: str | Path,
         *,
         device: str | None = None,
+        dtype: str | None = None,
+        workers: int = 0,
         progress: bool | None = None,
         echo: Callable[[str], None] = print,
     ):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.device_name = device or recipe.device
+        self.dtype = dtype or recipe.dtype
+        self.workers = workers  # a property of the machine, not of the recipe: no step's digest depends on it
         self.progress = progress
         self.echo = echo
         self._bundle: Any = None
@@ -104,12 +108,13 @@ class PipelineRun:
         """The model as the later steps use it (the fine-tuned weights when the recipe trains), built once."""
         if self._bundle is None:
             from convlens.models.loading import load_model
+            from convlens.runtime.precision import channels_last
 
             params = {} if self.recipe.training is not None else self.recipe.model_params
             # a model this run trained comes from the recipe's own [model], which was checked before training
             trained_here = self.recipe.training is not None
             bundle, record = load_model(self.model_argument(), params, trust_code=trained_here)
-            bundle.module.to(self.device).eval()
+            channels_last(bundle.module.to(self.device).eval(), self.device)
             self._bundle = (bundle, record)
         return self._bundle
 
@@ -170,7 +175,7 @@ class PipelineRun:
                 Step(
                     f"extract:{component.label}",
                     [f"activations/{slug(component.label)}"],
-                    {**base, "filter": component.to_dict(), "extract": recipe.extract.to_dict()},
+                    {**base, "filter": component.to_dict(), "extract": recipe.extract.to_dict(), **self._precision()},
                     model_steps,
                     lambda c=component: self._extract(c),
                     resumable=True,
@@ -226,7 +231,7 @@ class PipelineRun:
             Step(
                 "statistics",
                 ["statistics"],
-                {**base, "statistics": recipe.statistics.to_dict()},
+                {**base, "statistics": recipe.statistics.to_dict(), **self._precision()},
                 model_steps + sae_steps,
                 self._statistics,
             )
@@ -248,6 +253,7 @@ class PipelineRun:
                             "visualizer": visualizer.to_dict(),
                             "count": count,
                             "examples": recipe.visualize.examples,
+                            **self._precision(),
                         },
                         ["statistics", *previous],
                         lambda g=group, v=visualizer, e=entry, c=count: self._visualize(g, v, e, c),
@@ -255,6 +261,10 @@ class PipelineRun:
                 )
                 previous.append(name)
         return steps
+
+    def _precision(self) -> dict[str, str]:
+        """The compute precision among a step's inputs; float32 is left out, so earlier runs keep their digests."""
+        return {} if self.dtype == "float32" else {"dtype": self.dtype}
 
     def _layout(self) -> dict[str, Any]:
         """What the run folder holds, as ``pipeline.json`` describes it to the report."""
@@ -330,8 +340,11 @@ class PipelineRun:
         ]
 
     def run(self) -> dict[str, Any]:
+        from convlens.runtime.precision import check_compute_dtype
         from convlens.runtime.run_records import versions
 
+        if self.dtype != "float32":  # checked now, not after the steps before the first that uses it
+            check_compute_dtype(self.dtype, self.device)
         started = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / STEP_RECORDS).mkdir(exist_ok=True)
@@ -507,6 +520,7 @@ class PipelineRun:
             images_per_shard=section.images_per_shard,
             batch_size=section.batch_size,
             dtype=section.dtype,
+            compute_dtype=self.dtype,
         )
         index = self.index()
         summary = extract(
@@ -516,6 +530,7 @@ class PipelineRun:
             self.store_dir(component.label),
             settings,
             device=self.device,
+            workers=self.workers,
             progress=self.progress,
             dataset={"root": str(index.root), "fingerprint": index.fingerprint()},
         )
@@ -557,6 +572,7 @@ class PipelineRun:
             settings,
             concepts=self.concepts(),
             device=self.device,
+            workers=self.workers,
             progress=self.progress,
             run_info={
                 "model": record,
@@ -637,6 +653,7 @@ class PipelineRun:
             ablation_images=section.ablation_images,
             seed=self.recipe.seed,
             device=self.device,
+            workers=self.workers,
             progress=self.progress,
         )
         out = self.run_dir / "evaluation" / f"{slug(entry.component.label)}.json"
@@ -672,6 +689,8 @@ class PipelineRun:
             device=self.device,
             progress=self.progress,
             selective_auroc=section.selective_auroc,
+            dtype=self.dtype,
+            workers=self.workers,
         )
         warnings = []
         for group, values in result["groups"].items():
@@ -728,7 +747,7 @@ class PipelineRun:
             record = self._attribute_units(instance, bundle, units, sae, group, out)
         else:
             data = str(self.data_dir) if instance.needs_data else None
-            record = instance.run(VisualTarget(bundle, self.recipe.layer, tuple(units), sae, data), out)
+            record = instance.run(VisualTarget(bundle, self.recipe.layer, tuple(units), sae, data, self.dtype), out)
         record = {**record, "pipeline_units": units}
         write_json_atomic(out / "record.json", record)
         return {}
@@ -753,7 +772,8 @@ class PipelineRun:
         for unit in units:
             folder = f"unit-{unit:04d}"
             images = self.top_images(group, unit, self.recipe.visualize.examples)
-            record = visualizer.run(VisualTarget(bundle, self.recipe.layer, (unit,), sae, images), out / folder)
+            target = VisualTarget(bundle, self.recipe.layer, (unit,), sae, images, self.dtype)
+            record = visualizer.run(target, out / folder)
             figures += [{**figure, "path": f"{folder}/{figure['path']}"} for figure in record.get("figures", [])]
             runs[str(unit)] = folder
             summary = record.get("summary")

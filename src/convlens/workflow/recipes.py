@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from convlens.core.errors import ConvlensError, suggest
 from convlens.core.params import Params, coerce, param
+from convlens.runtime.precision import COMPUTE_DTYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,12 +126,14 @@ class Recipe:
     visualize: VisualizeSection
     visualizers: tuple[Component, ...]
     report: ReportSection
+    dtype: str = "float32"  # compute precision (autocast) of the steps that run the model on images
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
             "seed": self.seed,
             "device": self.device,
+            "dtype": self.dtype,
             "data": {"path": str(self.data_path)} if self.data_path else {"shapes": self.shapes.to_dict()},
             "model": {"name": self.model, "params": self.model_params, "layer": self.layer, "train": self.training},
             "extract": {
@@ -153,6 +156,7 @@ TOP_LEVEL = (
     "title",
     "seed",
     "device",
+    "dtype",
     "data",
     "model",
     "extract",
@@ -288,6 +292,9 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     device = raw.get("device")
     if not isinstance(title, str) or not isinstance(seed, int) or not (device is None or isinstance(device, str)):
         raise RecipeError("title and device must be strings and seed an integer")
+    dtype = raw.get("dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise RecipeError(f"dtype '{dtype}' is not one of {', '.join(COMPUTE_DTYPES)}")
 
     data = _table(raw, "data", "")
     _known(data, ("shapes", "path"), "[data]")
@@ -382,6 +389,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         visualize=visualize,
         visualizers=visualizers,
         report=report,
+        dtype=dtype,
     )
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 
 def gradcam_maps(activations, gradients):
-    """Grad-CAM maps ``[N, H, W]`` in [0, 1] from activations and gradients ``[N, C, H, W]``."""
+    """Grad-CAM maps ``[N, H, W]`` in [0, 1] from activations and gradients ``[N, C, H, W]``, computed in float32
+    whatever precision the model ran in."""
     from convlens import scaled_to_unit
 
-    alpha = gradients.mean(dim=(2, 3), keepdim=True)
-    return scaled_to_unit((alpha * activations).sum(dim=1).clamp_min(0))
+    alpha = gradients.float().mean(dim=(2, 3), keepdim=True)
+    return scaled_to_unit((alpha * activations.float()).sum(dim=1).clamp_min(0))

@@ -18,7 +18,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Optional
 
-from convlens import ConvlensError, ImageVisualizer, Params, VisualizerSpec, VisualTarget, hookimpl, param
+from convlens import (
+    ConvlensError,
+    ImageVisualizer,
+    Params,
+    VisualizerSpec,
+    VisualTarget,
+    autocast,
+    hookimpl,
+    param,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +91,8 @@ class RunningExamples:
 
 
 def unit_maps(model, images: torch.Tensor, layer: str, units: tuple[int, ...], sae: Any) -> torch.Tensor:
-    """``[B, U, h, w]``: the chosen channels of the layer, or the chosen SAE latents' maps."""
+    """``[B, U, h, w]`` in float32 (also under autocast): the chosen channels of the layer, or the chosen SAE
+    latents' maps."""
     from convlens import activations_at
 
     activations = activations_at(model.module, images, layer).activations[layer]
@@ -159,7 +169,9 @@ class DatasetExamplesVisualizer(ImageVisualizer):
             for batch in self.batches(
                 target, positions, batch_size=params.batch_size, skip_log=skip_log, workers=params.workers
             ):
-                maps = unit_maps(target.model, batch.images.to(device), target.layer, units, target.sae).cpu()
+                with autocast(device, target.dtype):
+                    maps = unit_maps(target.model, batch.images.to(device), target.layer, units, target.sae)
+                maps = maps.cpu()
                 if params.position is not None and not all(0 <= p < s for p, s in zip(params.position, maps.shape[2:])):
                     raise ConvlensError(
                         f"position {params.position} is outside the {maps.shape[2]} x {maps.shape[3]} "
@@ -194,6 +206,7 @@ class DatasetExamplesVisualizer(ImageVisualizer):
             "layer": target.layer,
             "unit_kind": kind,
             "params": params.to_dict(),
+            "dtype": target.dtype,
             "images": counts["images"],
             "skipped": counts["skipped"],
             "receptive_field": field.to_dict(),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens import SparseAutoencoder, squared_error, unit_rows
+from convlens import SparseAutoencoder, SparseLatents, squared_error, unit_rows
 
 
 class LatentBags:
@@ -139,9 +139,7 @@ class TopKSAE(SparseAutoencoder):
 
     def encode_vectors(self, x):
         _, _, values, bags = self._sparse_encode(x)
-        return torch.zeros(x.shape[0], self.latent_dim, dtype=values.dtype, device=x.device).scatter_(
-            1, bags.index, values
-        )
+        return SparseLatents(bags.index, values, self.latent_dim)()
 
     def preactivation_vectors(self, x):
         return torch.addmm(self.encoder_bias, x - self.decoder_bias, self.encoder.T)
@@ -152,15 +150,10 @@ class TopKSAE(SparseAutoencoder):
     def encode_decode(self, x):
         centred, pre, values, bags = self._sparse_encode(x)
         reconstruction = SparseDecode.apply(values, self.decoder, bags) + self.decoder_bias
-
-        def latents() -> torch.Tensor:  # built only if someone reads SAEOutput.latents; the loss does not
-            return torch.zeros(x.shape[0], self.latent_dim, dtype=values.dtype, device=x.device).scatter_(
-                1, bags.index, values
-            )
-
         # loss_terms receives (x, reconstruction, latents) only: keep what AuxK needs, tagged with its rows
         self._pending = (x, centred, pre) if self.training and self.aux_k > 0 and self.aux_coefficient > 0 else None
-        return latents, reconstruction
+        # dense only if someone reads SAEOutput.latents (the loss does not; the trainer counts from the pairs)
+        return SparseLatents(bags.index, values, self.latent_dim), reconstruction
 
     def loss_terms(self, x, reconstruction, latents):
         losses = {"reconstruction": squared_error(reconstruction, x)}

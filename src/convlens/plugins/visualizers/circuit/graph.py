@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from convlens import ConvlensError, UnknownComponentError, suggest
+from convlens import ConvlensError, UnknownComponentError, autocast, full_precision, suggest
 
 INPUT_LAYER = "input"
 _WEIGHT_GRADIENT_ELEMENTS = 1 << 24  # per-image weight gradients held at once (64 MiB in float32)
@@ -309,8 +309,8 @@ class ChannelGraph:
             offset = 0
             for segment in sources:
                 if segment.layer not in recorded.node_magnitude:
-                    piece = value[:, offset : offset + segment.count]
-                    recorded.node_magnitude[segment.layer] = (segment, piece.detach().abs().flatten(2).mean(dim=2))
+                    piece = full_precision(value[:, offset : offset + segment.count].detach())
+                    recorded.node_magnitude[segment.layer] = (segment, piece.abs().flatten(2).mean(dim=2))
                 offset += segment.count
         if not any(segment.layer in gates.nodes for segment in sources):
             return value
@@ -573,21 +573,22 @@ class GateDerivatives:
 
 
 def gate_derivatives(
-    graph: ChannelGraph, images: torch.Tensor, objective: Callable[[Any], torch.Tensor], stop: fx.Node | None
+    graph: ChannelGraph,
+    images: torch.Tensor,
+    objective: Callable[[Any], torch.Tensor],
+    stop: fx.Node | None,
+    dtype: str = "float32",
 ) -> GateDerivatives:
     """One forward and one backward pass (weights frozen) giving :class:`GateDerivatives` of ``objective`` (a
-    function of the value at ``stop``, ``None``: the model's output, giving one value per image)."""
+    function of the value at ``stop``, ``None``: the model's output, giving one value per image). The forward runs
+    under autocast to ``dtype``; the objective, the gates and every derivative keep the images' type (float32 or
+    wider)."""
     count = images.shape[0]
-    dtype = images.dtype
+    ones = dict(device=images.device, dtype=images.dtype, requires_grad=True)
     gates = Gates(
-        nodes={
-            layer.name: torch.ones(count, layer.channels, device=images.device, dtype=dtype, requires_grad=True)
-            for layer in graph.layers
-        },
+        nodes={layer.name: torch.ones(count, layer.channels, **ones) for layer in graph.layers},
         edges={
-            layer.name: torch.ones(count, *layer.edge_shape, device=images.device, dtype=dtype, requires_grad=True)
-            for layer in graph.layers
-            if layer.kind == "add"
+            layer.name: torch.ones(count, *layer.edge_shape, **ones) for layer in graph.layers if layer.kind == "add"
         },
     )
     recorded = Recorded()
@@ -596,8 +597,9 @@ def gate_derivatives(
         for parameter in frozen:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            value = graph.run(images, gates, stop, recorded)
-            target = objective(value)
+            with autocast(images.device, dtype):
+                value = graph.run(images, gates, stop, recorded)
+            target = objective(full_precision(value))
             if target.shape != (count,):
                 raise ConvlensError(f"the circuit target gives shape {tuple(target.shape)}, expected ({count},)")
             convs = [name for name in recorded.conv_io]
@@ -614,20 +616,20 @@ def gate_derivatives(
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
-    gradients = [g if g is not None else torch.zeros_like(w) for g, w in zip(gradients, wanted)]
+    gradients = [full_precision(g if g is not None else torch.zeros_like(w)) for g, w in zip(gradients, wanted)]
     node_taylor = {name: gradients[i].detach() for i, name in enumerate(node_names)}
     offset = len(node_names)
     edge_taylor = {name: gradients[offset + i].detach() for i, name in enumerate(add_names)}
     offset += len(add_names)
     edge_activation = {
-        name: torch.stack([s.detach().flatten(2).mean(dim=2) for s in recorded.summands[name]], dim=1)
+        name: torch.stack([full_precision(s.detach()).flatten(2).mean(dim=2) for s in recorded.summands[name]], dim=1)
         for name in add_names
     }
     for i, name in enumerate(convs):
         layer = graph.layer[name]
         conv = graph.graph_module.get_submodule(layer.module)
-        inputs, _ = recorded.conv_io[name]
-        edge_taylor[name], edge_activation[name] = _kernel_derivatives(conv, inputs.detach(), gradients[offset + i])
+        inputs = full_precision(recorded.conv_io[name][0].detach())
+        edge_taylor[name], edge_activation[name] = _kernel_derivatives(conv, inputs, gradients[offset + i])
     node_activation = {}
     for name, (segment, magnitude) in recorded.node_magnitude.items():
         full = images.new_zeros(count, graph.layer[name].channels)

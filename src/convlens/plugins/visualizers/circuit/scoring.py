@@ -185,9 +185,10 @@ def score_components(
     batches: Iterable[torch.Tensor] = (),
     contrast: Iterable[torch.Tensor] | None = None,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> Scores:
     """The ``criterion`` scores of every node and edge, averaged over the images of ``batches`` (minus those over
-    ``contrast``, when given)."""
+    ``contrast``, when given); the model runs under autocast to ``dtype``, the scores are float64."""
     from .graph import INPUT_LAYER
 
     if criterion not in CRITERIA:
@@ -198,9 +199,9 @@ def score_components(
             raise ConvlensError(f"criterion '{criterion}' does not look at images, so it has no contrast")
         scores = _static_scores(graph, criterion, seed)
     else:
-        scores = _image_scores(graph, target, criterion, batches)
+        scores = _image_scores(graph, target, criterion, batches, dtype)
     if contrast is not None:
-        other = _image_scores(graph, target, criterion, contrast)
+        other = _image_scores(graph, target, criterion, contrast, dtype)
         scores = Scores(
             criterion,
             {k: v - other.nodes[k] for k, v in scores.nodes.items()},
@@ -216,7 +217,7 @@ def score_components(
 
 
 def _image_scores(
-    graph: ChannelGraph, target: CircuitTarget, criterion: str, batches: Iterable[torch.Tensor]
+    graph: ChannelGraph, target: CircuitTarget, criterion: str, batches: Iterable[torch.Tensor], dtype: str
 ) -> Scores:
     import torch
 
@@ -227,7 +228,7 @@ def _image_scores(
     edges = {layer.name: torch.zeros(layer.edge_shape, dtype=torch.float64) for layer in graph.edge_layers}
     images = 0
     for batch in batches:
-        derivatives = gate_derivatives(graph, batch, target.objective, stop)
+        derivatives = gate_derivatives(graph, batch, target.objective, stop, dtype)
         node_values = derivatives.node_taylor if criterion == "taylor" else derivatives.node_activation
         edge_values = derivatives.edge_taylor if criterion == "taylor" else derivatives.edge_activation
         for name, values in node_values.items():
@@ -385,12 +386,19 @@ def validate_subgraphs(
     mode: str = "fraction",
     random_draws: int = 3,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> list[dict[str, Any]]:
     """Per sparsity: the correlation of the target's response in the best, random (mean and spread over
-    ``random_draws``) and worst subgraphs with the full model's, on the images of ``batches()``."""
+    ``random_draws``) and worst subgraphs with the full model's, on the images of ``batches()``; the model runs
+    under autocast to ``dtype``."""
     import torch
 
-    from convlens import torch_generator
+    from convlens import autocast, full_precision, torch_generator
+
+    def response(batch: torch.Tensor, gates: Any = None) -> torch.Tensor:
+        with autocast(batch.device, dtype):
+            value = graph.run(batch, gates, stop)
+        return target.response(full_precision(value))
 
     stop = circuit_stop(graph, target)
     plans = []
@@ -412,14 +420,12 @@ def validate_subgraphs(
     images = 0
     with torch.no_grad():
         for batch in batches():
-            full = target.response(graph.run(batch, None, stop))
+            full = response(batch)
             for sparsity, _, kinds in plans:
                 for kind, masks in kinds.items():
                     for draw, kept in enumerate(masks):
                         gates = subgraph_gates(graph, kept, batch.dtype, batch.device)
-                        correlations[(sparsity, kind, draw)].update(
-                            full, target.response(graph.run(batch, gates, stop))
-                        )
+                        correlations[(sparsity, kind, draw)].update(full, response(batch, gates))
             images += batch.shape[0]
     if not images:
         raise ConvlensError("no held-out image could be read to validate the circuit")

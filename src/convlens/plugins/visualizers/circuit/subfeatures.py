@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convlens import ConvlensError
+from convlens import ConvlensError, autocast, full_precision
 
 from .scoring import CircuitTarget, circuit_stop, extract_subgraph, score_components
 
@@ -33,10 +33,15 @@ class TopPatches:
 
 
 def top_patches(
-    graph: ChannelGraph, target: CircuitTarget, batches: Iterable[tuple[list[int], torch.Tensor]], count: int
+    graph: ChannelGraph,
+    target: CircuitTarget,
+    batches: Iterable[tuple[list[int], torch.Tensor]],
+    count: int,
+    dtype: str = "float32",
 ) -> TopPatches:
     """The ``count`` images where the unit responds most, with the position of its maximum and the layer's
-    activation vector there (``batches`` yields dataset positions with their images)."""
+    activation vector there (``batches`` yields dataset positions with their images); the model runs under
+    autocast to ``dtype``, the values are float32 or wider."""
     import torch
 
     if target.kind != "channel":
@@ -47,7 +52,8 @@ def top_patches(
     positions, values, cells, vectors = [], [], [], []
     with torch.no_grad():
         for batch_positions, images in batches:
-            value = graph.run(images, None, stop)
+            with autocast(images.device, dtype):
+                value = full_precision(graph.run(images, None, stop))
             maps = value[:, target.unit].flatten(1)
             best, where = maps.max(dim=1)
             width = value.shape[3]
@@ -101,6 +107,7 @@ def subfeature_subgraphs(
     mode: str,
     shuffles: int,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """A subgraph per cluster, the separability of those subgraphs, and that of ``shuffles`` shuffles of the
     clustered images into groups of the same sizes."""
@@ -112,7 +119,7 @@ def subfeature_subgraphs(
     members = {label: [patches.positions[i] for i, own in enumerate(labels) if own == label] for label in clusters}
 
     def subgraph_of(positions: list[int]) -> torch.Tensor:
-        scores = score_components(graph, target, criterion, batches(positions), seed=seed)
+        scores = score_components(graph, target, criterion, batches(positions), seed=seed, dtype=dtype)
         return extract_subgraph(graph, target, scores, sparsity, mode).kept
 
     record: dict[str, Any] = {

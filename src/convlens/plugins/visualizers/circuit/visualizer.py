@@ -39,7 +39,8 @@ class CircuitVisualizer(ImageVisualizer):
     sub-features), ``view.html`` (click a node: its feature visualisation and top edges), ``subgraph.png``,
     ``validation.png`` (correlation against the share of edges kept, VISCNN Figure 8) and ``subfeatures.png``; and
     ``nodes/<layer>-<channel>.png`` feature visualisations shared by the units, and ``circuit.json`` with every
-    unit's summary and the validation table averaged over the units."""
+    unit's summary and the validation table averaged over the units. The model runs under autocast to
+    ``target.dtype``; scores are accumulated in float64 and written in float32."""
 
     name = "circuit"
 
@@ -86,7 +87,9 @@ class CircuitVisualizer(ImageVisualizer):
             folder = out_dir / circuit.slug
             folder.mkdir(parents=True, exist_ok=True)
             contrast = batches(contrast_positions, params.contrast) if contrast_positions is not None else None
-            scores = score_components(graph, circuit, params.criterion, batches(fit), contrast, seed=params.seed)
+            scores = score_components(
+                graph, circuit, params.criterion, batches(fit), contrast, seed=params.seed, dtype=target.dtype
+            )
             subgraph = extract_subgraph(graph, circuit, scores, params.sparsity, params.mode)
             record = self._record(graph, target, circuit, scores, subgraph)
             if params.validate:
@@ -99,13 +102,14 @@ class CircuitVisualizer(ImageVisualizer):
                     params.mode,
                     params.random_draws,
                     params.seed,
+                    target.dtype,
                 )
                 record["figure8_ordering"] = figure8_ordering_holds(record["validation"])
                 tables.append(record["validation"])
             kept_by_cluster = None
             if params.subfeatures:
                 record["subfeatures"], kept_by_cluster = self._subfeatures(
-                    graph, circuit, positioned(sorted(fit + held)), batches, index, folder
+                    graph, circuit, positioned(sorted(fit + held)), batches, index, folder, target.dtype
                 )
             self._feature_visualisations(target, graph, record, out_dir, node_images)
             for node in record["nodes"]:
@@ -148,6 +152,7 @@ class CircuitVisualizer(ImageVisualizer):
         record = {
             "visualizer": self.name,
             "params": params.to_dict(),
+            "dtype": target.dtype,
             "layer": target.layer,
             "unit_kind": "latent" if target.sae is not None else ("class" if not target.units else "channel"),
             "graph": {
@@ -388,13 +393,13 @@ class CircuitVisualizer(ImageVisualizer):
             )
         write_view(record, folder)
 
-    def _subfeatures(self, graph, circuit, positioned, batches, index, folder):
+    def _subfeatures(self, graph, circuit, positioned, batches, index, folder, dtype):
         from convlens import bar_chart, save_png
 
         from .subfeatures import cluster_patches, subfeature_subgraphs, top_patches
 
         params = self.params
-        patches = top_patches(graph, circuit, positioned, params.patches)
+        patches = top_patches(graph, circuit, positioned, params.patches, dtype)
         labels = cluster_patches(patches.vectors, params.min_cluster_size)
         result = subfeature_subgraphs(
             graph,
@@ -407,6 +412,7 @@ class CircuitVisualizer(ImageVisualizer):
             params.mode,
             params.shuffles,
             params.seed,
+            dtype,
         )
         kept = result.pop("kept", None)
         for member in result["members"]:
@@ -448,9 +454,8 @@ class CircuitVisualizer(ImageVisualizer):
             )
             visualizer.progress = self.progress
             with tempfile.TemporaryDirectory() as scratch:
-                rendered = visualizer.run(
-                    VisualTarget(target.model, view, tuple(n["channel"] for n in nodes)), Path(scratch)
-                )
+                units = tuple(n["channel"] for n in nodes)
+                rendered = visualizer.run(VisualTarget(target.model, view, units, dtype=target.dtype), Path(scratch))
                 for node, entry in zip(nodes, rendered["objectives"]):
                     relative = f"nodes/{node['layer']}-{node['channel']}.png"
                     (out_dir / "nodes").mkdir(parents=True, exist_ok=True)

@@ -59,9 +59,10 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` with reflected borders."""
-    kernel = gaussian_kernel(sigma).to(images)
+def blur(images: torch.Tensor, sigma: float, kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` with reflected borders (``kernel``: ``gaussian_kernel(sigma)``
+    already on the images' device)."""
+    kernel = gaussian_kernel(sigma).to(images) if kernel is None else kernel
     radius, channels = len(kernel) // 2, images.shape[1]
     out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
     out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
@@ -75,6 +76,13 @@ class ImageParameterisation(abc.ABC):
     def __init__(self, values: torch.Tensor, mixing: torch.Tensor | None):
         self.values = values.requires_grad_(True)
         self.mixing = mixing
+        # (sigma, what blurring by sigma takes), made once: a host-to-device copy per step would stall a GPU
+        self._blur: tuple[float, torch.Tensor] | None = None
+
+    def _blur_with(self, sigma: float, make) -> torch.Tensor:
+        if self._blur is None or self._blur[0] != sigma:
+            self._blur = (sigma, make())
+        return self._blur[1]
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.values]
@@ -101,7 +109,8 @@ class PixelImage(ImageParameterisation):
 
     @torch.no_grad()
     def blur_(self, sigma: float) -> None:
-        self.values.copy_(blur(self.values, sigma))
+        kernel = self._blur_with(sigma, lambda: gaussian_kernel(sigma).to(self.values))
+        self.values.copy_(blur(self.values, sigma, kernel))
 
 
 class FourierImage(ImageParameterisation):
@@ -123,7 +132,10 @@ class FourierImage(ImageParameterisation):
     @torch.no_grad()
     def blur_(self, sigma: float) -> None:
         # a Gaussian blur multiplies the spectrum by its transfer function exp(-2 pi^2 sigma^2 f^2)
-        self.values.mul_(torch.exp(-2 * math.pi**2 * sigma**2 * self.frequency.square()).unsqueeze(-1))
+        transfer = self._blur_with(
+            sigma, lambda: torch.exp(-2 * math.pi**2 * sigma**2 * self.frequency.square()).unsqueeze(-1)
+        )
+        self.values.mul_(transfer)
 
 
 def spectrum_frequencies(height: int, width: int) -> torch.Tensor:
@@ -155,7 +167,9 @@ def create_images(
 class RandomTransforms:
     """Per image and step, a random scale, rotation, translation, jitter and horizontal flip, applied to the whole
     batch as one affine resampling (borders reflected). The random numbers of every step are drawn up front from
-    each image's generator."""
+    each image's generator, and turned into the affine matrices of every step at once, per image (so an image's
+    matrices do not depend on the batch it is in) and once per device (no work or copy per step but the
+    resampling)."""
 
     def __init__(
         self,
@@ -170,25 +184,34 @@ class RandomTransforms:
         self.settings = (tuple(scale), rotation, translation, flip, jitter)
         self.enabled = scale != (1.0, 1.0) or rotation > 0 or translation > 0 or flip > 0 or jitter > 0
         self.draws = torch.stack([torch.rand(steps, 7, generator=g) for g in generators]) if self.enabled else None
+        self._thetas: dict[tuple[torch.device, torch.dtype, int, int], torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
         if not self.enabled:
             return images
+        key = (images.device, images.dtype, *images.shape[-2:])
+        if key not in self._thetas:
+            self._thetas[key] = self.thetas(*images.shape[-2:]).to(images.device, images.dtype)
+        grid = F.affine_grid(self._thetas[key][step], list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def thetas(self, height: int, width: int) -> torch.Tensor:
+        """The affine matrices ``[steps, B, 2, 3]`` of every step for images of ``height`` x ``width``."""
+        return torch.stack([self._image_thetas(draws, height, width) for draws in self.draws], dim=1)
+
+    def _image_thetas(self, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """One image's matrices ``[steps, 2, 3]`` from its draws ``[steps, 7]``."""
         (low, high), rotation, translation, flip, jitter = self.settings
-        height, width = images.shape[-2:]
-        u = self.draws[:, step].to(images.device, images.dtype)
         scale = low + (high - low) * u[:, 0]
         angle = torch.deg2rad((2 * u[:, 1] - 1) * rotation)
-        mirror = torch.where(u[:, 2] < flip, -1.0, 1.0).to(images.dtype)
+        mirror = torch.where(u[:, 2] < flip, -1.0, 1.0).to(u.dtype)
         # shifts in normalised coordinates (the image spans [-1, 1]): a fraction of the size plus whole pixels
         shift_x = (2 * u[:, 3] - 1) * 2 * translation + torch.round((2 * u[:, 5] - 1) * jitter) * 2 / width
         shift_y = (2 * u[:, 4] - 1) * 2 * translation + torch.round((2 * u[:, 6] - 1) * jitter) * 2 / height
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack(
+        return torch.stack(
             [torch.stack([cos * mirror, -sin, shift_x], dim=1), torch.stack([sin * mirror, cos, shift_y], dim=1)], dim=1
         )
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
