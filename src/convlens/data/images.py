@@ -11,6 +11,7 @@ File names may hold any bytes: fingerprints hash the bytes, and messages and rec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -330,20 +331,19 @@ class Preprocessing:
         import torch
 
         if image.dtype == torch.uint8:  # (x / 255 - mean) / std as (x - 255 mean) / (255 std), in place
-            mean = torch.tensor(self.mean, device=image.device).view(3, 1, 1) * 255
-            std = torch.tensor(self.std, device=image.device).view(3, 1, 1) * 255
+            mean = _per_channel(tuple(self.mean), torch.float32, image.device, 255.0)
+            std = _per_channel(tuple(self.std), torch.float32, image.device, 255.0)
             floats = out.copy_(image) if out is not None else image.float()
             return floats.sub_(mean).div_(std)
-        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        mean = _per_channel(tuple(self.mean), image.dtype, image.device)
+        std = _per_channel(tuple(self.std), image.dtype, image.device)
         return (image - mean) / std
 
     def denormalize(self, image: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`normalize`, to [0, 1] floats (not clipped)."""
-        import torch
 
-        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+        mean = _per_channel(tuple(self.mean), image.dtype, image.device)
+        std = _per_channel(tuple(self.std), image.dtype, image.device)
         return image * std + mean
 
     def to_pil(self, image: torch.Tensor) -> Image.Image:
@@ -353,6 +353,17 @@ class Preprocessing:
 
         pixels = self.denormalize(image.detach().cpu().float()).clamp(0, 1)
         return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+
+
+@functools.lru_cache(maxsize=64)
+def _per_channel(
+    values: tuple[float, ...], dtype: torch.dtype, device: torch.device, scale: float = 1.0
+) -> torch.Tensor:
+    """``values * scale`` as a ``[3, 1, 1]`` tensor on ``device``, made once: a fresh one per batch would be a
+    blocking copy to a GPU, which waits for all the work queued there."""
+    import torch
+
+    return (torch.tensor(values, dtype=torch.float64) * scale).to(dtype).view(3, 1, 1).to(device)
 
 
 def save_png(image: Image.Image, path: str | Path) -> None:
