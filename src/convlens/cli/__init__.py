@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import click
 
 from convlens._version import __version__
@@ -67,6 +70,14 @@ def cli() -> None:
     Every model, activation filter, sparse autoencoder and visualizer is a plugin; `convlens list` shows
     them and `convlens info KIND NAME` describes one.
     """
+
+
+@cli.result_callback()
+def _after_command(*_results: Any, **_options: Any) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (torch is imported only then)
+        from convlens.runtime.distributed import leave_process_group
+
+        leave_process_group()
 
 
 for command in (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import torch
 
@@ -22,11 +23,36 @@ def distributed_rank() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_finished = False  # set once the command succeeded on every rank and the group is gone
+
+
 def _leave_process_group() -> None:
+    """At exit: destroy a group still there (a failed command); after a command that succeeded everywhere, end the
+    process at once. Left to the interpreter's teardown, the C++ side of the group and of torchrun's store can
+    abort the process after all the work is written ("terminate called without an active exception"), which
+    torchrun reports as a failed run."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _finished:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def leave_process_group() -> None:
+    """After a command has succeeded on every rank: all ranks meet at a barrier and destroy the process group
+    together, so that no rank tears its connections down while another still uses them."""
+    global _finished
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _finished = True
 
 
 def barrier(world: int) -> None:
