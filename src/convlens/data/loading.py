@@ -86,8 +86,8 @@ class ImageDataset:
 
 
 def plain_jpeg_bytes(path: Path) -> torch.Tensor | None:
-    """The bytes of ``path`` as a uint8 tensor when it is a complete baseline-decodable RGB or grey JPEG that the
-    device decoder takes; None otherwise (the file then takes the CPU path, which names any fault)."""
+    """The bytes of ``path`` as a uint8 tensor when it is a complete RGB or grey JPEG (what the device decoder
+    takes); None otherwise: the file then takes the CPU path, which names any fault."""
     import torch
     from PIL import Image
 
