@@ -39,24 +39,10 @@ import torch
 import convlens
 from convlens.activations.store import store_from_tensors
 from convlens.sae.training import SAETrainingParams, adam, train_sae
+from sae_step import busy_cpu_seconds, own_cpu_seconds  # the same CPU-share measurement as that benchmark
 
 TARGETS = {"cpu": 0.85, "cuda": 0.7}
 BATCH = 4096
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have used (Linux ``/proc/stat``), or None where it cannot be read."""
-    try:
-        with open("/proc/stat") as stat:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 def synchronize(device: torch.device) -> None:
