@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -61,6 +63,23 @@ def _execute(
     )
 
 
+def machine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--dtype and --workers, shared by run and demo: how this machine runs the steps."""
+    command = click.option(
+        "--workers",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Image-decoding processes for the steps that read images (up to the number of cores).",
+    )(command)
+    return click.option(
+        "--dtype",
+        default=None,
+        type=click.Choice(COMPUTE_DTYPES),
+        help="Compute precision of the model's passes (autocast; default: the recipe's, else float32).",
+    )(command)
+
+
 @click.command("run")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option(
@@ -73,19 +92,7 @@ def _execute(
 @click.option(
     "--device", default=None, help="cpu, cuda, cuda:1, ... (default: the recipe's, else cuda when available)."
 )
-@click.option(
-    "--dtype",
-    default=None,
-    type=click.Choice(COMPUTE_DTYPES),
-    help="Compute precision of the model's passes (autocast; default: the recipe's, else float32).",
-)
-@click.option(
-    "--workers",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Image-decoding processes for the steps that read images (up to the number of cores).",
-)
+@machine_options
 @click.option("--check", is_flag=True, help="Validate the recipe and list the steps with what is done; run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or with --check the plan) as JSON.")
 def run_command(
@@ -107,19 +114,7 @@ def run_command(
     "--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Run folder."
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
-@click.option(
-    "--dtype",
-    default=None,
-    type=click.Choice(COMPUTE_DTYPES),
-    help="Compute precision of the model's passes (autocast; default: the recipe's, else float32).",
-)
-@click.option(
-    "--workers",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Image-decoding processes for the steps that read images (up to the number of cores).",
-)
+@machine_options
 @click.option("--print-recipe", is_flag=True, help="Print the demo's recipe (TOML) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo_command(
