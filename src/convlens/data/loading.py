@@ -3,9 +3,9 @@
 Loader workers (one torch thread each) decode, resize and crop, and send uint8 pixels, a quarter of the bytes of
 float inputs. For a GPU they send small worker batches that all of them share (so the first batch is not one
 worker's work alone), which the main process copies from pinned memory without blocking, gathers and normalises
-on the device. For the CPU each worker sends whole batches, and the main process normalises each into a float
-batch whose memory it reuses once nothing refers to it (a fresh batch of that size costs more in page faults
-than the normalisation).
+on the device. For the CPU each worker stacks whole batches into a :class:`PixelPool` slot (shared memory reused in
+turn), and the main process normalises each into a float batch whose memory it reuses once nothing refers to it
+(fresh memory of that size costs more in page faults than the normalisation).
 
 With ``decode="device"`` JPEG files travel as their bytes and are decoded on the device in one batched call
 (torchvision's ``decode_jpeg``, nvJPEG on CUDA), then resized and cropped there; other files, and JPEGs the device
@@ -119,7 +119,10 @@ class ImageBatch:
 
 @dataclasses.dataclass
 class WorkerBatch:
-    """What a loader worker sends: decoded pixels stacked, JPEG bytes for the device, in the sampler's order."""
+    """What a loader worker sends: decoded pixels stacked, JPEG bytes for the device, in the sampler's order.
+
+    Pixels written into a :class:`PixelPool` slot travel as the slot's number alone (``pixels`` is then None
+    until the receiving process takes them from its pool)."""
 
     pixels: torch.Tensor | None  # the decoded items, stacked
     encoded: list[torch.Tensor]  # the undecoded JPEGs
@@ -127,6 +130,12 @@ class WorkerBatch:
     labels: list[int]
     positions: list[int]
     skipped: list[tuple[int, str]]
+    slot: int | None = None  # the PixelPool slot holding the decoded items
+    number: int = 0  # the worker batch's place in the loader's order
+
+    @property
+    def decoded_count(self) -> int:
+        return self.is_encoded.count(False)
 
     def pin_memory(self) -> WorkerBatch:
         """A copy in page-locked memory (the DataLoader's pinning thread calls this for CUDA), so that the copy to
@@ -135,19 +144,130 @@ class WorkerBatch:
         return dataclasses.replace(self, pixels=pixels, encoded=[data.pin_memory() for data in self.encoded])
 
 
-def collate_images(items: list[dict[str, Any]]) -> WorkerBatch:
+def collate_images(items: list[dict[str, Any]], into: torch.Tensor | None = None) -> WorkerBatch:
+    """Dataset items as one :class:`WorkerBatch`; the decoded pixels stacked into ``into`` (a pool slot) when
+    given, else into new memory (shared memory in a worker)."""
+    import torch
     from torch.utils.data import default_collate
 
     good = [item for item in items if item["error"] is None]
     decoded = [item["image"] for item in good if item["encoded"] is None]
+    pixels = None
+    if decoded and into is not None:
+        torch.stack(decoded, out=into[: len(decoded)])
+    elif decoded:
+        pixels = default_collate(decoded)
     return WorkerBatch(
-        pixels=default_collate(decoded) if decoded else None,  # in a worker: stacked straight into shared memory
+        pixels=pixels,
         encoded=[item["encoded"] for item in good if item["encoded"] is not None],
         is_encoded=[item["encoded"] is not None for item in good],
         labels=[item["label"] for item in good],
         positions=[item["position"] for item in good],
         skipped=[(item["position"], item["error"]) for item in items if item["error"] is not None],
     )
+
+
+class PixelPool:
+    """Shared uint8 buffers that loader workers stack their decoded images into, one slot per worker batch.
+
+    A new shared-memory batch per worker batch costs its page faults twice, in the worker filling it and in the
+    main process mapping it (measured: a tenth of a 224 px JPEG's decode time); the pool's pages fault once. The
+    main process lends a slot when it hands a worker batch to a worker and takes it back once it has assembled
+    the batch (normalised into other memory), so a slot is never refilled while it is read; a worker batch handed
+    out while every slot is lent gets new shared memory as without a pool.
+    """
+
+    def __init__(self, slots: int, rows: int, image_shape: tuple[int, ...]):
+        import torch
+
+        shape = (slots, rows, *image_shape)
+        prototype = torch.empty(0, dtype=torch.uint8)
+        storage = prototype._typed_storage()._new_shared(math.prod(shape))  # as default_collate makes its batches
+        self.buffers = prototype.new(storage).view(shape)  # not share_memory_(): that copies the whole pool once
+        self.free = list(range(slots))[::-1]
+        self.lent: dict[int, int] = {}  # worker batch number -> slot
+
+    def lend(self, number: int) -> int | None:
+        if not self.free:
+            return None
+        self.lent[number] = self.free.pop()
+        return self.lent[number]
+
+    def give_back(self, number: int) -> None:
+        if number in self.lent:
+            self.free.append(self.lent.pop(number))
+
+    def fits(self, items: list[dict[str, Any]]) -> bool:
+        decoded = [item["image"] for item in items if item["error"] is None and item["encoded"] is None]
+        return len(decoded) <= self.buffers.shape[1] and all(
+            image.shape == self.buffers.shape[2:] and image.dtype == self.buffers.dtype for image in decoded
+        )
+
+    def take(self, part: WorkerBatch) -> WorkerBatch:
+        """``part`` with its pixels: a view of its slot, valid until the slot is given back."""
+        if part.slot is None:
+            return part
+        count = part.decoded_count
+        return dataclasses.replace(part, pixels=self.buffers[part.slot, :count] if count else None)
+
+
+class _Part(list):
+    """The index positions of one worker batch, its number in the loader's order and its pool slot, if any."""
+
+    def __init__(self, positions: list[int], number: int, slot: int | None):
+        super().__init__(positions)
+        self.number = number
+        self.slot = slot
+
+
+class _Dispatch:
+    """The worker batches in order, each lent a pool slot at the moment the DataLoader hands it to a worker."""
+
+    def __init__(self, parts: list[list[int]], pool: PixelPool | None):
+        self.parts = parts
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __iter__(self) -> Iterator[_Part]:
+        for number, positions in enumerate(self.parts):
+            yield _Part(positions, number, self.pool.lend(number) if self.pool else None)
+
+
+class _WorkerDataset:
+    """What a loader worker runs for a :class:`_Part`: its items as one numbered :class:`WorkerBatch`, stacked into
+    the part's pool slot when it has one and they fit."""
+
+    def __init__(self, dataset: ImageDataset, pool: PixelPool | None):
+        self.dataset = dataset
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, part: _Part) -> WorkerBatch:
+        items = [self.dataset[position] for position in part]
+        slot = part.slot if self.pool is not None and self.pool.fits(items) else None
+        batch = collate_images(items, into=self.pool.buffers[slot] if self.pool and slot is not None else None)
+        batch.number = part.number
+        batch.slot = slot
+        return batch
+
+
+def _as_collated(batch: WorkerBatch) -> WorkerBatch:
+    return batch
+
+
+def _in_sequence(parts: Iterator[WorkerBatch]) -> Iterator[WorkerBatch]:
+    """Worker batches in their numbered order, however the loader hands them over (as workers finish them)."""
+    waiting: dict[int, WorkerBatch] = {}
+    expected = 0
+    for part in parts:
+        waiting[part.number] = part
+        while expected in waiting:
+            yield waiting.pop(expected)
+            expected += 1
 
 
 def worker_batch_size(batch_size: int, workers: int, device: torch.device) -> int:
@@ -181,20 +301,53 @@ def grouped_image_batches(
     device = torch.device(device or "cpu")
     part_size = worker_batch_size(batch_size, workers, device)
     plan = [_batch_parts(order, batch_size, part_size, drop_last) for order in groups]
+    prefetch = max(2, math.ceil(2 * batch_size / (part_size * workers))) if workers else None
+    pool = _pixel_pool(dataset, workers, device, part_size, prefetch)
     loader = DataLoader(
-        dataset,
-        batch_sampler=[part for batches in plan for batch in batches for part in batch],
+        _WorkerDataset(dataset, pool),
+        batch_sampler=_Dispatch([part for batches in plan for batch in batches for part in batch], pool),
         num_workers=workers,
-        collate_fn=collate_images,
+        collate_fn=_as_collated,
         pin_memory=device.type == "cuda",
-        prefetch_factor=max(2, math.ceil(2 * batch_size / (part_size * workers))) if workers else None,
+        prefetch_factor=prefetch,
+        **_as_finished(workers),
     )
     assembler = _BatchAssembler(dataset, device, busy_cores=workers > 0)
-    parts = iter(loader)
+    parts = _in_sequence(iter(loader))
     for group, batches in enumerate(plan):
         for batch in batches:
-            yield group, assembler.batch([next(parts) for _ in batch], skip_log_of(group))
+            received = [next(parts) for _ in batch]
+            if pool is None:
+                yield group, assembler.batch(received, skip_log_of(group))
+                continue
+            assembled = assembler.batch([pool.take(part) for part in received], skip_log_of(group))
+            for part in received:
+                pool.give_back(part.number)
+            yield group, assembled
         yield group, None
+
+
+def _as_finished(workers: int) -> dict[str, bool]:
+    """DataLoader options that hand worker batches over as they are finished (torch >= 2.6), so that a worker
+    that gets less of the CPU (the one sharing a core with the main process) does not set everyone's pace;
+    :func:`_in_sequence` restores the order."""
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    return {"in_order": False} if workers and "in_order" in inspect.signature(DataLoader).parameters else {}
+
+
+def _pixel_pool(
+    dataset: ImageDataset, workers: int, device: torch.device, part_size: int, prefetch: int | None
+) -> PixelPool | None:
+    """The pool workers decode into when they send uint8 images of the model's input size to a CPU model: a slot
+    for each worker batch the loader keeps in flight and for those the main process holds while it assembles."""
+    if not workers or device.type != "cpu" or dataset.preprocessing is None:
+        return None
+    assert prefetch is not None
+    height, width = dataset.preprocessing.input_size
+    return PixelPool(prefetch * workers + 2, part_size, (3, height, width))
 
 
 def _batch_parts(order: Sequence[int], batch_size: int, part_size: int, drop_last: bool) -> list[list[list[int]]]:
