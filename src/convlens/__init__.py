@@ -85,7 +85,15 @@ _LAZY: dict[str, str] = {
         "convlens.models.layers",
     ),
     **dict.fromkeys(
-        ("STATE_DICT_SUFFIXES", "class_names_of", "load_state_dict", "load_weights", "save_weights"),
+        (
+            "STATE_DICT_SUFFIXES",
+            "PartialWeightsWarning",
+            "class_names_of",
+            "is_checkpoint_path",
+            "load_state_dict",
+            "load_weights",
+            "save_weights",
+        ),
         "convlens.models.checkpoints",
     ),
     "smooth_network": "convlens.models.smoothing",
@@ -194,7 +202,9 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from convlens.drawing.tiles import TILE_GAP, labelled_grid, shifted, tile_size, titled_to_fit
     from convlens.models.checkpoints import (
         STATE_DICT_SUFFIXES,
+        PartialWeightsWarning,
         class_names_of,
+        is_checkpoint_path,
         load_state_dict,
         load_weights,
         save_weights,

@@ -131,6 +131,12 @@ def target_classes(logits, labels, class_index: int | None):
     if labels is None:
         return predicted
     labels = labels.to(predicted.device)
+    if labels.numel() and int(labels.max()) >= logits.shape[1]:
+        raise ConvlensError(
+            f"image label {int(labels.max())} is out of range for a model with {logits.shape[1]} classes: the "
+            "folder's classes are not the model's; pass class_index, or use an unlabelled (flat) folder so that "
+            "each image is explained for the model's prediction"
+        )
     return torch.where(labels >= 0, labels, predicted)
 
 

@@ -42,6 +42,8 @@ BUILTIN_MODULES = (
     "convlens.plugins.models.torchvision_models",
     "convlens.plugins.models.tiny_cnn",
     "convlens.plugins.models.python_model",
+    "convlens.plugins.models.efficientnet_lite",
+    "convlens.plugins.models.timm_models",
     "convlens.plugins.saes.relu_l1",
     "convlens.plugins.saes.topk",
     "convlens.plugins.saes.jumprelu",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,25 +82,57 @@ def class_names_of(path: str | Path) -> tuple[str, ...] | None:
         return None
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``module``; missing, unexpected or mis-shaped keys are one error naming them."""
+class PartialWeightsWarning(UserWarning):
+    """A partial load left some of the model's tensors at their initial values, or skipped some of the file's."""
+
+
+def is_checkpoint_path(weights: str) -> bool:
+    """Whether a ``weights`` value names a local file rather than a named set of weights."""
+    return weights.endswith(STATE_DICT_SUFFIXES) or os.sep in weights or os.path.exists(weights)
+
+
+def load_weights(module: nn.Module, path: str | Path, partial: bool = False) -> None:
+    """Load ``path`` into ``module``; missing, unexpected or mis-shaped keys are one error naming them.
+
+    ``partial``: load the tensors whose names and shapes match and warn about the missing and unexpected keys;
+    mis-shaped tensors are still an error, and so is a file of which nothing matches.
+    """
     state = load_state_dict(path)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mis_shaped = [
-        f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
+        f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape
     ]
-    if missing or unexpected or mis_shaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                parts.append(f"{label}: {shown}")
-        raise ConvlensError(f"checkpoint {path} does not fit the model ({'; '.join(parts)})")
-    module.load_state_dict(state)
+    if mis_shaped or not partial and (missing or unexpected):
+        hint = "" if mis_shaped else "; partial_weights=true loads just the tensors that match"
+        problems = {"missing": missing, "unexpected": unexpected} if not partial else {}
+        raise ConvlensError(
+            f"checkpoint {path} does not fit the model ({_listed({**problems, 'shape mismatch': mis_shaped})}){hint}"
+        )
+    if partial and len(unexpected) == len(state):
+        raise ConvlensError(
+            f"checkpoint {path} shares no tensor name with the model, so it holds no weights for it "
+            f"({_listed({'the model has': list(own), 'the file has': unexpected})})"
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not partial)
+    if missing or unexpected:
+        loaded = f"loaded {len(state) - len(unexpected)} of the model's {len(own)} tensors"
+        skipped = {
+            f"{len(missing)} missing, left as initialised": missing,
+            f"{len(unexpected)} unexpected, ignored": unexpected,
+        }
+        warnings.warn(f"partial weights {path}: {loaded} ({_listed(skipped)})", PartialWeightsWarning, stacklevel=2)
+
+
+def _listed(keys_by_label: dict[str, list[str]], shown: int = 5) -> str:
+    """'label: a, b and 3 more; label: ...' for each label with keys."""
+    parts = []
+    for label, keys in keys_by_label.items():
+        if keys:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{label}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -16,6 +16,11 @@ class PythonModelParams(Params):
     mean: tuple[float, float, float] = param((0.485, 0.456, 0.406), help="per-channel mean for normalisation")
     std: tuple[float, float, float] = param((0.229, 0.224, 0.225), help="per-channel std for normalisation")
     default_layer: Optional[str] = param(None, help="layer to analyse by default (default: the last Conv2d)")
+    partial_weights: bool = param(
+        False,
+        help="load the tensors of the checkpoint whose names and shapes match and warn listing the missing and "
+        "unexpected keys (e.g. a features-only checkpoint); shape mismatches are still refused",
+    )
 
 
 def build_python_model(params: PythonModelParams):
@@ -61,7 +66,7 @@ def build_python_model(params: PythonModelParams):
         resolve_layer(bundle.module, params.default_layer, params.target)
         bundle.default_layer = params.default_layer
     if params.checkpoint:
-        load_weights(bundle.module, params.checkpoint)
+        load_weights(bundle.module, params.checkpoint, partial=params.partial_weights)
         bundle.class_names = class_names_of(params.checkpoint) or bundle.class_names
     bundle.module.eval()
     return bundle

@@ -13,6 +13,10 @@ from convlens import ConvlensError, ModelSpec, Params, did_you_mean, hookimpl, p
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+PARTIAL_WEIGHTS_HELP = (
+    "load the tensors of a local checkpoint whose names and shapes match and warn listing the missing and "
+    "unexpected keys (e.g. a features-only checkpoint); shape mismatches are still refused"
+)
 _WEIGHTS_HELP = (
     "'none' (random init), a torchvision weights name such as IMAGENET1K_V1 or DEFAULT (read from "
     "torchvision's cache), or a local checkpoint (.safetensors, or .pt read with weights_only=True)"
@@ -28,12 +32,7 @@ class TorchvisionParams(Params):
     slope: float = param(0.01, help="LeakyReLU negative slope when smooth", min=0.0, max=1.0)
     input_size: int = param(224, help="square input size in pixels", min=8)
     seed: int = param(0, help="seed for randomly initialised weights")
-
-
-def is_checkpoint_path(weights: str) -> bool:
-    from convlens import STATE_DICT_SUFFIXES
-
-    return weights.endswith(STATE_DICT_SUFFIXES) or os.sep in weights or os.path.exists(weights)
+    partial_weights: bool = param(False, help=PARTIAL_WEIGHTS_HELP)
 
 
 def torchvision_state_dict(arch: str, name: str):
@@ -69,7 +68,7 @@ def build_torchvision(params: TorchvisionParams):
     import torchvision
     from torch import nn
 
-    from convlens import ModelBundle, class_names_of, load_weights
+    from convlens import ModelBundle, class_names_of, is_checkpoint_path, load_weights
 
     architectures = torchvision.models.list_models(module=torchvision.models)
     if params.arch not in architectures:
@@ -82,7 +81,7 @@ def build_torchvision(params: TorchvisionParams):
     classes = {"num_classes": params.num_classes} if params.num_classes and local else {}
     module = torchvision.models.get_model(params.arch, weights=None, **extra, **classes)
     if local:
-        load_weights(module, params.weights)
+        load_weights(module, params.weights, partial=params.partial_weights)
     elif params.weights.lower() != "none":
         state, _ = torchvision_state_dict(params.arch, params.weights)
         state = {k: v for k, v in state.items() if not k.startswith("aux")} if extra else state
@@ -126,6 +125,7 @@ class SmoothResnetParams(Params):
     num_classes: Optional[int] = param(None, help="replace the classifier head with this many classes", min=1)
     input_size: int = param(224, help="square input size in pixels", min=8)
     seed: int = param(0, help="seed for randomly initialised weights")
+    partial_weights: bool = param(False, help=PARTIAL_WEIGHTS_HELP)
 
 
 def build_smooth_resnet18(params: SmoothResnetParams):
@@ -133,7 +133,10 @@ def build_smooth_resnet18(params: SmoothResnetParams):
         TorchvisionParams(
             arch="resnet18",
             smooth=True,
-            **{k: getattr(params, k) for k in ("weights", "slope", "num_classes", "input_size", "seed")},
+            **{
+                k: getattr(params, k)
+                for k in ("weights", "slope", "num_classes", "input_size", "seed", "partial_weights")
+            },
         )
     )
 
