@@ -230,3 +230,57 @@ def test_scaling_by_a_parameter_or_a_constant_is_channel_wise():
     x = images()
     with torch.no_grad():
         assert torch.allclose(graph.run(x), model(x), atol=1e-12)
+
+
+class SamePaddingConv(nn.Conv2d):
+    """TensorFlow 'same' padding as EfficientNet ports write it: a ZeroPad2d, then conv2d with the module's settings."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class Padded(nn.Module):
+    """Padded stride-2 and depthwise convolutions, one ReLU6 module reused, and a flatten by x.size(0)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = SamePaddingConv(3, 4, 2, stride=2)
+        self.depthwise = SamePaddingConv(4, 4, 2, groups=4, bias=False)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.act(self.stem(x) * 3)
+        x = self.act(self.depthwise(x)) + x
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_convolutions_that_pad_in_their_forward_are_followed():
+    model = Padded().double().eval()
+    graph = ChannelGraph.trace(model, (8, 8))
+    assert [(layer.name, layer.kind, layer.groups) for layer in graph.layers] == [
+        ("input", "input", 1),
+        ("stem", "conv", 1),
+        ("depthwise", "conv", 4),
+        ("add", "add", 1),
+    ]
+    # the ReLU6 runs twice, so a hook on it sees two tensors: the views are the convolutions' own outputs
+    assert graph.layer["stem"].view == "stem" and graph.layer["depthwise"].view == "depthwise"
+    assert [segment.layer for segment in graph.exit_sources()] == ["add"]  # x.size(0) does not read the input
+    x = images()
+    with torch.no_grad():
+        assert torch.allclose(graph.run(x), model(x), atol=1e-12)
+    derivatives = gate_derivatives(graph, x, lambda logits: logits[:, 1], None)
+    full = model(x)[:, 1].detach()
+    step = 1e-6
+    for name, index in (("depthwise", (2, 0)), ("stem", (1, 2))):
+        gate = one_gate(graph.layer[name].edge_shape, index, 1 - step)
+        with torch.no_grad():
+            change = (full - graph.run(x, Gates(edges={name: gate}))[:, 1]) / step
+        assert torch.allclose(change, derivatives.edge_taylor[name][(slice(None), *index)], rtol=1e-4, atol=1e-8)
+        assert change.abs().max() > 1e-4, name

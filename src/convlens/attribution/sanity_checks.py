@@ -173,3 +173,14 @@ def cascade_figures(
         )
         files[result.method] = relative
     return files
+
+
+def cascade_record(results: Sequence[CascadeResult], figures: dict[str, str]) -> dict[str, Any]:
+    """What a sanity check writes besides its settings: the randomised blocks, the table, the figures, and the
+    mean Spearman correlation of each method once every block is randomised."""
+    return {
+        "steps": results[0].steps,
+        "table": [row for result in results for row in result.table()],
+        "figures": figures,
+        "fully_randomised": {result.method: result.table()[-1]["spearman_mean"] for result in results},
+    }

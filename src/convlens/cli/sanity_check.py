@@ -79,7 +79,7 @@ def sanity_check_command(
     """
 
     from convlens.attribution.base import AttributionVisualizer
-    from convlens.attribution.sanity_checks import cascade_figures, cascading_randomisation
+    from convlens.attribution.sanity_checks import cascade_figures, cascade_record, cascading_randomisation
     from convlens.data.images import Preprocessing, SkipLog, images_at
     from convlens.data.loading import ImageDataset, image_batches
     from convlens.runtime.device import resolve_device
@@ -122,7 +122,6 @@ def sanity_check_command(
         bundle, methods, images, layer, depth=depth, seed=seed, progress=False if as_json else None
     )
     figures = cascade_figures(results, [preprocessing.to_pil(image) for image in images], out_dir)
-    rows = [row for result in results for row in result.table()]
     record = {
         "command": "sanity-check",
         "method": spec.qualified_name,
@@ -134,9 +133,7 @@ def sanity_check_command(
         "data": data,
         "images": [index.relative(index.paths[int(p)]) for p in batch.positions],
         "skipped": skip_log.as_json(),
-        "steps": results[0].steps,
-        "table": rows,
-        "figures": figures,
+        **cascade_record(results, figures),
         "versions": versions(),
     }
     write_json_atomic(out_dir / "sanity_check.json", record)

@@ -19,8 +19,10 @@ from convlens.report.run_folder import (
     GroupSummary,
     LatentAblation,
     ModelTraining,
+    Predictions,
     RunFolder,
     SaeRun,
+    SanityCheck,
     SpliceEvaluation,
     Sweep,
     finite_number,
@@ -62,6 +64,7 @@ class Overview:
             ("steps", "Steps", self.steps_section()),
             ("warnings", "Warnings", self.warnings_section()),
             ("model", "Model", self.model_section(self.run.model)),
+            *self.attribution_sections(),
             ("filters", "Activation filters", self.filters_section(self.run.comparison)),
             ("saes", "Sparse autoencoders", self.saes_section()),
             ("sweep", "Pareto frontier", self.sweep_section(self.run.sweep)),
@@ -184,6 +187,58 @@ class Overview:
                 ]
             )
         )
+        return "\n".join(parts)
+
+    def attribution_sections(self) -> list[tuple[str, str, str]]:
+        """The predictions and the sanity check, for runs that have them."""
+        sections = []
+        if self.run.predictions is not None:
+            sections.append(("predictions", "Predictions", self.predictions_section(self.run.predictions)))
+        if self.run.sanity is not None:
+            sections.append(("sanity", "Sanity check", self.sanity_section(self.run.sanity)))
+        return sections
+
+    def predictions_section(self, predictions: Predictions) -> str:
+        parts = [
+            f"<p>The model's top classes per image, and <code>{esc(shown(predictions.method, '?'))}</code> of its "
+            f"top class at <code>{esc(shown(predictions.layer, '?'))}</code> over each image.</p>"
+        ]
+        if predictions.labelled:
+            parts.append(
+                f'<p data-metric="top1-hits" data-value="{esc(raw(predictions.top1_hits))}">Of '
+                f"{esc(fmt(predictions.labelled, 'int'))} images with a known label: top-1 "
+                f"{esc(fmt(predictions.top1_hits, 'int'))}, top-5 {esc(fmt(predictions.top5_hits, 'int'))}.</p>"
+            )
+        rows = [
+            [
+                f"<td>{esc(row.image)}</td>",
+                f"<td>{esc(', '.join(name + ' (' + fmt(p, 'pct') + ')' for name, p in row.top))}</td>",
+                f"<td>{esc(row.label or '')}{' &check;' if row.top1_hit else ''}</td>",
+            ]
+            for row in predictions.rows
+        ]
+        parts.append(table(["image", "top classes", "label"], rows, id="predictions-table"))
+        pictures = [self.links.picture(self.path, row.overlay, row.image, css="overlay") for row in predictions.rows]
+        parts.append(figures_row([picture for picture in pictures if picture]))
+        return "\n".join(parts)
+
+    def sanity_section(self, sanity: SanityCheck) -> str:
+        parts = [
+            f"<p>Cascading randomisation (Adebayo et al. 2018) at <code>{esc(shown(sanity.layer, '?'))}</code> on "
+            f"{sanity.images} images: the blocks are re-initialised from the output down, and each method's maps "
+            "are compared with the trained model's by Spearman rank correlation. A method that explains the model "
+            "loses the correlation; one that only looks at the image keeps 1.</p>"
+        ]
+        rows = [
+            [f"<td>{esc(step)}</td>"]
+            + [cell(values[number] if number < len(values) else None) for values in sanity.spearman.values()]
+            for number, step in enumerate(sanity.steps)
+        ]
+        headers = ["randomised", *(f"{method} Spearman" for method in sanity.spearman)]
+        parts.append(table(headers, rows, numeric=list(range(1, len(headers))), id="sanity-table"))
+        figures = [self.links.picture(self.path, sanity.chart, "mean Spearman per step")]
+        figures += [self.links.picture(self.path, picture, picture.stem) for picture in sanity.cascades]
+        parts.append(figures_row([figure for figure in figures if figure]))
         return "\n".join(parts)
 
     def filters_section(self, comparison: FilterComparison | None) -> str:

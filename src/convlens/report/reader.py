@@ -31,9 +31,12 @@ from convlens.report.run_folder import (
     GroupSummary,
     LatentAblation,
     ModelTraining,
+    Prediction,
+    Predictions,
     RunFolder,
     SaeMetrics,
     SaeRun,
+    SanityCheck,
     SpliceEvaluation,
     Statistics,
     Step,
@@ -193,6 +196,8 @@ class _Reader:
         run.comparison = self.comparison(as_dict(pipeline.get("filters")))
         run.saes = self.saes(as_list(pipeline.get("saes")))
         run.sweep = self.sweep(pipeline.get("sweep"))
+        run.predictions = self.predictions(pipeline.get("predictions"))
+        run.sanity = self.sanity(pipeline.get("sanity"))
         groups: dict[str, Group] = {}
         run.statistics = self.statistics(pipeline.get("statistics"), groups)
         self.visualizations(as_dict(pipeline.get("visualizations")), groups)
@@ -434,6 +439,55 @@ class _Reader:
             )
         return Sweep(
             sweep.get("steps"), configs, self.image(folder / "pareto.png"), self.image(folder / "ablations.png")
+        )
+
+    def predictions(self, relative: Any) -> Predictions | None:
+        path = self.path(relative) if relative else None
+        record = self.read_json(path, "predictions") if path is not None else None
+        if not isinstance(record, dict):
+            return None
+        rows = []
+        for row in map(as_dict, as_list(record.get("rows"))):
+            top = [
+                (_text(entry.get("name", "?")), entry.get("probability"))
+                for entry in map(as_dict, as_list(row.get("top")))
+            ]
+            rows.append(
+                Prediction(
+                    image=_text(row.get("image", "?")),
+                    top=top,
+                    label=_text(row["label_name"]) if row.get("label_name") is not None else None,
+                    top1_hit=row.get("top1_hit"),
+                    top5_hit=row.get("top5_hit"),
+                    overlay=self.image_in(path.parent, row.get("overlay")),
+                )
+            )
+        return Predictions(
+            record.get("method"),
+            record.get("layer"),
+            record.get("labelled"),
+            record.get("top1_hits"),
+            record.get("top5_hits"),
+            rows,
+        )
+
+    def sanity(self, relative: Any) -> SanityCheck | None:
+        path = self.path(relative) if relative else None
+        record = self.read_json(path, "sanity check") if path is not None else None
+        if not isinstance(record, dict):
+            return None
+        spearman: dict[str, list[Any]] = {}
+        for row in map(as_dict, as_list(record.get("table"))):
+            spearman.setdefault(_text(row.get("method", "?")), []).append(row.get("spearman_mean"))
+        figures = as_dict(record.get("figures"))
+        cascades = [self.image_in(path.parent, name) for key, name in figures.items() if key != "spearman"]
+        return SanityCheck(
+            layer=record.get("layer"),
+            images=len(as_list(record.get("images"))),
+            steps=[_text(step) for step in as_list(record.get("steps"))],
+            spearman=spearman,
+            chart=self.image_in(path.parent, figures.get("spearman")),
+            cascades=[picture for picture in cascades if picture is not None],
         )
 
     # units: statistics and visualizer runs

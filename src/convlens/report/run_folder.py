@@ -300,6 +300,40 @@ class Group:
 
 
 @dataclasses.dataclass
+class Prediction:
+    """One image: its top classes (name, probability), its label when known, and the map of its top class."""
+
+    image: str
+    top: list[tuple[str, Any]]
+    label: str | None
+    top1_hit: Any
+    top5_hit: Any
+    overlay: Path | None
+
+
+@dataclasses.dataclass
+class Predictions:
+    method: Any
+    layer: Any
+    labelled: Any
+    top1_hits: Any
+    top5_hits: Any
+    rows: list[Prediction]
+
+
+@dataclasses.dataclass
+class SanityCheck:
+    """Cascading randomisation: the mean Spearman per method and step, and the figures."""
+
+    layer: Any
+    images: int
+    steps: list[str]
+    spearman: dict[str, list[Any]]  # method -> mean Spearman per step
+    chart: Path | None
+    cascades: list[Path]
+
+
+@dataclasses.dataclass
 class RunFolder:
     """Everything the report shows of one run folder, and the notes on what it lacks."""
 
@@ -321,6 +355,8 @@ class RunFolder:
     comparison: FilterComparison | None = None
     saes: list[SaeRun] = dataclasses.field(default_factory=list)
     sweep: Sweep | None = None
+    predictions: Predictions | None = None
+    sanity: SanityCheck | None = None
     statistics: Statistics | None = None
     groups: dict[str, Group] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)

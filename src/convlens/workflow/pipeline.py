@@ -139,8 +139,8 @@ class PipelineRun:
         recipe = self.recipe
         steps: list[Step] = []
         upstream: list[str] = []
-        if recipe.shapes is not None:
-            steps.append(Step("data", ["data"], {"shapes": recipe.shapes.to_dict()}, [], self._make_shapes))
+        if recipe.generated is not None:
+            steps.append(Step("data", ["data"], recipe.generated.to_dict(), [], self._make_data))
             upstream = ["data"]
         data_inputs = {"data": str(recipe.data_path)} if recipe.data_path else {}
         if recipe.training is not None:
@@ -227,6 +227,12 @@ class PipelineRun:
                         lambda e=entry: self._evaluate(e),
                     )
                 )
+        if recipe.predictions.enabled:
+            inputs = {**base, "predictions": recipe.predictions.to_dict(), **self._precision()}
+            steps.append(Step("predictions", ["predictions"], inputs, model_steps, self._predictions))
+        if recipe.sanity.enabled:
+            inputs = {**base, "sanity": recipe.sanity.to_dict()}
+            steps.append(Step("sanity-check", ["sanity"], inputs, model_steps, self._sanity_check))
         steps.append(
             Step(
                 "statistics",
@@ -296,6 +302,8 @@ class PipelineRun:
                 for e in recipe.saes
             ],
             "sweep": "sweep" if recipe.sweep is not None else None,
+            "predictions": "predictions/predictions.json" if recipe.predictions.enabled else None,
+            "sanity": "sanity/sanity_check.json" if recipe.sanity.enabled else None,
             "statistics": "statistics",
             "visualizations": {},
         }
@@ -452,14 +460,27 @@ class PipelineRun:
 
     # -- step actions -----------------------------------------------------------------------------------------------
 
-    def _make_shapes(self) -> dict[str, Any]:
+    def _make_data(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        from convlens.data.shapes import write_shapes
+        generated = self.recipe.generated
+        assert generated is not None
+        kind, section, out = generated.kind, generated.section, self.run_dir / "data"
+        if kind == "photos":
+            from convlens.data.real_photos import write_photos
 
-        shapes = self.recipe.shapes
-        with tqdm(total=shapes.n, desc="shapes", unit="img", leave=False, disable=self._disabled()) as bar:
-            write_shapes(self.run_dir / "data", n=shapes.n, size=shapes.size, seed=shapes.seed, progress=bar.update)
+            summary = write_photos(out)
+            return {"images": summary["images"], "skipped_sources": [item["source"] for item in summary["skipped"]]}
+        total = section.n  # type: ignore[attr-defined]
+        with tqdm(total=total, desc=kind, unit="img", leave=False, disable=self._disabled()) as bar:
+            if kind == "shapes":
+                from convlens.data.shapes import write_shapes
+
+                write_shapes(out, n=total, size=section.size, seed=section.seed, progress=bar.update)
+            else:
+                from convlens.data.fashion_mnist import write_fashion_mnist
+
+                write_fashion_mnist(out, n=total, split=section.split, seed=section.seed, progress=bar.update)
         return {}
 
     def _disabled(self) -> bool | None:
@@ -583,6 +604,86 @@ class PipelineRun:
         for line in result["findings"]:
             self.echo(f"  {line}")
         return {"warnings": [f"compare-filters: {line}" for line in result["findings"] if "not" in line]}
+
+    def _first_images(self, count: int) -> tuple[Any, list[str], list[Any]]:
+        """The first ``count`` readable images of the data as model inputs on the device, their names and their
+        pictures as the model sees them."""
+        from convlens.data.images import Preprocessing, SkipLog
+        from convlens.data.loading import ImageDataset, image_batches
+
+        bundle, _ = self.bundle()
+        index = self.index()
+        preprocessing = Preprocessing.of(bundle)
+        dataset = ImageDataset(index, preprocessing)
+        order = range(min(count, len(index)))
+        batch = next(image_batches(dataset, batch_size=count, skip_log=SkipLog(), order=order, device=self.device))
+        names = [index.relative(index.paths[int(position)]) for position in batch.positions]
+        return batch, names, [preprocessing.to_pil(image) for image in batch.images.cpu()]
+
+    def _known_labels(self, batch: Any, names: list[str]) -> list[int | None]:
+        """Per image its class in the model's terms when known: from ``photos.json`` (ImageNet indices), else the
+        folder's labels."""
+        from convlens.data.real_photos import PHOTOS_FILE
+
+        photos = self.data_dir / PHOTOS_FILE
+        if photos.is_file():
+            records = json.loads(photos.read_text())["images"]
+            indices = {record["file"]: record.get("imagenet_index") for record in records}
+            return [indices.get(name) for name in names]
+        return [int(label) if label >= 0 else None for label in batch.labels.tolist()]
+
+    def _attribution(self, name: str) -> Any:
+        from convlens.core.component_registry import default_registry
+
+        return default_registry().create("visualizer", name)
+
+    def _predictions(self) -> dict[str, Any]:
+        from convlens.attribution.predictions import explained_predictions, prediction_overlays, prediction_summary
+        from convlens.runtime.precision import autocast
+        from convlens.runtime.run_records import write_json_atomic
+
+        section = self.recipe.predictions
+        bundle, _ = self.bundle()
+        layer = section.layer or bundle.default_layer
+        batch, names, pictures = self._first_images(section.max_images)
+        method = self._attribution(section.method)
+        with autocast(self.device, self.dtype):
+            rows, maps = explained_predictions(
+                bundle, method, batch.images, names, layer, top=section.top, labels=self._known_labels(batch, names)
+            )
+        out = self.run_dir / "predictions"
+        for row, overlay in zip(rows, prediction_overlays(rows, maps, pictures, out)):
+            row["overlay"] = overlay
+        summary = prediction_summary(rows)
+        write_json_atomic(out / "predictions.json", {"method": method.name, "layer": layer, **summary, "rows": rows})
+        labelled = summary["labelled"]
+        hits = f"; top-1 {summary['top1_hits']}/{labelled}, top-5 {summary['top5_hits']}/{labelled}" if labelled else ""
+        self.echo(f"  {summary['images']} images classified, {method.name} of the predicted class at {layer}{hits}")
+        return {}
+
+    def _sanity_check(self) -> dict[str, Any]:
+        from convlens.attribution.sanity_checks import cascade_figures, cascade_record, cascading_randomisation
+        from convlens.runtime.run_records import write_json_atomic
+
+        section = self.recipe.sanity
+        bundle, _ = self.bundle()
+        layer = section.layer or bundle.default_layer
+        batch, names, pictures = self._first_images(section.max_images)
+        methods = [self._attribution(section.method)]
+        if section.baseline.lower() != "none":
+            methods.append(self._attribution(section.baseline))
+        out = self.run_dir / "sanity"
+        out.mkdir(parents=True, exist_ok=True)
+        results = cascading_randomisation(
+            bundle, methods, batch.images, layer, depth=section.depth, seed=self.recipe.seed, progress=self.progress
+        )
+        record = cascade_record(results, cascade_figures(results, pictures, out))
+        write_json_atomic(out / "sanity_check.json", {"layer": layer, "images": names, **record})
+        finals = ", ".join(
+            f"{m} {v:.2f}" if v is not None else f"{m} n/a" for m, v in record["fully_randomised"].items()
+        )
+        self.echo(f"  Spearman with the original maps once every block is randomised: {finals}")
+        return {}
 
     def _train_sae(self, entry: Any) -> dict[str, Any]:
         from convlens.activations.store import ActivationStore

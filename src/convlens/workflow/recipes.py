@@ -40,6 +40,36 @@ class ShapesSection(Params):
 
 
 @dataclasses.dataclass(frozen=True)
+class PhotosSection(Params):
+    """The photographs installed packages ship (``convlens data photos``); nothing to choose."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FashionMnistSection(Params):
+    n: int = param(2000, min=10, help="images, balanced over the 10 classes")
+    split: str = param("train", choices=("train", "test"), help="Fashion-MNIST split")
+    seed: int = param(0, help="same seed, same images")
+
+
+GENERATED_DATA: dict[str, type[Params]] = {
+    "shapes": ShapesSection,
+    "photos": PhotosSection,
+    "fashion-mnist": FashionMnistSection,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedData:
+    """A dataset the run writes into its own ``data/`` folder: ``kind`` is a key of GENERATED_DATA."""
+
+    kind: str
+    section: Params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: self.section.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
 class ExtractSection(Params):
     per_image: Optional[int] = param(None, min=1, help="samples per image (default: H x W of the layer)")
     val_fraction: float = param(0.1, min=0.0, max=0.9, help="share of images whose samples form the validation split")
@@ -49,6 +79,25 @@ class ExtractSection(Params):
     compare_max_images: Optional[int] = param(None, min=1, help="compare on a seeded subset of this many images")
     overlays: int = param(4, min=0, help="images drawn with every filter's patch weights")
     store: str = param("", help="the filter whose store the SAEs train on (default: the first filter)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionsSection(Params):
+    enabled: bool = param(False, help="classify the images and map where the model looks for its prediction")
+    top: int = param(5, min=1, help="classes listed per image")
+    method: str = param("gradcam", help="the attribution visualizer drawn over each image")
+    layer: str = param("", help="the layer the maps are taken at (default: the model's default layer)")
+    max_images: int = param(64, min=1, help="the first images of the folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class SanitySection(Params):
+    enabled: bool = param(False, help="cascading randomisation of the model (Adebayo et al. 2018)")
+    method: str = param("gradcam", help="the attribution visualizer checked")
+    baseline: str = param("edge-detector", help="a method that ignores the model, checked beside it ('none': none)")
+    layer: str = param("", help="the layer the maps are taken at (default: the model's default layer)")
+    max_images: int = param(8, min=1, help="the first images of the folder")
+    depth: int = param(1, min=1, help="how deep the randomised blocks are named (1: top-level children)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +159,7 @@ class Recipe:
     device: str | None
     source: str  # the TOML text
     data_path: Path | None  # an image folder given by the user
-    shapes: ShapesSection | None
+    generated: GeneratedData | None  # else a dataset the run writes
     model: str  # a model plugin's qualified name, or a train-model run folder
     model_params: dict[str, Any]
     layer: str
@@ -126,6 +175,8 @@ class Recipe:
     visualize: VisualizeSection
     visualizers: tuple[Component, ...]
     report: ReportSection
+    predictions: PredictionsSection = PredictionsSection()
+    sanity: SanitySection = SanitySection()
     dtype: str = "float32"  # compute precision (autocast) of the steps that run the model on images
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +185,7 @@ class Recipe:
             "seed": self.seed,
             "device": self.device,
             "dtype": self.dtype,
-            "data": {"path": str(self.data_path)} if self.data_path else {"shapes": self.shapes.to_dict()},
+            "data": {"path": str(self.data_path)} if self.data_path else self.generated.to_dict(),
             "model": {"name": self.model, "params": self.model_params, "layer": self.layer, "train": self.training},
             "extract": {
                 "filters": [f.to_dict() for f in self.filters],
@@ -149,6 +200,8 @@ class Recipe:
             "statistics": self.statistics.to_dict(),
             "visualize": {**self.visualize.to_dict(), "visualizers": [v.to_dict() for v in self.visualizers]},
             "report": self.report.to_dict(),
+            "predictions": self.predictions.to_dict(),
+            "sanity": self.sanity.to_dict(),
         }
 
 
@@ -166,6 +219,8 @@ TOP_LEVEL = (
     "statistics",
     "visualize",
     "report",
+    "predictions",
+    "sanity",
 )
 
 
@@ -296,17 +351,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     if dtype not in COMPUTE_DTYPES:
         raise RecipeError(f"dtype '{dtype}' is not one of {', '.join(COMPUTE_DTYPES)}")
 
-    data = _table(raw, "data", "")
-    _known(data, ("shapes", "path"), "[data]")
-    if ("shapes" in data) == ("path" in data):
-        raise RecipeError("[data] needs exactly one of 'shapes' (a table: n, size, seed) or 'path' (an image folder)")
-    shapes, data_path = None, None
-    if "shapes" in data:
-        shapes = _section(ShapesSection, _table(data, "shapes", "[data]."), "[data.shapes]")
-    else:
-        data_path = (base / str(data["path"])).resolve()
-        if not data_path.is_dir():
-            raise RecipeError(f"[data] path {data_path} is not a folder")
+    data_path, generated = _check_data(_table(raw, "data", ""), base)
 
     model = _table(raw, "model", "")
     _known(model, ("name", "params", "layer", "train"), "[model]")
@@ -367,13 +412,18 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
             if key.replace("-", "_").endswith("layer") and isinstance(value, str):
                 _check_layer(module, value, f"[visualize.{visualizer.label}] {key}")
     report = _section(ReportSection, _table(raw, "report", ""), "[report]")
+    predictions = _section(PredictionsSection, _table(raw, "predictions", ""), "[predictions]")
+    sanity = _section(SanitySection, _table(raw, "sanity", ""), "[sanity]")
+    for name, section in (("predictions", predictions), ("sanity", sanity)):
+        if section.enabled:
+            _check_attribution_section(module, section, name)
     return Recipe(
         title=title,
         seed=seed,
         device=device,
         source=text,
         data_path=data_path,
-        shapes=shapes,
+        generated=generated,
         model=model_name,
         model_params=model_params,
         layer=layer,
@@ -389,8 +439,28 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         visualize=visualize,
         visualizers=visualizers,
         report=report,
+        predictions=predictions,
+        sanity=sanity,
         dtype=dtype,
     )
+
+
+def _check_attribution_section(module: Any, section: Any, name: str) -> None:
+    """The methods of [predictions] or [sanity] are attribution visualizers, its layer is the model's."""
+    from convlens.attribution.base import AttributionVisualizer
+    from convlens.core.component_registry import default_registry
+
+    registry = default_registry()
+    methods = [section.method] + [getattr(section, "baseline", "none")]
+    for method in (m for m in methods if m.lower() != "none"):
+        try:
+            instance = registry.create("visualizer", method)
+        except ConvlensError as exc:
+            raise RecipeError(f"[{name}] method: {exc}") from None
+        if not isinstance(instance, AttributionVisualizer):
+            raise RecipeError(f"[{name}] method '{method}' is not an attribution method (e.g. gradcam, saliency)")
+    if section.layer:
+        _check_layer(module, section.layer, f"[{name}] layer")
 
 
 def _check_layer(module: Any, layer: str, where: str) -> None:
@@ -400,6 +470,26 @@ def _check_layer(module: Any, layer: str, where: str) -> None:
         resolve_layer(module, layer)
     except ConvlensError as exc:
         raise RecipeError(f"{where}: {exc}") from None
+
+
+def _check_data(data: dict[str, Any], base: Path) -> tuple[Path | None, GeneratedData | None]:
+    """[data]: an image folder (``path``) or one dataset the run writes (shapes, photos, fashion-mnist)."""
+    sources = ("path", *GENERATED_DATA)
+    _known(data, sources, "[data]")
+    given = [key for key in sources if key in data]
+    if len(given) != 1:
+        raise RecipeError(
+            "[data] needs exactly one of 'path' (an image folder), 'shapes' (a table: n, size, seed), "
+            "'photos' (an empty table: the photos installed packages ship) or 'fashion-mnist' (a table: n, split, seed)"
+        )
+    kind = given[0]
+    if kind != "path":
+        section = _section(GENERATED_DATA[kind], _table(data, kind, "[data]."), f"[data.{kind}]")
+        return None, GeneratedData(kind, section)
+    data_path = (base / str(data["path"])).resolve()
+    if not data_path.is_dir():
+        raise RecipeError(f"[data] path {data_path} is not a folder")
+    return data_path, None
 
 
 def _check_model(model: dict[str, Any], base: Path) -> tuple[str, dict[str, Any], str, int, Any]:

@@ -1,7 +1,9 @@
 """A CNN as a graph of channels (VISCNN, 004 sec. 2.1), followed through additions and concatenations, and run
 with gates on its nodes and edges.
 
-Nodes are the output channels of 2-D convolutions and of additions, plus the colour channels of the input. An
+Nodes are the output channels of 2-D convolutions and of additions, plus the colour channels of the input. A
+``Conv2d`` subclass whose forward pads and then calls ``conv2d`` with its own weight and settings (TensorFlow "same"
+padding) is traced through: its padding is channel-wise and the ``conv2d`` call is the convolution. An
 addition (a ResNet block's sum) is a node of its own so that every edge has exactly one source. Edges are the 2-D
 kernels ``W[d, c]`` of a convolution, from the node that feeds its input channel ``c`` to its output channel
 ``d``, and the branches of an addition: channel ``c`` of each summand into channel ``c`` of the sum (an identity
@@ -211,7 +213,7 @@ class ChannelGraph:
                 ShapeProp(graph_module).propagate(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
         finally:
             module.train(training)
-        builder = _GraphBuilder(graph_module, model_name)
+        builder = _GraphBuilder(module, graph_module, model_name)
         for node in graph_module.graph.nodes:
             builder.visit(node)
         builder.assign_views()
@@ -245,16 +247,21 @@ class ChannelGraph:
 
     def exit_sources(self) -> Sources:
         """The channels the model's output is computed from: every followed tensor read by an operation whose
-        output the graph no longer follows (a flatten, a linear layer) or by the output itself."""
+        output the graph no longer follows (a flatten, a linear layer) or by the output itself; not one that reads
+        only its shape (``x.size(0)``)."""
         found: list[Segment] = []
         for node in self.graph_module.graph.nodes:
-            if self.sources.get(node.name) is not None:
+            if self.sources.get(node.name) is not None or _reads_only_shape(node):
                 continue
             for argument in _tensor_args(node) if node.op != "output" else _output_args(node):
                 for segment in self.sources.get(argument.name) or ():
                     if segment not in found:
                         found.append(segment)
         return tuple(found)
+
+    def conv_module(self, layer: GraphLayer) -> nn.Conv2d:
+        """The ``Conv2d`` of a convolution layer."""
+        return self.module.get_submodule(layer.module)
 
     @property
     def edge_layers(self) -> list[GraphLayer]:
@@ -347,7 +354,7 @@ class _GatedRun(fx.Interpreter):
 
     def _convolve(self, node: fx.Node, layer: GraphLayer) -> torch.Tensor:
         args, _ = self.fetch_args_kwargs_from_env(node)
-        conv = self.channel_graph.graph_module.get_submodule(node.target)
+        conv = self.channel_graph.conv_module(layer)
         inputs = self.channel_graph.gated_sources(args[0], layer.inputs[0], self.gates, self.recorded)
         weight = conv.weight
         mask = self.gates.edges.get(layer.name)
@@ -380,6 +387,26 @@ def _scopes(node: fx.Node) -> set[str]:
     return {key.split("@")[0] for key in (node.meta.get("nn_module_stack") or {})}
 
 
+def _reads_only_shape(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape``, ``x.ndim``: operations that read a tensor's shape, not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
+
+
+def _reused_scopes(graph_module: fx.GraphModule) -> set[str]:
+    """The modules called more than once in the traced forward pass (torch.fx marks repeated calls ``name@n``)."""
+    called: dict[str, int] = {}
+    reused = set()
+    for node in graph_module.graph.nodes:
+        for key in node.meta.get("nn_module_stack") or {}:
+            if "@" in key:
+                reused.add(key.split("@")[0])
+        if node.op == "call_module":
+            called[str(node.target)] = called.get(str(node.target), 0) + 1
+    return reused | {name for name, count in called.items() if count > 1}
+
+
 def _mark_sources(nodes: dict[str, torch.Tensor], sources: Sources, chosen: torch.Tensor) -> None:
     offset = 0
     for segment in sources:
@@ -394,7 +421,8 @@ def _target_name(target: Any) -> str:
 class _GraphBuilder:
     """Walks the traced operations once, giving each tensor the sources of its channels."""
 
-    def __init__(self, graph_module: fx.GraphModule, model_name: str):
+    def __init__(self, module: nn.Module, graph_module: fx.GraphModule, model_name: str):
+        self.module = module
         self.graph_module = graph_module
         self.model_name = model_name
         self.layers: list[GraphLayer] = []
@@ -417,8 +445,11 @@ class _GraphBuilder:
             self.sources[node.name] = None
             return
         module = self.graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        called = self._called_conv(node)
         if isinstance(module, nn.Conv2d):
-            self._conv(node, module, carried)
+            self._conv(node, str(node.target), module, carried)
+        elif called is not None:
+            self._conv(node, *called, carried)
         elif node.op != "call_module" and node.target in _ADDITIONS and len(carried) >= 2:
             self._add(node, carried)
         elif node.op != "call_module" and node.target in _CONCATENATIONS:
@@ -432,10 +463,33 @@ class _GraphBuilder:
             f"'{node.name}' ({_target_name(node.target)}): {why}"
         )
 
-    def _conv(self, node: fx.Node, conv: nn.Conv2d, carried: list[fx.Node]) -> None:
+    def _called_conv(self, node: fx.Node) -> tuple[str, nn.Conv2d] | None:
+        """The name and module of the ``Conv2d`` whose own weight, bias and settings this ``conv2d`` call uses (a
+        ``Conv2d`` subclass that pads in its forward); ``None`` for any other operation."""
+        if node.op != "call_function" or node.target is not F.conv2d:
+            return None
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        call = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, **dict(zip(names, node.args))}
+        call.update(node.kwargs)
+        weight = call.get("weight")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return None
+        name = str(weight.target).rsplit(".", 1)[0]
+        conv = self.module.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+            return None
+        bias = call["bias"].target if isinstance(call["bias"], fx.Node) else call["bias"]
+        own = (
+            f"{name}.bias" if conv.bias is not None else None,
+            *(_pair(setting) for setting in (conv.stride, conv.padding, conv.dilation)),
+            conv.groups,
+        )
+        given = (bias, *(_pair(call[key]) for key in ("stride", "padding", "dilation")), call["groups"])
+        return (name, conv) if given == own else None
+
+    def _conv(self, node: fx.Node, name: str, conv: nn.Conv2d, carried: list[fx.Node]) -> None:
         if node.args[0] is not carried[0] or len(carried) != 1:
             raise self._unsupported(node, "a convolution must read one feature map")
-        name = str(node.target)
         layer = GraphLayer(
             name,
             "conv",
@@ -511,13 +565,16 @@ class _GraphBuilder:
 
     def assign_views(self) -> None:
         """Each layer's ``view``: the outermost module whose output is the latest operation of the layer's
-        channel-wise chain that keeps the resolution it was computed at."""
+        channel-wise chain that keeps the resolution it was computed at. A module that runs more than once per
+        forward pass (one activation module reused) is no view: its output is not one tensor."""
         last_of_scope: dict[str, str] = {}
         for node in self.graph_module.graph.nodes:
             for scope in _scopes(node):
                 last_of_scope[scope] = node.name
             if node.op == "call_module":
                 last_of_scope[str(node.target)] = node.name
+        for scope in _reused_scopes(self.graph_module):
+            last_of_scope.pop(scope, None)
         for layer in self.layers:
             chain = self._chains.get(layer.name, [])
             size = (_shape(chain[0]) or (0, 0, 0, 0))[2:] if chain else None
@@ -535,6 +592,13 @@ class _GraphBuilder:
                 if closed:
                     layer.view = closed[0]
                     break
+
+
+def _pair(value: Any) -> Any:
+    """A convolution setting as a tuple of two (an int repeated, a list as a tuple); strings and None unchanged."""
+    if isinstance(value, int):
+        return (value, value)
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -627,7 +691,7 @@ def gate_derivatives(
     }
     for i, name in enumerate(convs):
         layer = graph.layer[name]
-        conv = graph.graph_module.get_submodule(layer.module)
+        conv = graph.conv_module(layer)
         inputs = full_precision(recorded.conv_io[name][0].detach())
         edge_taylor[name], edge_activation[name] = _kernel_derivatives(conv, inputs, gradients[offset + i])
     node_activation = {}
