@@ -80,7 +80,7 @@ def _splice(run: RunFolder) -> list[str]:
             f"<td>{esc(sae.label)}</td>",
             f'<td class="num">{esc(fmt(sae.evaluation.top1_model, "pct"))}</td>',
             f'<td class="num">{esc(fmt(sae.evaluation.top1_sae, "pct"))}</td>',
-            f'<td class="num">{esc(fmt(sae.evaluation.kl_sae))}</td>',
+            f'<td class="num">{esc(_two_places(sae.evaluation.kl_sae, 4))}</td>',
         ]
         for sae in run.saes
         if sae.evaluation is not None
