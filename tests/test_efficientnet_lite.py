@@ -64,3 +64,17 @@ def test_a_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without_package)
     with pytest.raises(ConvlensError, match=r'pip install -e "\.\[real\]"'):
         convlens.registry.create("model", "efficientnet-lite0")
+
+
+def test_a_module_applied_at_several_places_is_no_layer(efficientnet_lite0):
+    """EfficientNet-Lite0 applies one ReLU6 module (`_swish`) after its stem and its head: no single output."""
+    from convlens.models.layers import capture, layer_table
+
+    with pytest.raises(ConvlensError, match="layer '_swish' of model runs more than once in one forward pass"):
+        capture(efficientnet_lite0.module, torch.zeros(1, 3, 64, 64), ["_swish"])
+    calls = {row["name"]: row["calls"] for row in layer_table(efficientnet_lite0.module, (64, 64))}
+    assert calls["_swish"] == 2 and calls["_blocks.3._swish"] == 2 and calls["_blocks.10"] == 1
+    assert (
+        capture(efficientnet_lite0.module, torch.zeros(1, 3, 64, 64), ["_blocks.10"]).activations["_blocks.10"].shape[1]
+        == 112
+    )

@@ -33,7 +33,8 @@ def _layers(component: Any, params: dict[str, Any], as_json: bool) -> None:
             (
                 r["name"] + (" (default)" if r["name"] == bundle.default_layer else ""),
                 r["type"],
-                "x".join(map(str, r["output_shape"])) if r["output_shape"] else "-",
+                ("x".join(map(str, r["output_shape"])) if r["output_shape"] else "-")
+                + (f" (runs {r['calls']}x: last shown)" if r["calls"] > 1 else ""),
                 r["params"],
             )
             for r in rows

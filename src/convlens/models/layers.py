@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.core.errors import UnknownComponentError, suggest
+from convlens.core.errors import ConvlensError, UnknownComponentError, suggest
 
 
 def resolve_layer(module: nn.Module, name: str, model_name: str = "model") -> nn.Module:
@@ -43,16 +43,25 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def hooked_outputs(
-    module: nn.Module, layers: Sequence[str], model_name: str = "model"
+    module: nn.Module, layers: Sequence[str], model_name: str = "model", calls: dict[str, int] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of ``layers`` during forward passes made inside the block."""
+    """Record the outputs of ``layers`` during forward passes made inside the block.
+
+    A layer whose module runs more than once in one forward pass (one activation module applied at several
+    places) has no single output: that is an error, unless ``calls`` is given, which then counts the calls of
+    each layer in the last forward pass.
+    """
     targets = {name: resolve_layer(module, name, model_name) for name in layers}
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
+    counted: dict[str, int] = calls if calls is not None else {}
+    handles = [module.register_forward_pre_hook(lambda _module, _inputs: counted.clear())]
     try:
         for name, layer in targets.items():
 
             def hook(_module, _inputs, output, name=name):
+                counted[name] = counted.get(name, 0) + 1
+                if counted[name] > 1 and calls is None:
+                    raise ConvlensError(_runs_repeatedly(name, model_name))
                 outputs[name] = first_tensor(output)
 
             handles.append(layer.register_forward_hook(hook))
@@ -60,6 +69,13 @@ def hooked_outputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _runs_repeatedly(layer: str, model_name: str) -> str:
+    return (
+        f"layer '{layer}' of {model_name} runs more than once in one forward pass (one module applied at several "
+        "places), so it has no single output; choose a layer that runs once (`convlens layers` marks the others)"
+    )
 
 
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
@@ -140,7 +156,8 @@ def layer_table(module: nn.Module, input_size: tuple[int, int]) -> list[dict[str
     names = [n for n, _ in module.named_modules() if n]
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     shapes: dict[str, list[int] | None] = {}
-    with hooked_outputs(module, names) as outputs, torch.no_grad():
+    calls: dict[str, int] = {}
+    with hooked_outputs(module, names, calls=calls) as outputs, torch.no_grad():
         was_training = module.training
         module.eval()
         try:
@@ -157,6 +174,7 @@ def layer_table(module: nn.Module, input_size: tuple[int, int]) -> list[dict[str
             "type": type(layers[name]).__name__,
             "output_shape": shapes[name],
             "params": sum(p.numel() for p in layers[name].parameters(recurse=False)),
+            "calls": calls.get(name, 0),
         }
         for name in names
     ]
