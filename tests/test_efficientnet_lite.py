@@ -68,10 +68,16 @@ def test_a_missing_package_names_the_extra(monkeypatch):
 
 def test_a_module_applied_at_several_places_is_no_layer(efficientnet_lite0):
     """EfficientNet-Lite0 applies one ReLU6 module (`_swish`) after its stem and its head: no single output."""
-    from convlens.models.layers import capture, layer_table
+    from convlens.models.layers import activations_at, capture, gradients_between, layer_table
 
-    with pytest.raises(ConvlensError, match="layer '_swish' of model runs more than once in one forward pass"):
-        capture(efficientnet_lite0.module, torch.zeros(1, 3, 64, 64), ["_swish"])
+    images = torch.zeros(1, 3, 64, 64)
+    repeated = "layer '_swish' of model runs more than once in one forward pass"
+    with pytest.raises(ConvlensError, match=repeated):
+        capture(efficientnet_lite0.module, images, ["_swish"])
+    with pytest.raises(ConvlensError, match=repeated):  # a forward stopped at the first call would read only that
+        activations_at(efficientnet_lite0.module, images, "_swish")
+    with pytest.raises(ConvlensError, match=repeated.replace("_swish", "_blocks.3._swish")):
+        gradients_between(efficientnet_lite0.module, images, "_blocks.3._swish", None, lambda logits: logits[:, 0])
     calls = {row["name"]: row["calls"] for row in layer_table(efficientnet_lite0.module, (64, 64))}
     assert calls["_swish"] == 2 and calls["_blocks.3._swish"] == 2 and calls["_blocks.10"] == 1
     assert (

@@ -66,12 +66,15 @@ def test_activations_at_stops_early_and_matches_a_full_forward():
     module = bundle.module
     images = torch.randn(3, 3, 64, 64)
     calls = []
-    handle = module.fc.register_forward_hook(lambda *args: calls.append(1))
+    handle = module.fc.register_forward_hook(lambda *args: calls.append(len(args[1][0])))
     try:
         early = activations_at(module, images, "block2").activations["block2"]
+        again = activations_at(module, images, "block2").activations["block2"]
     finally:
         handle.remove()
-    assert calls == []  # the layers after block2 never ran
+    # the layers after block2 ran once, on one image, when the model was first seen (to learn which modules run
+    # more than once per forward pass), and never for the batch
+    assert calls == [1] and torch.equal(early, again)
     with torch.no_grad():
         torch.testing.assert_close(early, module.block2(module.block1(images)))
     assert count_hooks(module) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -180,6 +181,46 @@ def layer_table(module: nn.Module, input_size: tuple[int, int]) -> list[dict[str
     ]
 
 
+_CALL_COUNTS: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def call_counts(module: nn.Module, images: torch.Tensor) -> dict[str, int]:
+    """How often each named sub-module runs in one forward pass: counted once per model object, on one image
+    (empty when the model cannot run to its end on these inputs)."""
+    counts = _CALL_COUNTS.get(module)
+    if counts is None:
+        counts = {}
+        handles = [
+            child.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+            for name, child in module.named_modules()
+            if name
+        ]
+        was_training = module.training
+        try:
+            with torch.no_grad():
+                module.eval()(images[:1])
+        except Exception:  # a model that cannot run to its end on these inputs: its calls stay unknown
+            counts.clear()
+        finally:
+            module.train(was_training)
+            for handle in handles:
+                handle.remove()
+        _CALL_COUNTS[module] = counts
+    return counts
+
+
+def _check_runs_once(module: nn.Module, images: torch.Tensor, layers: Sequence[str | None], model_name: str) -> None:
+    """One clear error for a layer whose module runs more than once per forward pass: a forward stopped at its
+    first call would silently read only that call."""
+    named = [layer for layer in layers if layer is not None]
+    if not named:
+        return
+    counts = call_counts(module, images)
+    for layer in named:
+        if counts.get(layer, 0) > 1:
+            raise ConvlensError(_runs_repeatedly(layer, model_name))
+
+
 class _ReachedLayer(Exception):
     def __init__(self, output: torch.Tensor):
         super().__init__("forward stopped at the requested layer")
@@ -206,7 +247,9 @@ def activations_at(
     def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
         raise _ReachedLayer(first_tensor(output))
 
-    handle = resolve_layer(module, layer, model_name).register_forward_hook(stop)
+    layer_module = resolve_layer(module, layer, model_name)
+    _check_runs_once(module, images, [layer], model_name)
+    handle = layer_module.register_forward_hook(stop)
     try:
         with torch.no_grad():
             module(images)
@@ -241,6 +284,7 @@ def gradients_between(
     """
     source_module = resolve_layer(module, source_layer, model_name) if source_layer is not None else None
     target_module = resolve_layer(module, target_layer, model_name) if target_layer is not None else None
+    _check_runs_once(module, images, [source_layer, target_layer], model_name)
     source_key = source_layer if source_layer is not None else INPUT
     source_name = f"layer '{source_layer}'" if source_layer is not None else "the input"
     target_name = f"layer '{target_layer}'" if target_layer is not None else "the output"
