@@ -35,6 +35,7 @@ from convlens.sae.training import (
     first_batches,
     input_statistics,
     split_count,
+    training_batches,
     training_split_in_memory,
     training_step,
 )
@@ -122,16 +123,7 @@ def run_sweep(
     )
     step, epoch, failed = 0, 0, {}
     while step < total_steps:
-        batches = store.batches(
-            params.batch_size,
-            "train",
-            seed=params.seed,
-            epoch=epoch,
-            window=params.window,
-            device=device,
-            resident=resident,
-        )
-        with contextlib.closing(batches):
+        with contextlib.closing(training_batches(store, params, epoch, device, resident)) as batches:
             for batch in batches:
                 if step >= total_steps:
                     break

@@ -142,6 +142,22 @@ def training_split_in_memory(
     return store.load_into_memory("train", device)
 
 
+def training_batches(
+    store: ActivationStore, params: SAETrainingParams, epoch: int, device: torch.device, resident: Any
+) -> Iterator[torch.Tensor]:
+    """One epoch of the training split in the seeded, windowed shuffle of ``params`` (from ``resident`` memory when
+    the split is held there); close it when leaving early, so its prefetching stops."""
+    return store.batches(
+        params.batch_size,
+        "train",
+        seed=params.seed,
+        epoch=epoch,
+        window=params.window,
+        device=device,
+        resident=resident,
+    )
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
@@ -420,16 +436,7 @@ def train_sae(
     with run.checkpoints_kept():
         epoch, skip = divmod(run.step, run.steps_per_epoch)
         while run.step < run.total_steps:
-            batches = store.batches(
-                params.batch_size,
-                "train",
-                seed=params.seed,
-                epoch=epoch,
-                window=params.window,
-                device=device,
-                resident=resident,
-            )
-            with contextlib.closing(batches):
+            with contextlib.closing(training_batches(store, params, epoch, device, resident)) as batches:
                 run.epoch(itertools.islice(batches, skip, None), bar, on_step)
             epoch, skip = epoch + 1, 0
     bar.close()
