@@ -4,8 +4,10 @@ is not installed). Screenshots go to $CONVLENS_TEST_ARTIFACTS (default: the test
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ def test_the_demo_runs_the_whole_recipe_and_prints_the_report_path(demo):
     assert {step["status"] for step in state["steps"]} == {"done"}
     assert set(state["visualizations"]) == {"cnn", "topk", "relu-l1"}
     for group in state["visualizations"].values():
-        assert len(group["units"]) == 8 and set(group["runs"]) == {"feature-viz", "dataset-examples", "gradcam"}
+        assert len(group["units"]) >= 8 and set(group["runs"]) == {"feature-viz", "dataset-examples", "gradcam"}
     printed = subprocess.run(
         [sys.executable, "-m", "convlens", "demo", "--print-recipe"], capture_output=True, text=True, check=True
     ).stdout
@@ -70,6 +72,39 @@ def test_the_demo_report_states_the_numbers_of_the_run(demo):
         _close(_metric(metrics, "selective", group=label, attribute="any"), group["summary"]["selective"])
     statement = (out / "report" / "index.html").read_text().split('id="selectivity-statement"')[1].split("</p>")[0]
     assert "CNN" in statement and "topk" in statement and "relu-l1" in statement
+
+
+def test_the_demo_overview_pictures_the_top_and_the_most_selective_units_of_every_group(demo):
+    out, _ = demo
+    groups = json.loads((out / "statistics" / "statistics.json").read_text())["groups"]
+    index = (out / "report" / "index.html").read_text()
+    gallery = index.split('<section id="gallery">')[1].split("</section>")[0]
+    for label, group in groups.items():
+        cards = gallery.split(f'data-group="{label}">')[1].split("</div>")[0]
+        pictured = [int(part.split('"')[0]) for part in cards.split('data-unit="')[1:]]
+        assert len(pictured) >= 8 and cards.count("<img ") == len(pictured)
+        alive = [u for u in group["units"] if not u["dead"] and u["best_concept"]]
+        selective = sorted(alive, key=lambda u: (-u["best_concept"]["auroc"], u["rank"]))[:3]
+        assert {u["unit"] for u in selective} <= set(pictured), label
+
+
+def test_a_demo_unit_page_without_pictures_gives_commands_that_render_the_unit(demo, tmp_path):
+    out, _ = demo
+    state = json.loads((out / "pipeline.json").read_text())
+    pictured = state["visualizations"]["cnn"]["units"]
+    unit = next(u for u in range(64) if u not in pictured and (out / "report" / "units" / f"cnn-{u}.html").is_file())
+    page = (out / "report" / "units" / f"cnn-{unit}.html").read_text()
+    commands = html.unescape(page.split('id="render-command"><code>')[1].split("</code>")[0]).splitlines()
+    assert len(commands) == 2
+    for command in commands:
+        words = shlex.split(command)
+        finished = subprocess.run(
+            [sys.executable, "-m", *words, "--json"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        record = json.loads(finished.stdout)
+        figures = [f for f in record["figures"] if f["unit"] == unit]
+        assert figures and all((Path(record["out"]) / f["path"]).is_file() for f in figures)
 
 
 @requires_chromium

@@ -3,8 +3,11 @@ same end."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +53,8 @@ ablate = 2
 [visualize]
 units = 2
 latents = 2
+selective = 1
+frequent = 1
 examples = 2
 visualizers = ["feature-viz", "dataset-examples", "gradcam"]
 
@@ -179,9 +184,16 @@ def test_a_run_writes_the_layout_the_report_reads(finished_run):
     assert 0 <= evaluation["top1"]["sae"] <= 1
     statistics = json.loads((out / "statistics" / "statistics.json").read_text())
     cnn, latents = state["visualizations"]["cnn"], state["visualizations"]["topk"]
-    ranked = sorted((u for u in statistics["groups"]["cnn"]["units"] if not u["dead"]), key=lambda u: u["rank"])
-    assert cnn["units"] == [u["unit"] for u in ranked[:2]]
-    assert len(latents["units"]) == 2
+    for label, group in (("cnn", cnn), ("topk", latents)):
+        records = statistics["groups"][label]["units"]
+        ranked = sorted((u for u in records if not u["dead"]), key=lambda u: u["rank"])
+        assert group["units"][:2] == [u["unit"] for u in ranked[:2]]
+        assert all(group["reasons"][str(u["unit"])][0] == "share" for u in ranked[:2])
+        alive = [u for u in records if not u["dead"] and u["best_concept"]]
+        most_selective = max(alive, key=lambda u: (u["best_concept"]["auroc"], -u["rank"]))["unit"]
+        assert "selective" in group["reasons"][str(most_selective)]
+        assert [reasons for reasons in group["reasons"].values()].count(["frequent"]) == 1
+        assert len(group["units"]) == len(group["reasons"]) <= 4
     for group in (cnn, latents):
         assert set(group["runs"]) == {"feature-viz", "dataset-examples", "gradcam"}
         for folder in group["runs"].values():
@@ -198,6 +210,116 @@ def test_a_run_writes_the_layout_the_report_reads(finished_run):
         paths[int(maxima["positions"][i])].split("/")[-1] for i in top
     ]
     assert "report:" in output and output.strip().splitlines()[-1].startswith("ran ")
+
+
+def test_a_unit_page_without_pictures_shows_the_commands_that_render_that_unit(finished_run, tmp_path, monkeypatch):
+    _, out, _ = finished_run
+    state = json.loads((out / "pipeline.json").read_text())
+    statistics = json.loads((out / "statistics" / "statistics.json").read_text())["groups"]["topk"]["units"]
+    unit = next(
+        u["unit"] for u in statistics if not u["dead"] and u["unit"] not in state["visualizations"]["topk"]["units"]
+    )
+    page = (out / "report" / "units" / f"topk-{unit}.html").read_text()
+    assert "gradcam explained each unit on the images it responds to most" in page
+    text = html.unescape(page.split('id="render-command"><code>')[1].split("</code>")[0])
+    commands = [shlex.split(line) for line in text.splitlines()]
+    assert [words[2] for words in commands] == ["feature-viz", "dataset-examples"]
+    monkeypatch.chdir(tmp_path)  # the command holds absolute paths: it runs from anywhere
+    for words in commands:
+        assert words[:2] == ["convlens", "visualize"] and words[words.index("--units") + 1] == str(unit)
+        result = run_cli(*words[1:], "--json")
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.output)
+        figures = [f for f in record["figures"] if f["unit"] == unit]
+        assert figures and all((Path(record["out"]) / f["path"]).is_file() for f in figures)
+        assert Path(record["out"]).is_relative_to(out / "extra" / "topk")
+    settings = json.loads((out / "extra" / "topk" / "feature-viz" / f"unit-{unit}" / "config.json").read_text())
+    assert settings["visualizer"]["params"]["steps"] == 8 and settings["visualizer"]["params"]["preset"] == "naive"
+
+
+CHANCE_RECIPE = """
+title = "shuffled labels"
+seed = 0
+
+[data]
+path = "folder"
+
+[model]
+name = "tiny-cnn"
+params = { input_size = 32, width = 8, blocks = 4 }
+layer = "block3"
+train = { epochs = 2, batch_size = 32 }
+
+[extract]
+filters = ["magnitude"]
+per_image = 2
+
+[visualize]
+units = 3
+selective = 0
+frequent = 0
+visualizers = ["feature-viz"]
+
+[visualize.feature-viz]
+steps = 1
+preset = "naive"
+"""
+
+
+def shuffled_label_folder(root: Path) -> Path:
+    """A 3-class ImageFolder of shapes pictures whose classes are drawn at random: nothing to learn."""
+    from convlens.data.shapes import write_shapes
+
+    write_shapes(root / "shapes", n=150, size=32, seed=5)
+    images = sorted((root / "shapes").rglob("*.png"))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
+    for position, image in zip(order, images):
+        folder = root / "folder" / "abc"[position % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / image.name).write_bytes(image.read_bytes())
+    return root / "folder"
+
+
+def test_train_model_on_three_classes_prints_no_top5_and_warns_at_chance(tmp_path):
+    data = shuffled_label_folder(tmp_path)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "tiny-cnn",
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 classes" in result.output and "top-5" not in result.output
+    assert "close to chance (33.3 % with 3 classes)" in result.output
+
+
+def test_a_chance_level_model_and_failed_renders_end_with_warnings_and_flags(tmp_path):
+    shuffled_label_folder(tmp_path)
+    recipe = write_recipe(tmp_path, CHANCE_RECIPE)
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    chance = [w for w in state["warnings"] if "close to chance" in w]
+    assert len(chance) == 1 and "33.3 % with 3 classes" in chance[0] and f"warning: {chance[0]}" in result.output
+    flagged = state["flags"]["cnn"]
+    assert set(flagged) == {str(u) for u in state["visualizations"]["cnn"]["units"]}
+    assert any("feature visualisation of 3 CNN channels did not reach" in w for w in state["warnings"])
+    index = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert index.index('id="warnings"') < index.index('id="run"') and "close to chance" in index
+    assert index.count('class="small flagged"') == 3
+    unit = next(iter(flagged))
+    assert (
+        "Flagged: feature-viz: the render" in (tmp_path / "run" / "report" / "units" / f"cnn-{unit}.html").read_text()
+    )
 
 
 def test_a_second_run_skips_every_step_and_a_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
@@ -242,7 +364,9 @@ def test_killing_a_run_part_way_and_rerunning_it_ends_with_the_same_outputs(fini
 
     resumed = run_cli("run", str(recipe), "--out", str(out))
     assert resumed.exit_code == 0, resumed.output
-    assert "[1/" in resumed.output and "data: done before for the same inputs, skipped" in resumed.output
+    assert "[1/" in resumed.output and re.search(
+        r"data: done before for the same inputs \(it took [\d.]+ s\), skipped", resumed.output
+    )
     metrics = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in metrics] == [1, 2, 3]
     assert_same_results(reference, out)

@@ -484,7 +484,8 @@ def test_unit_pages_show_every_figure_of_the_unit_grouped_by_visualizer(report_r
     assert "not-there.png" not in unit
     assert "peak cell" in unit  # the dataset-examples record's top and bottom images with their peaks
     plain = (site / "units" / "cnn-31.html").read_text()
-    assert "Only the top-ranked CNN channels were visualised (2, 0, 1)" in plain and 'data-metric="frequency"' in plain
+    assert "The run pictured 3 CNN channels (2, 0, 1); this page shows the statistics only" in plain
+    assert 'data-metric="frequency"' in plain
     assert "No visualizer ran on the SAE &#x27;relu&#x27; latents" in (site / "units" / "relu-0.html").read_text()
 
 

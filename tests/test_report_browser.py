@@ -38,6 +38,14 @@ VISIBLE_ROWS = """Array.from(document.querySelectorAll('#unit-table tbody tr')).
                 visualised: r.dataset.visualised, search: r.dataset.search,
                 frequency: r.querySelector('td:nth-child(4)').dataset.sort}))"""
 
+COLUMN_VALUES = """key => {
+    const index = Array.from(document.querySelectorAll('#unit-table thead th')).findIndex(h => h.dataset.key === key);
+    return Array.from(document.querySelectorAll('#unit-table tbody tr')).filter(r => !r.hidden).map(r => {
+        const cell = r.cells[index];
+        return cell.hasAttribute('data-sort') ? cell.dataset.sort : cell.textContent.trim();
+    });
+}"""
+
 
 def watched_page(browser, problems: list[str], requests: list[str]):
     """A new page that adds console errors, page errors and failed requests to ``problems`` and every requested
@@ -94,15 +102,27 @@ def test_the_report_in_chromium(site, tmp_path):
             rows = page.evaluate(VISIBLE_ROWS)
             total = len(rows)
             assert page.inner_text("#unit-count") == f"{total} of {total} shown"
-            page.click("th[data-key=frequency] button")
+            page.click("th[data-key=frequency] button")  # numbers: the largest first
             frequencies = [float(r["frequency"]) for r in page.evaluate(VISIBLE_ROWS)]
-            assert frequencies == sorted(frequencies) and frequencies[0] < frequencies[-1]
-            assert page.get_attribute("th[data-key=frequency]", "aria-sort") == "ascending"
+            assert frequencies == sorted(frequencies, reverse=True) and frequencies[0] > frequencies[-1]
+            assert page.get_attribute("th[data-key=frequency]", "aria-sort") == "descending"
             page.click("th[data-key=frequency] button")
-            assert [float(r["frequency"]) for r in page.evaluate(VISIBLE_ROWS)] == sorted(frequencies, reverse=True)
-            page.click("th[data-key=unit] button")
+            assert [float(r["frequency"]) for r in page.evaluate(VISIBLE_ROWS)] == sorted(frequencies)
+            assert page.get_attribute("th[data-key=frequency]", "aria-sort") == "ascending"
+            page.click("th[data-key=unit] button")  # unit and rank: from the smallest (rank 1) first
             units = [r["unit"] for r in page.evaluate(VISIBLE_ROWS)]
-            assert units == sorted(units) and units.index(10) > units.index(9)  # numbers, not text
+            assert units == sorted(units) and units.index(9) < units.index(10)  # numbers, not text
+            page.click("th[data-key=unit] button")
+            assert [r["unit"] for r in page.evaluate(VISIBLE_ROWS)] == sorted(units, reverse=True)
+            page.click("th[data-key=auroc] button")
+            aurocs = page.evaluate(COLUMN_VALUES, "auroc")
+            scored = [float(value) for value in aurocs if value.strip()]
+            assert len(set(scored)) > 1 and scored == sorted(scored, reverse=True)
+            assert aurocs[: len(scored)] == [value for value in aurocs if value.strip()]  # units without one last
+            page.click("th[data-key=group] button")  # text: from A
+            groups = page.evaluate(COLUMN_VALUES, "group")
+            assert len(set(groups)) > 1 and groups == sorted(groups, key=str.lower)
+            assert page.get_attribute("th[data-key=group]", "aria-sort") == "ascending"
 
             page.select_option("#group-filter", "topk")
             shown = page.evaluate(VISIBLE_ROWS)

@@ -124,7 +124,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(shapes_small, t
 
 
 def test_run_folder_holds_checkpoints_curves_and_error_analysis(shapes_small, tmp_path):
-    bundle, summary = run_training(shapes_small, tmp_path / "run", epochs=2)
+    bundle, summary = run_training(shapes_small, tmp_path / "run", epochs=2, keep_checkpoints=None)
     run = tmp_path / "run"
     for name in (
         "config.json",

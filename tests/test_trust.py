@@ -178,7 +178,11 @@ def plugin_file(tmp_path, name, body):
 
 
 def test_a_slow_plugin_is_reported_with_its_load_time(tmp_path, monkeypatch):
-    slow = plugin_file(tmp_path, "sleepy", "import time\ntime.sleep(0.3)\n")
+    slow = plugin_file(
+        tmp_path,
+        "sleepy",
+        "import time, convlens\ntime.sleep(0.3)\n@convlens.hookimpl\ndef register_filters(register):\n    pass\n",
+    )
     monkeypatch.setenv("CONVLENS_PLUGIN_BUDGET", "0.2")
     result = CliRunner().invoke(cli, ["--plugin", str(slow), "plugins", "--json"])
     assert result.exit_code == 0, result.output
@@ -206,11 +210,11 @@ def test_a_missing_plugin_file_stops_with_one_message(tmp_path):
     assert "nowhere.py" in result.stderr and "does not exist" in result.stderr
 
 
-def test_a_plugin_file_that_raises_warns_and_fails_under_strict(tmp_path, monkeypatch):
+def test_a_plugin_file_that_raises_stops_the_command_also_under_strict(tmp_path, monkeypatch):
     broken = plugin_file(tmp_path, "broken", "raise RuntimeError('boom at import')\n")
     result = CliRunner().invoke(cli, ["--plugin", str(broken), "list", "filter"])
-    assert result.exit_code == 0, result.output
-    assert "magnitude" in result.stdout
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
     assert "broken.py" in result.stderr and "RuntimeError: boom at import" in result.stderr
     assert result.stderr.count("\n") == 1
     monkeypatch.setenv("CONVLENS_STRICT_PLUGINS", "1")

@@ -19,7 +19,7 @@ from convlens.data.shapes import write_shapes
 from convlens.models.layers import activations_at
 from convlens.units.statistics import auroc, unit_statistics
 
-FIELDS = ("frequency", "image_frequency", "mean", "max", "mean_image_max", "share")
+FIELDS = ("frequency", "image_frequency", "mean", "max", "mean_image_max", "max_image_mean", "share")
 
 
 class Planted(nn.Module):
@@ -106,6 +106,7 @@ def brute_force(maps: np.ndarray) -> dict[str, np.ndarray]:
         "mean": flat.mean(axis=(0, 2)),
         "max": peaks.max(axis=0),
         "mean_image_max": peaks.mean(axis=0),
+        "max_image_mean": flat.mean(axis=2).max(axis=0),
         "share": magnitude / magnitude.sum(),
         "dead": ~(flat > 0).any(axis=(0, 2)),
         "peaks": peaks,
@@ -252,7 +253,7 @@ def test_max_images_draws_a_seeded_subset(shapes, reference, tmp_path):
     assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 20
     assert load_file(tmp_path / "b" / "maxima.safetensors")["positions"].tolist() == positions.tolist()
     assert load_file(tmp_path / "c" / "maxima.safetensors")["positions"].tolist() != positions.tolist()
-    assert first["images"] == 20 and first["concepts"] is None and first["seed"] == 5
+    assert first["images"] == 20 and list(first["concepts"]) == ["class"] and first["seed"] == 5  # the folders
     for field in FIELDS:
         assert [u[field] for u in first["groups"]["cnn"]["units"]] == pytest.approx(
             [u[field] for u in again["groups"]["cnn"]["units"]], rel=1e-12

@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Any
 from convlens import registry
 from convlens._version import __version__
 from convlens.core.component_registry import Component, FilterSpec, ModelSpec, SAESpec, VisualizerSpec
-from convlens.core.contracts import ActivationFilter, FilterContext, ModelBundle, SAEParams, Visualizer, VisualTarget
+from convlens.core.contracts import (
+    ActivationFilter,
+    FilterContext,
+    ModelBundle,
+    Outputs,
+    SAEParams,
+    Visualization,
+    Visualizer,
+    VisualTarget,
+    capture_outputs,
+)
 from convlens.core.errors import (
     AmbiguousComponentError,
     ContractError,
@@ -42,17 +52,18 @@ _LAZY: dict[str, str] = {
             "GRID",
             "INK",
             "PALETTE",
-            "bar_chart",
             "enlarge",
             "grid",
             "heat_colours",
             "heat_overlay",
             "heatmap",
-            "line_chart",
             "side_by_side",
             "titled",
         ),
         "convlens.drawing.charts",
+    ),
+    **dict.fromkeys(
+        ("BarPanel", "LinePanel", "bar_chart", "chart_image", "line_chart", "save_chart"), "convlens.drawing.plots"
     ),
     **dict.fromkeys(("TILE_GAP", "labelled_grid", "shifted", "tile_size", "titled_to_fit"), "convlens.drawing.tiles"),
     # data: images
@@ -88,6 +99,7 @@ _LAZY: dict[str, str] = {
         (
             "STATE_DICT_SUFFIXES",
             "PartialWeightsWarning",
+            "UnwrappedCheckpointWarning",
             "class_names_of",
             "is_checkpoint_path",
             "load_state_dict",
@@ -98,13 +110,15 @@ _LAZY: dict[str, str] = {
     ),
     "smooth_network": "convlens.models.smoothing",
     "load_model": "convlens.models.loading",
-    # activations: the store reader
+    # activations: the store reader, filter comparison
     "ActivationStore": "convlens.activations.store",
+    **dict.fromkeys(("ComparisonSettings", "compare_filters"), "convlens.activations.filter_comparison"),
     # SAEs
     **dict.fromkeys(
         ("SAEOutput", "SparseAutoencoder", "SparseLatents", "load_sae", "save_sae", "squared_error", "unit_rows"),
         "convlens.sae.base",
     ),
+    "evaluate_splice": "convlens.sae.evaluation",
     # attribution
     **dict.fromkeys(
         (
@@ -117,8 +131,16 @@ _LAZY: dict[str, str] = {
         ),
         "convlens.attribution.base",
     ),
+    **dict.fromkeys(("CascadeResult", "cascading_randomisation"), "convlens.attribution.sanity_checks"),
+    "explained_predictions": "convlens.attribution.predictions",
     # units
     **dict.fromkeys(("chosen_units", "layer_maps"), "convlens.units.maps"),
+    "unit_statistics": "convlens.units.statistics",
+    # report: a run folder as records
+    "read_run": "convlens.report.reader",
+    "RunFolder": "convlens.report.run_folder",
+    # workflow: a visualizer run from names, results in memory
+    **dict.fromkeys(("visual_target", "visualize"), "convlens.workflow.visualizing"),
 }
 
 __all__ = [
@@ -138,6 +160,9 @@ __all__ = [
     "FilterContext",
     "Visualizer",
     "VisualTarget",
+    "Visualization",
+    "Outputs",
+    "capture_outputs",
     "ConvlensError",
     "UnknownComponentError",
     "AmbiguousComponentError",
@@ -164,6 +189,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and editors
+    from convlens.activations.filter_comparison import ComparisonSettings, compare_filters
     from convlens.activations.store import ActivationStore
     from convlens.attribution.base import (
         AttributionParams,
@@ -173,6 +199,8 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         scaled_to_unit,
         target_gradients,
     )
+    from convlens.attribution.predictions import explained_predictions
+    from convlens.attribution.sanity_checks import CascadeResult, cascading_randomisation
     from convlens.data.concepts import ConceptSet, load_concepts
     from convlens.data.image_visualizer import ImageVisualizer
     from convlens.data.images import (
@@ -189,20 +217,20 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         GRID,
         INK,
         PALETTE,
-        bar_chart,
         enlarge,
         grid,
         heat_colours,
         heat_overlay,
         heatmap,
-        line_chart,
         side_by_side,
         titled,
     )
+    from convlens.drawing.plots import BarPanel, LinePanel, bar_chart, chart_image, line_chart, save_chart
     from convlens.drawing.tiles import TILE_GAP, labelled_grid, shifted, tile_size, titled_to_fit
     from convlens.models.checkpoints import (
         STATE_DICT_SUFFIXES,
         PartialWeightsWarning,
+        UnwrappedCheckpointWarning,
         class_names_of,
         is_checkpoint_path,
         load_state_dict,
@@ -220,6 +248,8 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     )
     from convlens.models.loading import load_model
     from convlens.models.smoothing import smooth_network
+    from convlens.report.reader import read_run
+    from convlens.report.run_folder import RunFolder
     from convlens.runtime.device import resolve_device
     from convlens.runtime.precision import COMPUTE_DTYPES, autocast, channels_last
     from convlens.runtime.run_records import write_json_atomic
@@ -234,4 +264,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         squared_error,
         unit_rows,
     )
+    from convlens.sae.evaluation import evaluate_splice
     from convlens.units.maps import chosen_units, layer_maps
+    from convlens.units.statistics import unit_statistics
+    from convlens.workflow.visualizing import visual_target, visualize

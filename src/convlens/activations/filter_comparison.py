@@ -28,7 +28,8 @@ from convlens.core.contracts import ActivationFilter, FilterContext
 from convlens.core.errors import ConvlensError
 from convlens.data.images import ImageIndex, Preprocessing, SkipLog, save_png
 from convlens.data.loading import ImageDataset, decode_on_device, image_batches
-from convlens.drawing.charts import bar_chart, enlarge, heatmap, side_by_side, titled
+from convlens.drawing.charts import enlarge, heatmap, side_by_side, titled
+from convlens.drawing.plots import BarPanel, save_chart
 from convlens.models.layers import activations_at
 from convlens.runtime.rank_statistics import rowwise_cosine, rowwise_spearman
 from convlens.runtime.run_records import versions, write_json_atomic
@@ -269,16 +270,15 @@ def compare_filters(
     if precision is not None:
         labels = ["uniform"] + names
         values = [precision["uniform"]] + [precision["filters"][name]["sampled"] for name in names]
-        save_png(
-            bar_chart(
-                labels,
-                values,
-                title="foreground precision of sampled patches",
-                xlabel="share of sampled patches on the object",
-                maximum=1.0,
-            ),
-            out / "foreground-precision.png",
+        chart = BarPanel(
+            labels=labels,
+            values=values,
+            title="foreground precision of sampled patches",
+            xlabel="share of sampled patches on the object",
+            maximum=1.0,
+            key="foreground-precision",
         )
+        save_chart(chart, out / "foreground-precision.png")
     result = finite_or_none(result)
     write_json_atomic(out / "comparison.json", result)
     return result

@@ -134,27 +134,28 @@ def cascading_randomisation(
 def cascade_figures(
     results: Sequence[CascadeResult], pictures: Sequence[Any], out_dir: Path, shown: int = 4
 ) -> dict[str, str]:
-    """``spearman.png`` (mean Spearman per step, one line per method) and ``cascade-<method>.png`` (the maps of the
-    first ``shown`` images, one row each, one column per step)."""
+    """``spearman.png`` and ``spearman.svg`` (mean Spearman per step, one line per method) and
+    ``cascade-<method>.png`` (the maps of the first ``shown`` images, one row each, one column per step)."""
     import numpy as np
 
     from convlens.data.images import save_png
-    from convlens.drawing.charts import enlarge, grid, heat_overlay, line_chart, titled
+    from convlens.drawing.charts import enlarge, grid, heat_overlay, titled
+    from convlens.drawing.plots import LinePanel, save_chart
 
     files = {}
     series = {}
     for result in results:
         means = [row["spearman_mean"] for row in result.table()]
         series[result.method] = (list(range(len(means))), [m if m is not None else math.nan for m in means])
-    save_png(
-        line_chart(
-            series,
-            title="Spearman correlation with the trained model's maps",
-            xlabel="blocks randomised, from the output down",
-            ylabel="mean Spearman",
-        ),
-        out_dir / "spearman.png",
+    chart = LinePanel(
+        series=series,
+        title="Spearman correlation with the trained model's maps",
+        xlabel="blocks randomised, from the output down",
+        ylabel="mean Spearman",
+        integer_x=True,
+        key="spearman",
     )
+    save_chart(chart, out_dir / "spearman.png")
     files["spearman"] = "spearman.png"
     for result in results:
         tiles = []

@@ -10,7 +10,7 @@ import click
 from convlens._version import __version__
 from convlens.core.component_registry import default_registry
 from convlens.core.errors import PluginLoadError
-from convlens.core.loader import STRICT_ENV
+from convlens.core.loader import local_file_errors
 
 from .base import ConvlensGroup, set_debug, setup_registry
 from .circuit import circuit_command
@@ -30,7 +30,8 @@ from .visualize import visualize_command
 
 
 def load_plugin_files(ctx: click.Context, param: click.Parameter, paths: tuple[str, ...]) -> None:
-    """Load the ``--plugin`` files now, so that one that fails says so once, on stderr."""
+    """Load the ``--plugin`` files now: one asked for by name that fails to load stops the command with one
+    message naming the file and the error (installed plugins that fail are only marked ``error``)."""
     setup_registry(ctx, param, paths)
     if not paths or ctx.resilient_parsing:
         return
@@ -38,10 +39,9 @@ def load_plugin_files(ctx: click.Context, param: click.Parameter, paths: tuple[s
         infos = default_registry().plugins()
     except PluginLoadError as exc:
         raise click.ClickException(str(exc)) from exc
-    for plugin_info in infos:
-        if plugin_info.local and plugin_info.status == "error":
-            for error in plugin_info.errors:
-                click.echo(f"warning: --plugin {error} (ignored; {STRICT_ENV}=1 makes this an error)", err=True)
+    failures = local_file_errors(infos, paths)
+    if failures:
+        raise click.ClickException("; ".join(f"cannot load --plugin {failure}" for failure in failures))
 
 
 @click.group(cls=ConvlensGroup, context_settings={"help_option_names": ["-h", "--help"]})

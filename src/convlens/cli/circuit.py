@@ -15,6 +15,7 @@ from convlens.runtime.locks import output_lock
 
 from .output import echo_json, echo_table
 from .plugin_options import ModelOptionsCommand
+from .run_folders import default_run_folder
 from .visualize import DTYPE_OPTION, VISUALIZER_PREFIX, load_visual_target
 
 METHOD = "circuit"
@@ -94,7 +95,7 @@ def circuit_command(
         model_name, layer, units, sae_path, data, device, options, force, dtype
     )
     layer, chosen = target.layer, target.units
-    out_dir = Path(out or f"runs/circuit-{layer}")
+    out_dir = Path(out) if out else default_run_folder(f"circuit-{layer}")
     click.get_current_context().with_resource(output_lock(out_dir, command="circuit"))
     write_json_atomic(
         out_dir / "config.json",

@@ -13,6 +13,7 @@ from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import PluginOptionsCommand, load_model
+from .run_folders import default_run_folder
 
 
 def parse_filter_options(values: tuple[str, ...], names: list[str]) -> dict[str, dict[str, str]]:
@@ -147,7 +148,7 @@ def compare_filters_command(
         overlays=overlays,
         foreground_threshold=foreground_threshold,
     )
-    out = out or f"runs/compare-filters-{layer}"
+    out = out or default_run_folder(f"compare-filters-{layer}")
     click.get_current_context().with_resource(output_lock(out, command="compare-filters"))
     filter_records = {
         name: {"name": registry.get("filter", name).qualified_name, "params": f.params.to_dict() if f.params else {}}

@@ -14,6 +14,7 @@ from convlens.runtime.precision import COMPUTE_DTYPES
 
 from .output import echo_json
 from .plugin_options import FILTER_PREFIX, PluginOptionsCommand, load_model
+from .run_folders import default_run_folder
 
 
 @click.command("extract", cls=PluginOptionsCommand)
@@ -145,7 +146,7 @@ def extract(
         dtype=store_dtype,
         compute_dtype=dtype,
     )
-    out = out or f"runs/activations-{layer}-{component.name}"
+    out = out or default_run_folder(f"activations-{layer}-{component.name}")
     click.get_current_context().with_resource(output_lock(out, command="extract"))
     summary = run_extraction(
         bundle,

@@ -39,7 +39,7 @@ def plugins(show_all: bool, as_json: bool, requirements: bool) -> None:
         if requirements:
             row.append(", ".join(info.requirements) or "-")
         rows.append(row)
-    echo_table(headers, rows, max_width=200)
+    echo_table(headers, rows)
     failed = [i for i in infos if i.status == "error"]
     if failed:
         click.echo("\nerrors:")
@@ -119,7 +119,7 @@ def info(kind: str, name: str, as_json: bool) -> None:
         if p["max"] is not None:
             constraints.append(f"<= {p['max']}")
         rows.append((p["name"], p["type"], json.dumps(p["default"]), ", ".join(constraints) or "-", p["help"]))
-    echo_table(["NAME", "TYPE", "DEFAULT", "CONSTRAINTS", "HELP"], rows, max_width=120)
+    echo_table(["NAME", "TYPE", "DEFAULT", "CONSTRAINTS", "HELP"], rows)
 
 
 def _run_pip(args: list[str]) -> None:

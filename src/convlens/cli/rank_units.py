@@ -119,8 +119,7 @@ def rank_units_command(
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:
-    from convlens.data.images import save_png
-    from convlens.drawing.charts import bar_chart
+    from convlens.drawing.plots import BarPanel, save_chart
     from convlens.runtime.run_records import versions, write_json_atomic
 
     click.get_current_context().with_resource(output_lock(out, command="rank-units"))
@@ -128,12 +127,11 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     for key, name in (("channels", "channel"), ("latents", "latent")):
         if key in result:
             ranked = result[key]["top"]
-            save_png(
-                bar_chart(
-                    [f"{name} {r['unit']}" for r in ranked],
-                    [r["magnitude"] for r in ranked],
-                    title=f"top {len(ranked)} {key} on the image",
-                    xlabel="sum over positions of |activation|",
-                ),
-                out / f"top-{key}.png",
+            chart = BarPanel(
+                labels=[f"{name} {r['unit']}" for r in ranked],
+                values=[r["magnitude"] for r in ranked],
+                title=f"top {len(ranked)} {key} on the image",
+                xlabel="sum over positions of |activation|",
+                key=f"top-{key}",
             )
+            save_chart(chart, out / f"top-{key}.png")

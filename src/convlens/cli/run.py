@@ -12,6 +12,7 @@ from convlens.runtime.locks import output_lock
 from convlens.runtime.precision import COMPUTE_DTYPES
 
 from .output import echo_json
+from .run_folders import RUNS, default_run_folder
 
 DEMO_RECIPE = "demo.toml"
 REAL_DEMO_RECIPES = (("real-photos.toml", "photos"), ("real-fashion-mnist.toml", "fashion-mnist"))
@@ -20,17 +21,24 @@ REAL_DEMO_RECIPES = (("real-photos.toml", "photos"), ("real-fashion-mnist.toml",
 def _execute(
     recipe_path: Path,
     text: str | None,
-    out: Path,
+    out: Path | None,
+    default_out: str,
     device: str | None,
     dtype: str | None,
     workers: int,
     check: bool,
     as_json: bool,
 ) -> dict[str, Any] | None:
+    """Run (or with ``check`` plan) the recipe into ``out``, by default ``runs/DEFAULT_OUT``."""
+    from convlens.runtime.device import check_machine
     from convlens.workflow.pipeline import PipelineRun, check_run_folder
     from convlens.workflow.recipes import load_recipe
 
     recipe = load_recipe(recipe_path, text=text)  # every plugin, parameter and layer checked before any work
+    if not check:  # the plan does not depend on this machine; a run fails now rather than after the first steps
+        check_machine(device or recipe.device, dtype or recipe.dtype)
+    if out is None:
+        out = RUNS / default_out if check else default_run_folder(default_out)
     check_run_folder(out)
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     pipeline = PipelineRun(
@@ -109,7 +117,7 @@ def run_command(
     run continues where it stopped. `convlens demo --print-recipe` prints a complete recipe to start from.
     """
     path = Path(recipe)
-    summary = _execute(path, None, Path(out or f"runs/{path.stem}"), device, dtype, workers, check, as_json)
+    summary = _execute(path, None, Path(out) if out else None, path.stem, device, dtype, workers, check, as_json)
     if as_json and summary is not None:
         echo_json(summary)
 
@@ -151,12 +159,14 @@ def demo_command(
     if print_recipe:
         click.echo("\n".join(texts), nl=False)
         return
-    folder = Path(out or ("runs/real-demo" if real else "runs/demo"))
-    summaries = [
-        _execute(Path(name), text, folder / part, device, dtype, workers, False, as_json)
-        for (name, part), text in zip(recipes, texts)
-    ]
+    name = "real-demo" if real else "demo"
+    machine = (device, dtype, workers)
+    summaries = []
+    for (recipe, part), text in zip(recipes, texts):
+        run_folder = Path(out) / part if out else None
+        summaries.append(_execute(Path(recipe), text, run_folder, f"{name}/{part}", *machine, False, as_json))
     if real:
+        folder = Path(out) if out else RUNS / name
         summaries.append(_real_demo_index(folder, [folder / part for _, part in recipes], as_json))
     if as_json:
         echo_json(summaries[0] if not real else {"runs": summaries[:-1], **(summaries[-1] or {})})

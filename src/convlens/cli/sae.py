@@ -12,6 +12,7 @@ from convlens.runtime.locks import output_lock
 
 from .output import echo_json
 from .plugin_options import SAE_PREFIX, ModelOptionsCommand, PluginOptionsCommand
+from .run_folders import default_run_folder
 
 TRAIN_PREFIX = "train__"
 
@@ -80,7 +81,7 @@ def train_sae_command(
     activations = ActivationStore(store)
     validation = ActivationStore(val_store) if val_store else None
     sae, record = build_sae(sae_name, values_from_click(options, SAE_PREFIX), activations.dim, training.seed)
-    out = out or f"runs/sae-{default_registry().get('sae', sae_name).name}"
+    out = out or default_run_folder(f"sae-{default_registry().get('sae', sae_name).name}")
     click.get_current_context().with_resource(output_lock(out, command="train-sae"))
     try:
         summary = train_sae(
@@ -317,7 +318,7 @@ class SweepCommand(TrainSAECommand):
     type=click.Path(exists=True, file_okay=False),
     help="Validate on this store's validation split instead.",
 )
-@click.option("--out", "-o", default="runs/sweep", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Run folder (default: runs/sweep).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Output the sweep's results as JSON.")
 def sweep_command(
@@ -325,7 +326,7 @@ def sweep_command(
     config_file: str | None,
     preset: str,
     val_store: str | None,
-    out: str,
+    out: str | None,
     device: str | None,
     as_json: bool,
     **options: Any,
@@ -354,6 +355,7 @@ def sweep_command(
         configs = sweep_preset(preset, place="--preset")
     activations = ActivationStore(store)
     validation = ActivationStore(val_store) if val_store else None
+    out = out or default_run_folder("sweep")
     click.get_current_context().with_resource(output_lock(out, command="sweep"))
     result = run_sweep(
         configs,

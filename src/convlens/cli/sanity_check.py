@@ -15,6 +15,7 @@ from convlens.runtime.locks import output_lock
 
 from .output import echo_json, echo_table
 from .plugin_options import load_model
+from .run_folders import default_run_folder
 from .visualize import VISUALIZER_PREFIX, VisualizeCommand
 
 
@@ -114,7 +115,7 @@ def sanity_check_command(
     )
     if batch is None:
         raise ConvlensError(f"none of the first {max_images} images under {index.root} could be read")
-    out_dir = Path(out or f"runs/sanity-check-{spec.name}-{layer}")
+    out_dir = Path(out) if out else default_run_folder(f"sanity-check-{spec.name}-{layer}")
     click.get_current_context().with_resource(output_lock(out_dir, command="sanity-check"))
     images = batch.images.to(target_device)
     started = time.perf_counter()

@@ -13,6 +13,7 @@ from convlens.runtime.locks import output_lock
 
 from .base import ComponentGroup
 from .output import echo_json
+from .run_folders import default_run_folder
 
 TRAIN_PREFIX = "train__"
 
@@ -39,7 +40,7 @@ def _train(
     if "seed" in field_names and "seed" not in params:
         params["seed"] = training.seed
     bundle = default_registry().create("model", component.qualified_name, **params)
-    out = out or f"runs/train-{component.name}"
+    out = out or default_run_folder(f"train-{component.name}")
     click.get_current_context().with_resource(output_lock(out, command="train-model"))
     try:
         summary = train_model(
@@ -59,16 +60,26 @@ def _train(
     if as_json:
         echo_json(summary)
         return
-    final = summary["final"]
+    final, classes = summary["final"], summary["classes"]
+    top5 = f", top-5 {100 * final['val_top5']:.1f} %" if classes > 5 else ""  # with 5 classes or fewer it is 100 %
     click.echo(
         f"trained {component.name} for {summary['epochs']} epochs on {summary['train_images']} images "
-        f"({summary['val_images']} validation, {summary['classes']} classes) in {summary['seconds']:.0f} s: "
-        f"validation top-1 {100 * final['val_top1']:.1f} %, top-5 {100 * final['val_top5']:.1f} % "
+        f"({summary['val_images']} validation, {classes} classes) in {summary['seconds']:.0f} s: "
+        f"validation top-1 {100 * final['val_top1']:.1f} %{top5} "
         f"(best top-1 {100 * summary['best_val_top1']:.1f} % at epoch {summary['best_epoch']}); "
         f"wrote {out}/model.safetensors, metrics.jsonl, curves.png, error-analysis.json"
     )
     if summary["skipped_summary"]:
         click.echo(summary["skipped_summary"])
+    from convlens.workflow.checks import near_chance
+    from convlens.workflow.recipes import WarningsSection
+
+    if near_chance(final["val_top1"], classes, WarningsSection().chance_margin, summary["val_images"]):
+        click.echo(
+            f"warning: validation top-1 {100 * final['val_top1']:.1f} % is close to chance ({100 / classes:.1f} % "
+            f"with {classes} classes): the model has not learnt the task",
+            err=True,
+        )
 
 
 train_model_command = ComponentGroup(

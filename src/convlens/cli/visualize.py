@@ -13,9 +13,12 @@ from convlens.core.errors import ConvlensError
 from convlens.core.params import click_parameters, values_from_click
 from convlens.runtime.locks import output_lock
 from convlens.runtime.precision import COMPUTE_DTYPES
+from convlens.workflow.visualizing import parse_units as parse_units  # re-exported from its old home
+from convlens.workflow.visualizing import visual_target
 
 from .output import echo_json
-from .plugin_options import PluginOptionsCommand, load_model
+from .plugin_options import MODEL_PREFIX, PluginOptionsCommand
+from .run_folders import default_run_folder
 
 VISUALIZER_PREFIX = "visualizer__"
 
@@ -46,39 +49,6 @@ DTYPE_OPTION = click.option(
     "stay float32.",
 )
 
-MAX_UNKNOWN_RANGE = 65_536  # the longest range accepted while the number of units is not known
-
-
-def parse_units(text: str | None, available: int | None) -> tuple[int, ...]:
-    """``0,5,9``, ranges ``0-7`` and ``all`` (every unit of the layer, or every SAE latent); a range is checked
-    against ``available`` before it is expanded (single numbers are checked where the units are used)."""
-    if not text:
-        return ()
-    units: list[int] = []
-    for part in (piece.strip() for piece in text.split(",")):
-        if part == "all":
-            if available is None:
-                raise ConvlensError("--units all: the number of units is not known")
-            units += range(available)
-        elif "-" in part:
-            low, _, high = part.partition("-")
-            if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
-                raise ConvlensError(f"--units: '{part}' is not a range like 0-7")
-            _check_unit(part, int(high), available)
-            if available is None and int(high) - int(low) >= MAX_UNKNOWN_RANGE:
-                raise ConvlensError(f"--units: '{part}' is longer than {MAX_UNKNOWN_RANGE} units")
-            units += range(int(low), int(high) + 1)
-        elif part.isdigit():
-            units.append(int(part))
-        else:
-            raise ConvlensError(f"--units: '{part}' is not a unit number, a range like 0-7, or 'all'")
-    return tuple(dict.fromkeys(units))
-
-
-def _check_unit(part: str, highest: int, available: int | None) -> None:
-    if available is not None and highest >= available:
-        raise ConvlensError(f"--units: '{part}' is out of range: there are units 0..{available - 1}")
-
 
 def load_visual_target(
     model_name: str,
@@ -91,35 +61,20 @@ def load_visual_target(
     force: bool = False,
     dtype: str = "float32",
 ):
-    """The :class:`VisualTarget` of the shared options (model on its device in eval mode, channels-last on a GPU,
-    the layer's units or the SAE's latents, the compute precision), the model's record and the device. An SAE
-    trained on another model or layer is refused unless ``force``; without ``layer`` it is used at the layer it was
-    trained on."""
-    import torch
-
-    from convlens import VisualTarget
-    from convlens.models.layers import activations_at
-    from convlens.runtime.device import resolve_device
-    from convlens.runtime.precision import channels_last, check_compute_dtype
-    from convlens.sae.base import load_sae
-    from convlens.sae.provenance import check_sae_target, trained_layer
-
-    bundle, model_record = load_model(model_name, options)
-    layer = layer or (trained_layer(sae_path) if sae_path else None) or bundle.default_layer
-    target_device = resolve_device(device)
-    check_compute_dtype(dtype, target_device)
-    channels_last(bundle.module.to(target_device).eval(), target_device)
-    probe = activations_at(
-        bundle.module,
-        torch.zeros(1, 3, *bundle.input_size, device=target_device),
+    """The :class:`VisualTarget` of the shared options, the model's record and the device: see
+    :func:`convlens.workflow.visualizing.visual_target` (the model's ``--model-*`` options are in ``options``)."""
+    model_params = values_from_click(options, MODEL_PREFIX)
+    return visual_target(
+        model_name,
         layer,
-        model_name=model_record["name"],
-    ).activations[layer]
-    sae = load_sae(sae_path, input_dim=probe.shape[1], device=target_device).eval() if sae_path else None
-    if sae_path:
-        check_sae_target(sae_path, model_record, layer, force=force)
-    chosen = parse_units(units, sae.latent_dim if sae is not None else probe.shape[1])
-    return VisualTarget(bundle, layer, chosen, sae, data, dtype), model_record, target_device
+        units=units,
+        sae=sae_path,
+        data=data,
+        model_params=model_params,
+        device=device,
+        dtype=dtype,
+        force=force,
+    )
 
 
 @click.command("visualize", cls=VisualizeCommand, context_settings={"ignore_unknown_options": False})
@@ -186,7 +141,7 @@ def visualize_command(
         model_name, layer, units, sae_path, data, device, options, force, dtype
     )
     layer, chosen, sae = target.layer, target.units, target.sae
-    out_dir = Path(out or f"runs/visualize-{spec.name}-{layer}")
+    out_dir = Path(out) if out else default_run_folder(f"visualize-{spec.name}-{layer}")
     click.get_current_context().with_resource(output_lock(out_dir, command="visualize"))
     write_json_atomic(
         out_dir / "config.json",

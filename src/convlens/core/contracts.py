@@ -1,6 +1,9 @@
 """What a model, a filter and a visualizer object must provide (the SAE base is :class:`convlens.SparseAutoencoder`,
 in the sae stage).
 
+:meth:`Visualizer.visualize` returns a run's results in memory as well as in files: :func:`capture_outputs` reads
+back every picture, tensor file and JSON record written into its output folder, whoever wrote it.
+
 This module imports no torch at load time, so plugin modules can subclass these bases and still be listed
 without importing torch.
 """
@@ -8,9 +11,12 @@ without importing torch.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import json
+import tempfile
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -19,6 +25,7 @@ from convlens.core.params import Params, param
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torch import nn
 
 
@@ -108,8 +115,90 @@ class VisualTarget:
     dtype: str = "float32"
 
 
+#: What :func:`capture_outputs` reads back, by suffix: pictures, tensors and JSON records.
+OUTPUT_SUFFIXES = frozenset({".png", ".safetensors", ".json"})
+
+
+@dataclasses.dataclass(eq=False)
+class Outputs:
+    """The files written under ``folder`` while :func:`capture_outputs` watched it, read back: ``images`` maps each
+    PNG's path relative to ``folder`` (``/``-separated) to its PIL image, ``tensors`` each safetensors file's path to
+    its ``{name: tensor}`` (on the CPU), ``records`` each JSON file's path to its value; in path order."""
+
+    folder: Path
+    images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def capture_outputs(folder: str | Path) -> Iterator[Outputs]:
+    """Read back every PNG, safetensors and JSON file the block writes (creates or replaces) under ``folder``,
+    whoever writes it, when the block ends; files that were there before and stay untouched are left out. Works
+    around any call, e.g. ``with capture_outputs(out) as outputs: convlens.compare_filters(..., out, ...)``."""
+    outputs = Outputs(Path(folder))
+    before = _file_stamps(outputs.folder)
+    yield outputs
+    after = _file_stamps(outputs.folder)
+    for relative in sorted(path for path, stamp in after.items() if before.get(path) != stamp):
+        _read_back(outputs, relative)
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each output file under ``folder``: its path relative to it, and what changes when it is written."""
+    if not folder.is_dir():
+        return {}
+    stamps: dict[str, tuple[int, int, int]] = {}
+    for path in folder.rglob("*"):
+        if path.suffix in OUTPUT_SUFFIXES and not path.name.startswith(".") and path.is_file():
+            status = path.stat()
+            stamps[path.relative_to(folder).as_posix()] = (status.st_ino, status.st_mtime_ns, status.st_size)
+    return stamps
+
+
+def _read_back(outputs: Outputs, relative: str) -> None:
+    path = outputs.folder / relative
+    if path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            outputs.images[relative] = picture.copy()
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        outputs.tensors[relative] = load_file(str(path))
+    else:
+        outputs.records[relative] = json.loads(path.read_text())
+
+
+@dataclasses.dataclass(eq=False)
+class Visualization:
+    """A visualizer run in memory (:meth:`Visualizer.visualize`): its JSON ``record`` (as its file holds it), and
+    every picture, tensor file and JSON file it wrote, by its path in the output folder (see :class:`Outputs`).
+    ``out_dir`` is the folder that holds the files, or None when they went to a temporary folder, removed since."""
+
+    name: str
+    record: dict[str, Any]
+    images: dict[str, Image.Image]
+    tensors: dict[str, dict[str, torch.Tensor]]
+    records: dict[str, Any]
+    out_dir: Path | None
+
+    @property
+    def summary(self) -> str:
+        """The record's one-line summary ('' when it has none)."""
+        return str(self.record.get("summary") or "")
+
+    def __repr__(self) -> str:
+        return (
+            f"<Visualization {self.name}: {len(self.images)} images, {len(self.tensors)} tensor files, "
+            f"out_dir={str(self.out_dir) if self.out_dir else None}{'; ' + self.summary if self.summary else ''}>"
+        )
+
+
 class Visualizer(abc.ABC):
-    """Writes PNG images and a JSON record about a :class:`VisualTarget` into a folder."""
+    """Writes PNG images and a JSON record about a :class:`VisualTarget` into a folder (:meth:`run`), or returns
+    them in memory as well (:meth:`visualize`)."""
 
     name: str = "visualizer"
     #: Set when :meth:`run` reads images from ``target.data``; the CLI then requires ``--data``
@@ -133,6 +222,22 @@ class Visualizer(abc.ABC):
 
         A record may carry a one-line ``"summary"``, which ``convlens visualize`` prints at the end.
         """
+
+    def visualize(self, target: VisualTarget, out_dir: str | Path | None = None) -> Visualization:
+        """:meth:`run`, returning the record with every picture, tensor file and JSON file the run wrote, read back
+        into memory. Without ``out_dir`` the files go to a temporary folder that is removed before this returns
+        (what was read stays; :attr:`Visualization.out_dir` is None)."""
+        if out_dir is not None:
+            return self._visualized(target, Path(out_dir))
+        with tempfile.TemporaryDirectory(prefix=f"convlens-{self.name}-") as scratch:
+            return dataclasses.replace(self._visualized(target, Path(scratch)), out_dir=None)
+
+    def _visualized(self, target: VisualTarget, out_dir: Path) -> Visualization:
+        with capture_outputs(out_dir) as outputs:
+            record = self.run(target, out_dir)
+        # the record as its JSON file holds it (tuples as lists); a value JSON cannot hold is kept as its text
+        written = json.loads(json.dumps(record, default=str))
+        return Visualization(self.name, written, outputs.images, outputs.tensors, outputs.records, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)

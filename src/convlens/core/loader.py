@@ -7,7 +7,8 @@ allow-list of distributions (empty: built-ins only); ``CONVLENS_DISABLE_PLUGINS`
 skip. Each plugin's import and registration time is measured; a plugin slower than
 ``CONVLENS_PLUGIN_BUDGET`` seconds (default 5) is marked ``slow`` (an import cannot be interrupted safely, so it is
 reported, not stopped). Built-ins are found through the same entry points; a source checkout without installed metadata
-falls back to :data:`BUILTIN_MODULES` (a test keeps that list equal to ``pyproject.toml``).
+falls back to :data:`BUILTIN_MODULES` (a test keeps that list equal to ``pyproject.toml``). A local file must
+implement at least one hook; :func:`local_file_errors` picks out its failures, which the CLI reports and stops on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import pluggy
 
 from convlens.core import hookspecs
-from convlens.core.errors import ConvlensError, PluginLoadError
+from convlens.core.errors import ConvlensError, PluginLoadError, did_you_mean
 
 ENTRY_POINT_GROUP = "convlens"
 BUILTIN_DIST = "convlens"
@@ -98,7 +99,6 @@ class PluginInfo:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     builtin: bool = False
     requirements: tuple[str, ...] = ()
-    local: bool = False
     load_seconds: float = 0.0
 
     @property
@@ -238,7 +238,6 @@ def load_sources(
                 source.version,
                 builtin=source.builtin,
                 requirements=source.requirements,
-                local=source.local,
             )
         info.modules.append(source.label)
         if key in disabled or (allowed is not None and not (source.builtin or source.local) and key not in allowed):
@@ -248,6 +247,8 @@ def load_sources(
         try:
             plugin = source.load()
             register_checked(manager, plugin, f"{source.dist}:{source.label}")
+            if source.local:
+                require_some_hook(manager, plugin)
         except Exception as exc:  # a broken plugin must not break the others
             info.status = "error"
             info.errors.append(f"{source.label}: {_describe(exc)}")
@@ -265,7 +266,36 @@ def register_checked(manager: pluggy.PluginManager, plugin: Any, name: str) -> N
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
         manager.unregister(plugin)
-        raise ConvlensError(f"unknown hook: {exc}") from None
+        raise ConvlensError(_unknown_hook_message(exc)) from None
+
+
+def _unknown_hook_message(exc: pluggy.PluginValidationError) -> str:
+    found = re.search(r"unknown hook '([^']+)'", str(exc))
+    if found is None:
+        return str(exc)
+    return f"unknown hook '{found[1]}'{did_you_mean(found[1], hook_names())}"
+
+
+def hook_names() -> list[str]:
+    """The names of the hooks a plugin may implement, e.g. ``register_filters``."""
+    return [name for name, value in vars(hookspecs).items() if hasattr(value, f"{hookspecs.PROJECT_NAME}_spec")]
+
+
+def require_some_hook(manager: pluggy.PluginManager, plugin: Any) -> None:
+    """Reject a plugin that implements no hook: it would load, add nothing and say nothing."""
+    if manager.get_hookcallers(plugin):
+        return
+    manager.unregister(plugin)
+    undecorated = [name for name in hook_names() if callable(getattr(plugin, name, None))]
+    if undecorated:
+        raise ConvlensError(f"{', '.join(undecorated)} lacks the @convlens.hookimpl decorator")
+    raise ConvlensError(f"implements no hook: define one of {', '.join(hook_names())} with @convlens.hookimpl")
+
+
+def local_file_errors(infos: list[PluginInfo], paths: tuple[str | os.PathLike, ...]) -> list[str]:
+    """The errors of the plugin files ``paths`` (``--plugin``), each starting with the file's path."""
+    labels = tuple(f"{Path(path)}: " for path in paths)
+    return [error for info in infos for error in info.errors if error.startswith(labels)]
 
 
 def call_hook_per_plugin(manager: pluggy.PluginManager, hook_name: str, plugin: Any, **kwargs: Any) -> None:
@@ -276,5 +306,8 @@ def call_hook_per_plugin(manager: pluggy.PluginManager, hook_name: str, plugin: 
 
 
 def _describe(exc: BaseException) -> str:
+    """The exception as one line: convlens's own message alone, other exceptions with their type."""
     text = str(exc).strip()
+    if isinstance(exc, ConvlensError) and text:
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

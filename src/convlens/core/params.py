@@ -364,6 +364,28 @@ def click_parameters(
     return options
 
 
+def command_line_options(
+    params_cls: type, values: dict[str, Any], *, reserved: typing.Collection[str] = (), prefix: str = ""
+) -> list[str]:
+    """The command-line words that give ``values`` as the options :func:`click_parameters` makes (same
+    ``reserved`` and ``prefix``), in field order; a value of None is left out (the option cannot say it)."""
+    words: list[str] = []
+    for spec in parameter_specs(params_cls):
+        if spec.name not in values or values[spec.name] is None:
+            continue
+        value = values[spec.name]
+        flag = spec.name.replace("_", "-")
+        if flag in reserved:
+            flag = f"{prefix}-{flag}" if prefix else f"param-{flag}"
+        if spec.is_flag:
+            words.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, (list, tuple)):
+            words += [f"--{flag}", ",".join(str(v) for v in value)]
+        else:
+            words += [f"--{flag}", _format_default(value)]
+    return words
+
+
 def values_from_click(kwargs: dict[str, Any], dest_prefix: str = "param__") -> dict[str, Any]:
     """Pop the options made by :func:`click_parameters` out of ``kwargs``; only those the user gave."""
     values = {}

@@ -5,6 +5,12 @@ category's ``region`` says where its concept lies in the image: ``foreground`` (
 ``background`` (outside it) or ``image`` (everywhere). The per-pixel mask of a concept in an image is the
 region of the category the concept belongs to, and empty for concepts the image does not show.
 
+An ImageFolder's class labels are a concept category too, ``class`` (``CLASS_CATEGORY``): the unit statistics
+score it on any ImageFolder, with or without a ``concepts.json``, unless the file already has a category that
+groups the images as their classes do (:func:`repeats_the_classes`; the shapes' ``shape``, Fashion-MNIST's
+``class``). Class labels have no pixel masks, so what needs masks (dissection, foreground precision) still needs
+the file.
+
 Every path the file names stays inside the dataset: the image and mask folders inside its root, each image and mask
 inside its folder, with symbolic links resolved; a path that leads out is refused with an error naming it.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
     from convlens.data.images import ImageIndex
 
 REGIONS = ("foreground", "background", "image")
+CLASS_CATEGORY = "class"  # the concept category of an ImageFolder's class labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +132,10 @@ def _check_record_paths(path: Path, images: tuple[Any, ...], folders: dict[str, 
             name = record.get(key) if isinstance(record, dict) else None
             if isinstance(name, str) and (os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == ".."):
                 raise ConvlensError(f"{shown(path)}: {key} {name!r} of image {number} lies outside {folder}; refused")
+
+
+def repeats_the_classes(values: Sequence[Hashable | None], classes: Sequence[Hashable]) -> bool:
+    """Whether a category's value per image (None: unknown) groups the images exactly as their ``classes`` do:
+    every class has one value and every value one class."""
+    pairs = {(value, name) for value, name in zip(values, classes) if value is not None}
+    return bool(pairs) and len(pairs) == len({value for value, _ in pairs}) == len({name for _, name in pairs})

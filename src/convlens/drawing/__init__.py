@@ -1,1 +1,1 @@
-"""Pictures every stage draws: line and bar charts, heat maps, titled tiles and grids (PIL only)."""
+"""Pictures every stage draws: line and bar charts (matplotlib, PNG + SVG), heat maps, titled tiles and grids."""

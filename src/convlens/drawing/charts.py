@@ -1,4 +1,5 @@
-"""Small PNG charts drawn with Pillow (line and bar charts, matrices, heat-map overlays) for run folders and reports."""
+"""Pictures drawn with Pillow: matrices, heat-map overlays, titles, grids, and the colours shared with the line and
+bar charts of :mod:`convlens.drawing.plots`."""
 
 from __future__ import annotations
 
@@ -14,112 +15,6 @@ GRID = (225, 225, 225)
 
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size)
-
-
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high] (steps of 1, 2 or 5 times a power of ten)."""
-    if not math.isfinite(low) or not math.isfinite(high):
-        return [0.0, 1.0]
-    if high <= low:
-        high = low + (abs(low) or 1.0)
-    raw = (high - low) / max(count - 1, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(round(value, 12))
-    return ticks
-
-
-def _label(value: float) -> str:
-    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.0e}"
-
-
-def line_chart(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
-    *,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    size: tuple[int, int] = (560, 360),
-) -> Image.Image:
-    """Lines with markers, a legend, and axes with round ticks; non-finite points are left out."""
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    small, medium = _font(11), _font(13)
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-    xs_all = [p[0] for p in points] or [0.0, 1.0]
-    ys_all = [p[1] for p in points] or [0.0, 1.0]
-    x_ticks = nice_ticks(min(xs_all), max(xs_all), 6)
-    y_ticks = nice_ticks(min(ys_all), max(ys_all), 5)
-    left, right, top, bottom = 58, width - 16, 30, height - 44
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-
-    draw.text((width / 2, 8), title, fill=INK, font=medium, anchor="mt")
-    for tick in y_ticks:
-        _, py = to_pixel(x0, tick)
-        draw.line([(left, py), (right, py)], fill=GRID)
-        draw.text((left - 6, py), _label(tick), fill=INK, font=small, anchor="rm")
-    for tick in x_ticks:
-        px, _ = to_pixel(tick, y0)
-        draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
-        draw.text((px, bottom + 7), _label(tick), fill=INK, font=small, anchor="mt")
-    draw.rectangle([left, top, right, bottom], outline=INK)
-    draw.text(((left + right) / 2, height - 6), xlabel, fill=INK, font=small, anchor="mb")
-    label_layer = Image.new("RGBA", (bottom - top, 16), (255, 255, 255, 0))
-    ImageDraw.Draw(label_layer).text(((bottom - top) / 2, 8), ylabel, fill=INK, font=small, anchor="mm")
-    rotated = label_layer.rotate(90, expand=True)
-    image.paste(rotated, (4, top), rotated)
-    for number, (name, (xs, ys)) in enumerate(series.items()):
-        colour = PALETTE[number % len(PALETTE)]
-        pixels = [to_pixel(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=colour)
-        legend_y = top + 8 + 16 * number
-        draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=colour, width=3)
-        draw.text((left + 33, legend_y), name, fill=INK, font=small, anchor="lm")
-    return image
-
-
-def bar_chart(
-    labels: Sequence[str],
-    values: Sequence[float],
-    *,
-    title: str,
-    xlabel: str,
-    colour: tuple[int, int, int] = PALETTE[0],
-    size: tuple[int, int] | None = None,
-    maximum: float | None = None,
-) -> Image.Image:
-    """Horizontal bars, one per label from the top, with the value printed at the end of each bar."""
-    small, medium = _font(11), _font(13)
-    row = 20
-    width, height = size or (420, 60 + row * max(len(labels), 1))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    label_width = max([draw.textlength(label, font=small) for label in labels] + [20]) + 12
-    left, right, top = label_width, width - 50, 30
-    top_value = maximum if maximum is not None else max([v for v in values if math.isfinite(v)] + [1e-12])
-    draw.text((width / 2, 8), title, fill=INK, font=medium, anchor="mt")
-    for number, (label, value) in enumerate(zip(labels, values)):
-        y = top + number * row
-        length = 0.0 if not math.isfinite(value) else max(value, 0.0) / top_value * (right - left)
-        draw.rectangle([left, y + 3, left + length, y + row - 3], fill=colour)
-        draw.text((left - 6, y + row / 2), label, fill=INK, font=small, anchor="rm")
-        draw.text((left + length + 4, y + row / 2), f"{value:.3g}", fill=INK, font=small, anchor="lm")
-    draw.text(((left + right) / 2, height - 6), xlabel, fill=INK, font=small, anchor="mb")
-    return image
 
 
 def side_by_side(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:

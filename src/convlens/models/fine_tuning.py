@@ -6,7 +6,8 @@ A run folder holds::
     metrics.jsonl                   one line per epoch: loss, top-1 and top-5 on train and validation, lr, time
     curves.png                      loss and accuracy per epoch
     error-analysis.json / .png      per-class accuracy, best and worst classes, most-confused pairs (Figure 6)
-    checkpoints/epoch-NNN.safetensors   the model's weights after each epoch (loadable with weights=PATH)
+    checkpoints/epoch-NNN.safetensors   the model's weights after each of the last ``keep_checkpoints`` epochs
+                                        (loadable with weights=PATH)
     checkpoints/train-state.safetensors optimizer state and history of the last finished epoch
     model.safetensors               the final weights, with class names in the metadata
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from convlens.core.contracts import ModelBundle
 
 STATE_FILE = "train-state.safetensors"
+RESUMABLE_CHANGES = ("keep_checkpoints",)  # training settings that may differ when a run is resumed
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class TrainingParams(Params):
     erase: float = param(0.1, help="random erasing probability", min=0.0, max=1.0)
     workers: int = param(0, help="data-loading worker processes (0: load in the main process)", min=0)
     seed: int = param(0, help="seed for the split, the shuffles and the augmentation")
+    keep_checkpoints: int | None = param(
+        1,
+        min=1,
+        help="epoch checkpoints kept in checkpoints/, the last ones (none: every epoch); resuming needs only the last",
+    )
 
 
 class TrainAugmentation:
@@ -270,22 +277,24 @@ def error_analysis(confusion: torch.Tensor, class_names: tuple[str, ...], top: i
     }
 
 
-def _draw_curves(history: list[dict[str, Any]], path: Path) -> None:
-    from convlens.data.images import save_png
-    from convlens.drawing.charts import line_chart, side_by_side
+def _draw_curves(history: list[dict[str, Any]], path: Path, classes: int) -> None:
+    """Loss and accuracy per epoch; top-5 only for more than 5 classes (with 5 or fewer it is 100 %)."""
+    from convlens.drawing.plots import LinePanel, save_chart
 
     epochs = [row["epoch"] for row in history]
-    loss = line_chart(
-        {
+    loss = LinePanel(
+        series={
             "train": (epochs, [r["train_loss"] for r in history]),
             "validation": (epochs, [r["val_loss"] for r in history]),
         },
         title="Cross-entropy loss",
         xlabel="epoch",
         ylabel="loss",
+        integer_x=True,
+        key="loss",
     )
-    accuracy = line_chart(
-        {
+    accuracy = LinePanel(
+        series={
             name: (epochs, [100 * r[key] for r in history])
             for name, key in (
                 ("train top-1", "train_top1"),
@@ -293,43 +302,49 @@ def _draw_curves(history: list[dict[str, Any]], path: Path) -> None:
                 ("train top-5", "train_top5"),
                 ("validation top-5", "val_top5"),
             )
+            if classes > 5 or "top-1" in name
         },
         title="Accuracy",
         xlabel="epoch",
         ylabel="accuracy (%)",
+        integer_x=True,
+        key="accuracy",
     )
-    save_png(side_by_side([loss, accuracy]), path)
+    save_chart([loss, accuracy], path)
 
 
 def _draw_error_analysis(analysis: dict[str, Any], path: Path) -> None:
-    from convlens.data.images import save_png
-    from convlens.drawing.charts import PALETTE, bar_chart, side_by_side
+    from convlens.drawing.charts import PALETTE
+    from convlens.drawing.plots import BarPanel, save_chart
 
-    best = bar_chart(
-        [c["name"] for c in analysis["best"]],
-        [100 * c["accuracy"] for c in analysis["best"]],
+    best = BarPanel(
+        labels=[c["name"] for c in analysis["best"]],
+        values=[100 * c["accuracy"] for c in analysis["best"]],
         title="Classes with the least error",
         xlabel="validation accuracy (%)",
         maximum=100,
         colour=PALETTE[2],
+        key="best",
     )
-    worst = bar_chart(
-        [c["name"] for c in analysis["worst"]],
-        [100 * c["accuracy"] for c in analysis["worst"]],
+    worst = BarPanel(
+        labels=[c["name"] for c in analysis["worst"]],
+        values=[100 * c["accuracy"] for c in analysis["worst"]],
         title="Classes with the most error",
         xlabel="validation accuracy (%)",
         maximum=100,
         colour=PALETTE[3],
+        key="worst",
     )
     pairs = analysis["confused_pairs"]
-    confused = bar_chart(
-        [f"{p['true']} -> {p['predicted']}" for p in pairs] or ["(no errors)"],
-        [p["count"] for p in pairs] or [0],
+    confused = BarPanel(
+        labels=[f"{p['true']} -> {p['predicted']}" for p in pairs] or ["(no errors)"],
+        values=[p["count"] for p in pairs] or [0],
         title="Most-confused pairs",
         xlabel="validation images",
         colour=PALETTE[1],
+        key="confused",
     )
-    save_png(side_by_side([best, worst, confused]), path)
+    save_chart([best, worst, confused], path)
 
 
 @dataclass
@@ -501,8 +516,9 @@ def train_model(
         }
         save_weights(module, checkpoints / f"epoch-{epoch + 1:03d}.safetensors", weights_meta)
         save_optimizer_state(state_path, optimizer, {"epoch": epoch + 1, "history": history, "config": config})
+        _remove_old_checkpoints(checkpoints, epoch + 1, params.keep_checkpoints)
         write_lines_atomic(out / "metrics.jsonl", history)
-        _draw_curves(history, out / "curves.png")
+        _draw_curves(history, out / "curves.png", len(class_names))
         if val_tally.confusion is not None:
             analysis = {"epoch": epoch + 1, **error_analysis(val_tally.confusion, class_names)}
         if on_epoch_end is not None:
@@ -598,6 +614,8 @@ def _resume(
         before, now = saved.get(section), json.loads(json.dumps(config[section]))
         if section == "data":
             before, now = _with_resolved_roots(before), _with_resolved_roots(now)
+        if section == "training":
+            before, now = _without_bookkeeping(before), _without_bookkeeping(now)
         if before != now:
             if isinstance(before, dict) and isinstance(now, dict):
                 changes += [
@@ -616,6 +634,24 @@ def _resume(
     load_weights(module, out / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
     optimizer.load_state_dict(optimizer_state)
     return list(metadata["history"])[:epoch]
+
+
+def _remove_old_checkpoints(checkpoints: Path, epoch: int, keep: int | None) -> None:
+    """Delete the epoch checkpoints before the last ``keep`` up to ``epoch`` (None: keep every one)."""
+    if keep is None:
+        return
+    for path in checkpoints.glob("epoch-*.safetensors"):
+        number = path.name[len("epoch-") : -len(".safetensors")]
+        if number.isdigit() and int(number) <= epoch - keep:
+            path.unlink(missing_ok=True)
+
+
+def _without_bookkeeping(training: Any) -> Any:
+    """The training section without the settings that do not change the weights, so that they may differ on
+    resume (and runs from before they existed resume)."""
+    if not isinstance(training, dict):
+        return training
+    return {key: value for key, value in training.items() if key not in RESUMABLE_CHANGES}
 
 
 def _with_resolved_roots(data: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from convlens.report.overview import top5_says_something
 from convlens.report.pages import esc, fmt, note, page, table
 from convlens.report.reader import read_run
 from convlens.report.run_folder import RunFolder
@@ -37,9 +38,10 @@ def _predictions(run: RunFolder) -> list[str]:
     predictions = run.predictions
     if predictions is None or not predictions.labelled:
         return []
+    top5 = f", top-5 {esc(fmt(predictions.top5_hits, 'int'))}" if top5_says_something(predictions.classes) else ""
     return [
         f"<p>Classification of the {esc(fmt(predictions.labelled, 'int'))} images with a known label: top-1 "
-        f"{esc(fmt(predictions.top1_hits, 'int'))}, top-5 {esc(fmt(predictions.top5_hits, 'int'))}.</p>"
+        f"{esc(fmt(predictions.top1_hits, 'int'))}{top5}.</p>"
     ]
 
 

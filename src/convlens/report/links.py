@@ -70,10 +70,14 @@ class Links:
         return relative_url(page, image)
 
     def picture(self, page: Path, image: Path | None, caption: str = "", *, kind: str = "", css: str = "") -> str:
-        """A ``<figure>`` of ``image`` with its caption; nothing when there is no image."""
+        """A ``<figure>`` of ``image`` with its caption, and a link to the chart's SVG when one lies beside it;
+        nothing when there is no image."""
         if image is None:
             return ""
-        return figure(self.image_url(page, image), caption, kind=kind, css=css)
+        svg = image.with_suffix(".svg")
+        beside = image.suffix == ".png" and svg.is_file() and resolves_inside(svg, self.run_folder)
+        vector = self.image_url(page, svg) if beside else None
+        return figure(self.image_url(page, image), caption, kind=kind, css=css, vector=vector)
 
     def navigation(self, page: Path) -> list[tuple[str, str]]:
         return [

@@ -28,10 +28,17 @@ from convlens.report.run_folder import (
     finite_number,
     slug,
 )
+from convlens.report.unit_pages import ablation_effect
 
 OVERLAYS_SHOWN = 4
 HARDEST_SHOWN = 5
 SIMILARITY_MEASURES = (("cosine", "cosine similarity"), ("spearman", "Spearman rank correlation"))
+
+
+def top5_says_something(classes: int | None) -> bool:
+    """Top-5 accuracy is shown only for more than 5 classes (with 5 or fewer it is 100 % by construction);
+    ``None``: the class count is not known."""
+    return classes is None or classes > 5
 
 
 def shown(value: Any, default: str) -> Any:
@@ -60,10 +67,11 @@ class Overview:
     def render(self) -> Content:
         """The page. Render it after every other page, so that it can list every note."""
         sections = [
+            ("warnings", "Warnings", self.warnings_section()),
             ("run", "Run", self.run_section()),
             ("steps", "Steps", self.steps_section()),
-            ("warnings", "Warnings", self.warnings_section()),
             ("model", "Model", self.model_section(self.run.model)),
+            ("gallery", "Pictured units", self.gallery_section()),
             *self.attribution_sections(),
             ("filters", "Activation filters", self.filters_section(self.run.comparison)),
             ("saes", "Sparse autoencoders", self.saes_section()),
@@ -126,13 +134,15 @@ class Overview:
             for step in steps
         ]
         total = sum(finite_number(step.seconds) or 0.0 for step in steps)
+        this_run = sum(finite_number(step.seconds) or 0.0 for step in steps if step.status != "skipped")
         counts: dict[str, int] = {}
         for step in steps:
             counts[step.status] = counts.get(step.status, 0) + 1
         line = ", ".join(f"{count} {status}" for status, count in counts.items())
         return (
             table(["step", "status", "seconds", "outputs"], rows, numeric=[2], id="steps-table")
-            + f'<p class="muted">{esc(line)}; {esc(fmt(total, "sec"))} in all.</p>'
+            + f'<p class="muted">{esc(line)}; {esc(fmt(total, "sec"))} of work in all, '
+            f"{esc(fmt(this_run, 'sec'))} in the last run (a skipped step shows the time it took when it ran).</p>"
         )
 
     def warnings_section(self) -> str:
@@ -153,17 +163,17 @@ class Overview:
         parts = []
         if model.final is not None:
             final = model.final
-            parts.append(
-                facts(
-                    [
-                        ("epochs", esc(fmt(final.epoch, "int"))),
-                        ("validation top-1", metric(final.val_top1, "model-val-top1", "pct", tag="span")),
-                        ("validation top-5", metric(final.val_top5, "model-val-top5", "pct", tag="span")),
-                        ("training top-1", metric(final.train_top1, "model-train-top1", "pct", tag="span")),
-                        ("validation loss", metric(final.val_loss, "model-val-loss", tag="span")),
-                    ]
-                )
-            )
+            items = [
+                ("epochs", esc(fmt(final.epoch, "int"))),
+                ("validation top-1", metric(final.val_top1, "model-val-top1", "pct", tag="span")),
+                ("training top-1", metric(final.train_top1, "model-train-top1", "pct", tag="span")),
+                ("validation loss", metric(final.val_loss, "model-val-loss", tag="span")),
+            ]
+            if model.classes is not None:
+                items.insert(1, ("classes", esc(fmt(model.classes, "int"))))
+            if top5_says_something(model.classes):
+                items.insert(3, ("validation top-5", metric(final.val_top5, "model-val-top5", "pct", tag="span")))
+            parts.append(facts(items))
         else:
             parts.append(note("model/metrics.jsonl is missing or empty"))
         if model.hardest:
@@ -207,7 +217,13 @@ class Overview:
             parts.append(
                 f'<p data-metric="top1-hits" data-value="{esc(raw(predictions.top1_hits))}">Of '
                 f"{esc(fmt(predictions.labelled, 'int'))} images with a known label: top-1 "
-                f"{esc(fmt(predictions.top1_hits, 'int'))}, top-5 {esc(fmt(predictions.top5_hits, 'int'))}.</p>"
+                f"{esc(fmt(predictions.top1_hits, 'int'))}"
+                + (
+                    f", top-5 {esc(fmt(predictions.top5_hits, 'int'))}"
+                    if top5_says_something(predictions.classes)
+                    else ""
+                )
+                + ".</p>"
             )
         rows = [
             [
@@ -518,10 +534,9 @@ class Overview:
             name = esc(f"latent {latent}")
             if group is not None and isinstance(latent, int) and latent in group.all_units():
                 name = f'<a href="{self.links.unit_url(self.path, group, latent)}">{name}</a>'
-            lowered = ", ".join(f"{label} {fmt(change, 'signed')}" for label, change in ablation.most_lowered)
             items.append(
                 f"{name}: active on {esc(fmt(ablation.images_active, 'int'))} images; "
-                f"zeroing it lowers {esc(lowered or 'nothing')}"
+                f"{esc(ablation_effect(ablation.most_lowered))}"
             )
         return f"<h3>{esc(label)}: latents zeroed one at a time</h3>" + compact_list(items)
 
@@ -590,6 +605,51 @@ class Overview:
                 metric(_share(count, summary.units), "selective-share", "pct", group=label, attribute=name),
             ]
         return row
+
+    def gallery_section(self) -> str:
+        """Per group, the units the run pictured: their picture, why each was chosen and its best concept."""
+        groups = [group for group in self.run.groups.values() if group.visualised]
+        if not groups:
+            return note("No unit was pictured in this run.")
+        parts = [
+            "<p>Per group the run pictured the top units by share of the activation, the most selective units "
+            "(highest concept AUROC) and units firing on the most images; the recipe's <code>[visualize]</code> "
+            "says how many of each.</p>"
+        ]
+        for group in groups:
+            cards = [self.gallery_card(group, unit) for unit in group.visualised]
+            gallery = f'<div class="figures gallery" data-group="{esc(group.label)}">' + "".join(cards) + "</div>"
+            parts.append(f"<h3>{esc(group.title)}</h3>" + gallery)
+        return "\n".join(parts)
+
+    def gallery_card(self, group: Group, unit: int) -> str:
+        stats = group.units.get(unit)
+        picture = group.thumbnail(unit) or next((f for _, found in group.figures_of(unit) for f in found), None)
+        link = self.links.unit_url(self.path, group, unit)
+        lines = [group.unit_title(unit)]
+        reasons = group.reasons.get(unit, [])
+        if stats is not None and stats.rank is not None:
+            lines.append(f"rank {fmt(stats.rank, 'int')} by share")
+        if stats is not None and stats.best is not None and stats.best.attribute:
+            lines.append(f"{stats.best.attribute}={stats.best.value}, AUROC {fmt(stats.best.auroc)}")
+        lines.append(", ".join(reasons) or "visualised")
+        flagged = group.flags.get(unit)
+        if flagged:
+            lines.append("flagged: the render failed")
+        image = (
+            f'<img src="{esc(self.links.image_url(self.path, picture.path))}" alt="{esc(lines[0])}" width="96" '
+            'height="96">'
+            if picture is not None
+            else '<span class="muted">no picture</span>'
+        )
+        css = "small flagged" if flagged else "small"
+        title = f' title="{esc("; ".join(flagged))}"' if flagged else ""
+        return (
+            f'<figure class="{css}" data-unit="{unit}" data-reasons="{esc(" ".join(reasons))}"{title}>'
+            f'<a href="{link}">{image}</a><figcaption>'
+            + "<br>".join(esc(line) for line in lines)
+            + "</figcaption></figure>"
+        )
 
     def units_section(self) -> str:
         parts = []

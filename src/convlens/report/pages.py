@@ -146,13 +146,16 @@ def figure(
     alt: str = "",
     width: int | None = None,
     link: str | None = None,
+    vector: str | None = None,
 ) -> str:
-    """An ``<img>`` in a ``<figure>`` with its caption (and its kind above the caption); ``src`` is a URL."""
+    """An ``<img>`` in a ``<figure>`` with its caption (and its kind above the caption); ``src`` is a URL, and
+    ``vector`` the URL of the same chart as SVG, linked after the caption."""
     image = f"<img{attrs({'src': src, 'alt': alt or caption or kind, 'width': width})}>"
     if link:
         image = f'<a href="{esc(link)}">{image}</a>'
     label = f'<div class="kind">{esc(kind)}</div>' if kind else ""
-    text = f"<figcaption>{label}{esc(caption)}</figcaption>" if (caption or kind) else ""
+    svg = f' <a class="svg" href="{esc(vector)}">SVG</a>' if vector else ""
+    text = f"<figcaption>{label}{esc(caption)}{svg}</figcaption>" if (caption or kind or vector) else ""
     return f"<figure{attrs({'class': css or None})}>{image}{text}</figure>"
 
 

@@ -201,6 +201,13 @@ class _Reader:
         groups: dict[str, Group] = {}
         run.statistics = self.statistics(pipeline.get("statistics"), groups)
         self.visualizations(as_dict(pipeline.get("visualizations")), groups)
+        for label, units in as_dict(pipeline.get("flags")).items():
+            group = _group(groups, str(label))
+            group.flags = {
+                int(unit): [_text(why) for why in as_list(reasons)]
+                for unit, reasons in as_dict(units).items()
+                if str(unit).isdigit()
+            }
         run.groups = groups
         run.notes = self.notes
         return run
@@ -269,8 +276,14 @@ class _Reader:
             for c in as_list(analysis.get("worst"))
             if isinstance(c, dict)
         ]
+        names = as_list(analysis.get("class_names"))
         return ModelTraining(
-            folder, final, hardest, self.image(folder / "curves.png"), self.image(folder / "error-analysis.png")
+            folder,
+            final,
+            hardest,
+            self.image(folder / "curves.png"),
+            self.image(folder / "error-analysis.png"),
+            len(names) or None,
         )
 
     def comparison(self, entry: dict[str, Any]) -> FilterComparison | None:
@@ -469,6 +482,7 @@ class _Reader:
             record.get("top1_hits"),
             record.get("top5_hits"),
             rows,
+            record.get("classes") if isinstance(record.get("classes"), int) else None,
         )
 
     def sanity(self, relative: Any) -> SanityCheck | None:
@@ -518,6 +532,11 @@ class _Reader:
             entry = as_dict(entry)
             group = _group(groups, str(label))
             group.visualised = [u for u in as_list(entry.get("units")) if _unit_number(u) is not None]
+            group.reasons = {
+                int(unit): [_text(r) for r in as_list(reasons)]
+                for unit, reasons in as_dict(entry.get("reasons")).items()
+                if str(unit).isdigit()
+            }
             for name, folder_name in as_dict(entry.get("runs")).items():
                 run = self.visual_run(group, str(name), folder_name)
                 if run is None:
@@ -538,6 +557,10 @@ class _Reader:
             run.summary = str(record["summary"]) if record.get("summary") else None
             run.figures = self.figures(record, folder, what, name)
             run.examples = _examples(record)
+            run.on_top_images = isinstance(record.get("runs"), dict) and record.get("target") == "units"
+            command = record.get("pipeline_command")
+            if isinstance(command, list) and all(isinstance(word, str) for word in command):
+                run.command = command
         return run
 
     def record(self, folder: Path, what: str) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ class ModelTraining:
     hardest: list[ClassAccuracy]
     curves: Path | None
     error_analysis: Path | None
+    classes: int | None = None
 
 
 @dataclasses.dataclass
@@ -256,6 +257,13 @@ class VisualRun:
     summary: str | None
     figures: list[Figure]
     examples: dict[int, list[Example]] = dataclasses.field(default_factory=dict)
+    #: the ``convlens visualize`` words that render another unit as this run did, ``{unit}`` standing for it
+    command: list[str] | None = None
+    #: the run explained each unit on that unit's own top images (an attribution visualizer in the workflow)
+    on_top_images: bool = False
+
+    def command_for(self, unit: int) -> list[str] | None:
+        return None if self.command is None else [word.replace("{unit}", str(unit)) for word in self.command]
 
 
 @dataclasses.dataclass
@@ -268,6 +276,10 @@ class Group:
     summary: GroupSummary | None = None
     units: dict[int, UnitStatistics] = dataclasses.field(default_factory=dict)
     visualised: list[int] = dataclasses.field(default_factory=list)
+    #: why the workflow pictured each visualised unit: "share", "selective", "frequent"
+    reasons: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    #: units whose pictures the run's checks flag as not worth reading, and why
+    flags: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     runs: list[VisualRun] = dataclasses.field(default_factory=list)
 
     @property
@@ -319,6 +331,7 @@ class Predictions:
     top1_hits: Any
     top5_hits: Any
     rows: list[Prediction]
+    classes: int | None = None
 
 
 @dataclasses.dataclass

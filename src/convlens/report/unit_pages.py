@@ -9,10 +9,12 @@ records (see :class:`~convlens.report.reader.Figure`).
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import Any
 
 from convlens.report.links import Links
-from convlens.report.pages import Content, attrs, cell, esc, facts, fmt, metric, note, table
+from convlens.report.pages import Content, attrs, cell, esc, facts, fmt, is_number, metric, note, table
 from convlens.report.run_folder import Figure, Group, RunFolder, UnitStatistics, VisualRun, finite_number
 
 EXAMPLES_SHOWN = 3
@@ -40,6 +42,32 @@ INDEX_COLUMNS = (  # data-key, title, data-type (None: not sortable)
 )
 
 
+REASON_TEXTS = {
+    "share": "one of the top units by share of the activation",
+    "selective": "one of the most selective units (highest concept AUROC)",
+    "frequent": "one of the units firing on the most images",
+}
+
+ASCENDING_FIRST = {"unit": "ascending", "rank": "ascending"}  # number columns read from the smallest (rank 1) first
+
+
+def reasons_text(reasons: list[str]) -> str:
+    """E.g. 'one of the top units by share of the activation and one of the most selective units (...)'."""
+    return " and ".join(REASON_TEXTS.get(reason, reason) for reason in reasons)
+
+
+def ablation_effect(changes: list[tuple[Any, Any]]) -> str:
+    """What zeroing a latent does to the class logits, from its three most lowered classes (mean change): the
+    classes it lowers, or, when it lowers none of them, that it raises even the least raised."""
+    lowered = [(label, change) for label, change in changes if is_number(change) and change < 0]
+    listed = ", ".join(f"{label} {fmt(change, 'signed')}" for label, change in (lowered or changes))
+    if lowered:
+        return f"zeroing it lowers the class logits most for {listed} (mean change)"
+    if changes:
+        return f"zeroing it lowers no class logit; even the least raised go up: {listed} (mean change)"
+    return "zeroing it changes no class logit"
+
+
 def concept_text(stats: UnitStatistics | None) -> str:
     """E.g. ``shape=star``: the unit's best concept value, or '' when it has none."""
     best = stats.best if stats is not None else None
@@ -58,7 +86,8 @@ class UnitPages:
     def units_index(self) -> Content:
         path = self.links.units_index
         head = "".join(
-            f"<th{attrs({'data-key': key, 'data-type': kind, 'class': 'num' if kind == 'number' else None})}>"
+            f"<th{attrs({'data-key': key, 'data-type': kind, 'data-first': ASCENDING_FIRST.get(key)})}"
+            f"{attrs({'class': 'num' if kind == 'number' else None})}>"
             + (f'<button type="button">{esc(title)}</button>' if kind else esc(title))
             + "</th>"
             for key, title, kind in INDEX_COLUMNS
@@ -151,29 +180,51 @@ class UnitPages:
             parts.append("<h2>Statistics</h2>" + self.statistics_facts(group, stats))
         ablation = self.run.ablation_of(group, unit)
         if ablation is not None:
-            lowered = ", ".join(f"{label} {fmt(change, 'signed')}" for label, change in ablation.most_lowered)
             text = (
-                f"Active on {fmt(ablation.images_active, 'int')} of the ablation images; zeroing it lowers the "
-                f"class logits most for {lowered or 'no class'} (mean change)."
+                f"Active on {fmt(ablation.images_active, 'int')} of the ablation images; "
+                f"{ablation_effect(ablation.most_lowered)}."
             )
             parts.append("<h2>Zeroing this latent in the spliced model</h2><p>" + esc(text) + "</p>")
         figures = group.figures_of(unit)
-        if unit not in group.visualised and not figures:
-            listed = ", ".join(str(u) for u in group.visualised)
+        if group.flags.get(unit):
             parts.append(
-                note(
-                    f"Only the top-ranked {group.title} were visualised ({listed}); this page shows the "
-                    "statistics only."
-                    if listed
-                    else f"No visualizer ran on the {group.title}; this page shows the statistics only."
-                )
+                '<p class="flagged">Flagged: ' + esc("; ".join(group.flags[unit])) + ". The picture below does not "
+                "show what the unit responds to.</p>"
             )
+        if group.reasons.get(unit):
+            parts.append(f'<p class="muted">Pictured as {esc(reasons_text(group.reasons[unit]))}.</p>')
+        if unit not in group.visualised and not figures:
+            parts.append(self.render_hint(group, unit))
         for run, found in figures:
             parts.append(self.run_figures(path, run, unit, found))
         if unit in group.visualised and not figures:
             parts.append(note("This unit was visualised, but no visualizer run lists a figure for it."))
         subtitle = f"{group.title} at layer {'?' if self.run.layer is None else self.run.layer}"
         return Content(group.unit_title(unit), "\n".join(parts), subtitle)
+
+    def render_hint(self, group: Group, unit: int) -> str:
+        """Why this unit has no pictures, and the commands that render it as the run's visualizers did."""
+        listed = ", ".join(str(u) for u in group.visualised)
+        text = (
+            f"The run pictured {len(group.visualised)} {group.title} ({listed}); this page shows the statistics only."
+            if listed
+            else f"No visualizer ran on the {group.title}; this page shows the statistics only."
+        )
+        commands = [(run.name, run.command_for(unit)) for run in group.runs]
+        runnable = [shlex.join(words) for _, words in commands if words]
+        if runnable:
+            text += " To render it as the run's visualizers did, run:"
+        parts = [note(text)]
+        if runnable:
+            parts.append('<pre class="command" id="render-command"><code>' + esc("\n".join(runnable)) + "</code></pre>")
+        on_images = [run.name for run in group.runs if run.on_top_images]
+        if on_images:
+            parts.append(
+                f'<p class="muted">{esc(", ".join(on_images))} explained each unit on the images it responds to '
+                "most: give those images (<code>convlens visualize dataset-examples</code> finds them) to "
+                "<code>convlens visualize</code> with <code>--data</code>.</p>"
+            )
+        return "".join(parts)
 
     def pager(self, path: Path, group: Group, before: int | None, after: int | None) -> str:
         """Links to the previous unit, the units index and the next unit."""

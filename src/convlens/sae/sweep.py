@@ -23,8 +23,7 @@ import torch
 
 from convlens.activations.store import ActivationStore
 from convlens.core.errors import ConvlensError
-from convlens.data.images import save_png
-from convlens.drawing.charts import line_chart, side_by_side
+from convlens.drawing.plots import LinePanel, save_chart
 from convlens.runtime.run_records import versions, write_json_atomic
 from convlens.sae.base import save_sae
 from convlens.sae.training import (
@@ -249,35 +248,33 @@ def _plot_frontier(out: Path, results: list[dict[str, Any]], frontier: dict[str,
         if rows:
             series[sae.split(":")[-1]] = ([r["l0"] for r in rows], [1 - r["fve"] for r in rows])
     if series:
-        chart = line_chart(
-            series,
+        chart = LinePanel(
+            series=series,
             title="sparsity against reconstruction (Pareto frontier per architecture)",
             xlabel="L0 (active latents per sample)",
             ylabel="1 - variance explained",
+            log_x=None,
+            legend=True,
+            key="pareto",
         )
-        save_png(chart, out / "pareto.png")
+        save_chart(chart, out / "pareto.png")
 
 
 def _plot_ablations(out: Path, ablations: dict[str, dict[str, Any]]) -> None:
-    charts = []
+    panels = []
     for group, ablation in ablations.items():
         values = [float(v) for v in ablation["values"]]
-        charts.append(
-            line_chart(
-                {"variance explained": (values, [v if v is not None else math.nan for v in ablation["fve"]])},
-                title=f"{group}: variance explained",
-                xlabel=ablation["parameter"],
-                ylabel="fraction",
-                size=(420, 300),
+        whole = all(value.is_integer() for value in values)
+        for name, key, ylabel in (("variance explained", "fve", "fraction"), ("L0", "l0", "active latents")):
+            measured = [v if v is not None else math.nan for v in ablation[key]]
+            panels.append(
+                LinePanel(
+                    series={name: (values, measured)},
+                    title=f"{group}: {name}",
+                    xlabel=ablation["parameter"],
+                    ylabel=ylabel,
+                    integer_x=whole,
+                    log_x=None,
+                )
             )
-        )
-        charts.append(
-            line_chart(
-                {"L0": (values, [v if v is not None else math.nan for v in ablation["l0"]])},
-                title=f"{group}: L0",
-                xlabel=ablation["parameter"],
-                ylabel="active latents",
-                size=(420, 300),
-            )
-        )
-    save_png(side_by_side(charts), out / "ablations.png")
+    save_chart(panels, out / "ablations.png")

@@ -699,30 +699,30 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _write_curves(out: Path, rows: list[dict[str, Any]]) -> None:
-    from convlens.data.images import save_png
-    from convlens.drawing.charts import line_chart, side_by_side
+    """``curves.png`` and ``curves.svg``: the training objective, the reconstruction error and the sparsity per
+    logged step, each on its own axis (the objective can be hundreds of times the MSE)."""
+    from convlens.drawing.plots import LinePanel, save_chart
 
     if not rows:
         return
     steps = [row["step"] for row in rows]
     val = [row.get("val") or {} for row in rows]
-    loss = line_chart(
-        {
-            "train loss": (steps, [row["train"]["loss"] for row in rows]),
-            "train MSE": (steps, [row["train"]["mse"] for row in rows]),
-            "validation MSE": (steps, [v.get("mse", math.nan) for v in val]),
-        },
-        title="loss",
-        xlabel="step",
-        ylabel="loss / MSE per element",
+
+    def panel(key: str, title: str, ylabel: str, series: dict[str, list[float]]) -> LinePanel:
+        lines = {name: (steps, values) for name, values in series.items()}
+        return LinePanel(series=lines, title=title, xlabel="step", ylabel=ylabel, integer_x=True, key=key)
+
+    loss = panel("loss", "training loss", "loss (objective)", {"train loss": [row["train"]["loss"] for row in rows]})
+    mse = panel(
+        "mse",
+        "reconstruction error",
+        "MSE per element",
+        {"train MSE": [row["train"]["mse"] for row in rows], "validation MSE": [v.get("mse", math.nan) for v in val]},
     )
-    sparsity = line_chart(
-        {
-            "train L0": (steps, [row["train"]["l0"] for row in rows]),
-            "validation L0": (steps, [v.get("l0", math.nan) for v in val]),
-        },
-        title="sparsity",
-        xlabel="step",
-        ylabel="active latents per sample",
+    sparsity = panel(
+        "l0",
+        "sparsity",
+        "active latents per sample (L0)",
+        {"train L0": [row["train"]["l0"] for row in rows], "validation L0": [v.get("l0", math.nan) for v in val]},
     )
-    save_png(side_by_side([loss, sparsity]), out / "curves.png")
+    save_chart([loss, mse, sparsity], out / "curves.png")

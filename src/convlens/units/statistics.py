@@ -2,13 +2,16 @@
 
 Every unit of one layer (group ``cnn``) and every latent of each SAE applied at that layer (one group per SAE
 label) gets: how often it fires (share of (image, position) cells and of images with activation > 0), its mean and
-largest activation, the mean of its per-image maxima, its share of the group's total |activation| (as
+largest activation, the mean of its per-image maxima, the largest per-image mean (what a feature visualisation of
+the whole channel is compared with), its share of the group's total |activation| (as
 ``convlens rank-units`` measures a unit's magnitude) and whether it is dead (never > 0 on these images).
 
 With a concept set (``concepts.json``), every categorical attribute (e.g. shape, colour, texture) and each of its
 values is scored per unit by the AUROC of the per-image maximum for separating the images showing that value from
-the rest. A unit is *selective* for a value when that value is the only one, across all attributes, whose AUROC
-reaches the threshold. Only running sums and the ``[images, units]`` per-image maxima are kept in memory.
+the rest. The class labels of an ImageFolder are one more attribute, ``class``, with or without a concept set
+(unless the set already has an attribute grouping the images as their classes do); a flat folder without a
+concept set has none. A unit is *selective* for a value when that value is the only one, across all attributes,
+whose AUROC reaches the threshold. Only running sums and the ``[images, units]`` per-image maxima are kept in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from convlens.core.errors import ConvlensError
+from convlens.data.concepts import CLASS_CATEGORY, repeats_the_classes
 from convlens.data.images import ImageIndex, Preprocessing, SkipLog
 from convlens.data.loading import ImageDataset, decode_on_device, image_batches
 from convlens.models.layers import activations_at, full_precision, resolve_layer
@@ -88,6 +92,7 @@ class _Accumulator:
         self.max_sum = torch.zeros(units, **zeros)
         self.images_fired = torch.zeros(units, **zeros)
         self.largest = torch.full((units,), -math.inf, **zeros)
+        self.best_image_mean = torch.full((units,), -math.inf, **zeros)
         self.maxima = torch.empty(images, units, dtype=torch.float32)
 
     def add(self, maps: torch.Tensor, row: int) -> None:
@@ -99,6 +104,8 @@ class _Accumulator:
         self.max_sum += peaks.sum(dim=0, dtype=torch.float64)
         self.images_fired += (peaks > 0).sum(dim=0).double()
         self.largest = torch.maximum(self.largest, peaks.amax(dim=0).double())
+        image_means = flat.mean(dim=2, dtype=torch.float64)
+        self.best_image_mean = torch.maximum(self.best_image_mean, image_means.amax(dim=0))
         self.maxima[row : row + len(peaks)] = peaks.float().cpu()
 
 
@@ -130,6 +137,21 @@ def _concept_labels(
         vocabulary[attribute] = list(values)
         labels[attribute] = torch.tensor(codes, dtype=torch.long)
     return vocabulary, labels
+
+
+def _add_class_category(
+    vocabulary: dict[str, list[str]], labels: dict[str, torch.Tensor], index: ImageIndex, positions: torch.Tensor
+) -> None:
+    """Add an ImageFolder's class labels as the attribute ``class``, unless an attribute already groups the images
+    as their classes do (:func:`convlens.data.concepts.repeats_the_classes`)."""
+    if index.labels is None or not index.class_names or CLASS_CATEGORY in vocabulary:
+        return
+    classes = torch.tensor(index.labels, dtype=torch.long)[positions]
+    for codes in labels.values():
+        if repeats_the_classes([code if code >= 0 else None for code in codes.tolist()], classes.tolist()):
+            return
+    vocabulary[CLASS_CATEGORY] = list(index.class_names)
+    labels[CLASS_CATEGORY] = classes
 
 
 def _selectivity(
@@ -187,6 +209,7 @@ def _group_record(
         "mean": (acc.total / cells).tolist(),
         "max": acc.largest.tolist(),
         "mean_image_max": (acc.max_sum / images).tolist(),
+        "max_image_mean": acc.best_image_mean.tolist(),
         "share": share.tolist(),
     }
     best: list[dict[str, Any] | None] = [None] * acc.units
@@ -340,9 +363,10 @@ def unit_statistics(
 
     image_positions = torch.cat(positions).long()
     per_image = grid[0] * grid[1]
-    vocabulary = labels = None
-    if concepts is not None:
-        vocabulary, labels = _concept_labels(concepts, index, image_positions)
+    vocabulary, labels = _concept_labels(concepts, index, image_positions) if concepts is not None else ({}, {})
+    _add_class_category(vocabulary, labels, index, image_positions)
+    if not vocabulary:
+        vocabulary = labels = None
     groups = {
         label: _group_record(
             CNN_GROUP_KIND if label == CNN_GROUP else "latent",

@@ -23,9 +23,14 @@ from typing import Any
 from convlens.core.errors import ConvlensError
 from convlens.runtime.locks import holds_files
 from convlens.runtime.run_records import write_json_atomic
+from convlens.units.selection import UnitChoice, choose_units
 from convlens.workflow.recipes import Recipe
 
 STEP_RECORDS = "steps"
+#: the options of ``convlens visualize`` itself: a visualizer parameter of the same name is offered as --viz-NAME
+VISUALIZE_COMMAND_OPTIONS = frozenset(
+    ("model", "layer", "units", "sae", "data", "out", "o", "device", "dtype", "force", "json")
+)
 PIPELINE_FILE = "pipeline.json"
 
 
@@ -242,10 +247,14 @@ class PipelineRun:
                 self._statistics,
             )
         )
-        groups = [("cnn", recipe.visualize.units, None)]
-        groups += [(e.component.label, recipe.visualize.latents, e) for e in recipe.saes]
-        for group, count, entry in groups:
-            if count == 0:
+        section = recipe.visualize
+        groups = [("cnn", UnitChoice(section.units, section.selective, section.frequent), None)]
+        groups += [
+            (e.component.label, UnitChoice(section.latents, section.selective, section.frequent), e)
+            for e in recipe.saes
+        ]
+        for group, choice, entry in groups:
+            if choice.total == 0:
                 continue
             previous: list[str] = []
             for visualizer in recipe.visualizers:
@@ -257,12 +266,13 @@ class PipelineRun:
                         {
                             **base,
                             "visualizer": visualizer.to_dict(),
-                            "count": count,
+                            "count": choice.by_share,
+                            **({"choice": dataclasses.asdict(choice)} if choice.total > choice.by_share else {}),
                             "examples": recipe.visualize.examples,
                             **self._precision(),
                         },
                         ["statistics", *previous],
-                        lambda g=group, v=visualizer, e=entry, c=count: self._visualize(g, v, e, c),
+                        lambda g=group, v=visualizer, e=entry, c=choice: self._visualize(g, v, e, c),
                     )
                 )
                 previous.append(name)
@@ -375,9 +385,13 @@ class PipelineRun:
         for number, (step, state) in enumerate(zip(self.steps, states), start=1):
             head = f"[{number}/{len(self.steps)}] {step.name}"
             if self._is_done(step, digests[step.name]):
-                state.update(status="skipped", seconds=0.0)
-                self._after(step, {"warnings": self._read_record(step).get("warnings", [])})
-                self.echo(f"{head}: done before for the same inputs, skipped")
+                record = self._read_record(step)
+                state.update(status="skipped", seconds=record.get("seconds"))
+                self._after(step, {"warnings": record.get("warnings", [])})
+                took = (
+                    f" (it took {record['seconds']:.1f} s)" if isinstance(record.get("seconds"), (int, float)) else ""
+                )
+                self.echo(f"{head}: done before for the same inputs{took}, skipped")
                 skipped += 1
                 continue
             self._prepare(step, digests[step.name])
@@ -413,6 +427,7 @@ class PipelineRun:
             self._write_state()
             self.echo(f"{head}: done in {seconds:.1f} s")
             ran += 1
+        self._check()
         self.state["finished"] = _now()
         self._write_state()
         if self.recipe.report.enabled:
@@ -427,6 +442,14 @@ class PipelineRun:
             "warnings": list(self.warnings),
             "report": str(report) if report.is_file() else None,
         }
+
+    def _check(self) -> None:
+        """The run's checks (:mod:`convlens.workflow.checks`) into its warnings and the flags the report shows."""
+        from convlens.workflow.checks import check_run
+
+        checks = check_run(self.run_dir, self.recipe, self.state)
+        self.warnings.extend(w for w in checks.warnings if w not in self.warnings)
+        self.state["flags"] = checks.flags
 
     def _prepare(self, step: Step, digest: str) -> None:
         """Mark ``step`` as running; remove what an earlier attempt left unless it ran for the same inputs and
@@ -446,14 +469,17 @@ class PipelineRun:
             self._describe_data()
         if step.name.startswith("visualize:"):
             _, group, visualizer = step.name.split(":", 2)
-            units = json.loads((self.run_dir / step.outputs[0] / "record.json").read_text()).get("pipeline_units")
-            entry = self.state["visualizations"].setdefault(group, {"units": units, "runs": {}})
+            record = json.loads((self.run_dir / step.outputs[0] / "record.json").read_text())
+            entry = self.state["visualizations"].setdefault(
+                group, {"units": record.get("pipeline_units"), "reasons": record.get("pipeline_reasons"), "runs": {}}
+            )
             entry["runs"][visualizer] = step.outputs[0]
         if result and result.get("warnings"):
             self.warnings.extend(w for w in result["warnings"] if w not in self.warnings)
 
     def _describe_data(self) -> None:
-        self.state["data"].update(images=len(self.index()), concepts=self.concepts() is not None)
+        labelled = len(self.index().class_names or ()) > 1  # the class labels are a concept too (statistics)
+        self.state["data"].update(images=len(self.index()), concepts=self.concepts() is not None or labelled)
 
     def _write_state(self) -> None:
         write_json_atomic(self.run_dir / PIPELINE_FILE, self.state)
@@ -655,9 +681,14 @@ class PipelineRun:
         for row, overlay in zip(rows, prediction_overlays(rows, maps, pictures, out)):
             row["overlay"] = overlay
         summary = prediction_summary(rows)
-        write_json_atomic(out / "predictions.json", {"method": method.name, "layer": layer, **summary, "rows": rows})
+        classes = len(bundle.class_names) if bundle.class_names else None
+        write_json_atomic(
+            out / "predictions.json",
+            {"method": method.name, "layer": layer, "classes": classes, **summary, "rows": rows},
+        )
         labelled = summary["labelled"]
-        hits = f"; top-1 {summary['top1_hits']}/{labelled}, top-5 {summary['top5_hits']}/{labelled}" if labelled else ""
+        top5 = f", top-5 {summary['top5_hits']}/{labelled}" if classes is None or classes > 5 else ""
+        hits = f"; top-1 {summary['top1_hits']}/{labelled}{top5}" if labelled else ""
         self.echo(f"  {summary['images']} images classified, {method.name} of the predicted class at {layer}{hits}")
         return {}
 
@@ -701,18 +732,12 @@ class PipelineRun:
             sae, record, store, out, training, device=self.device, resume=resume, progress=self.progress
         )
         val = summary["final"].get("val") or {}
-        warnings = []
         if val:
             self.echo(
                 f"  variance explained {100 * val['fve']:.1f} %, L0 {val['l0']:.1f}, dead latents "
                 f"{100 * val['dead_fraction']:.1f} %"
             )
-            if val["dead_fraction"] > 0.5:
-                warnings.append(
-                    f"SAE {entry.component.label}: {100 * val['dead_fraction']:.0f} % of the latents "
-                    "never fired on the validation samples"
-                )
-        return {"warnings": warnings}
+        return {}
 
     def _sweep(self) -> dict[str, Any]:
         from convlens.activations.store import ActivationStore
@@ -759,7 +784,10 @@ class PipelineRun:
         )
         out = self.run_dir / "evaluation" / f"{slug(entry.component.label)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, {"model": record, "sae": str(path.relative_to(self.run_dir)), **result})
+        classes = len(self.index().class_names or ())
+        write_json_atomic(
+            out, {"model": record, "sae": str(path.relative_to(self.run_dir)), "classes": classes or None, **result}
+        )
         top1 = result["top1"]
         if top1["model"] is not None:
             self.echo(f"  top-1 {100 * top1['model']:.1f} % alone, {100 * top1['sae']:.1f} % with the SAE spliced in")
@@ -804,11 +832,10 @@ class PipelineRun:
                 warnings.append(f"{group}: {summary['dead']} of {summary['units']} units never fired")
         return {"warnings": warnings}
 
-    def top_units(self, group: str, count: int) -> list[int]:
-        """The ``count`` units of ``group`` with the largest share of the activation that fire at all."""
+    def chosen_units(self, group: str, choice: UnitChoice) -> dict[int, list[str]]:
+        """The units of ``group`` to picture and why (:func:`convlens.units.selection.choose_units`)."""
         statistics = json.loads((self.run_dir / "statistics" / "statistics.json").read_text())
-        units = [u for u in statistics["groups"][group]["units"] if not u["dead"]]
-        return [u["unit"] for u in sorted(units, key=lambda u: u["rank"])[:count]]
+        return choose_units(statistics["groups"][group]["units"], choice)
 
     def top_images(self, group: str, unit: int, count: int) -> list[Path]:
         """The images where ``unit`` of ``group`` is strongest (per-image maxima of the statistics step)."""
@@ -820,13 +847,14 @@ class PipelineRun:
         index = self.index()
         return [index.paths[int(positions[i])] for i in order]
 
-    def _visualize(self, group: str, visualizer: Any, entry: Any, count: int) -> dict[str, Any]:
+    def _visualize(self, group: str, visualizer: Any, entry: Any, choice: UnitChoice) -> dict[str, Any]:
         from convlens.core.component_registry import default_registry
         from convlens.core.contracts import VisualTarget
         from convlens.core.params import parameter_specs
 
         bundle, _ = self.bundle()
-        units = self.top_units(group, count)
+        reasons = self.chosen_units(group, choice)
+        units = list(reasons)
         out = self.run_dir / self.visual_dir(group, visualizer.label)
         out.mkdir(parents=True, exist_ok=True)
         registry = default_registry()
@@ -849,9 +877,59 @@ class PipelineRun:
         else:
             data = str(self.data_dir) if instance.needs_data else None
             record = instance.run(VisualTarget(bundle, self.recipe.layer, tuple(units), sae, data, self.dtype), out)
-        record = {**record, "pipeline_units": units}
+        record = {
+            **record,
+            "pipeline_units": units,
+            "pipeline_reasons": {str(u): r for u, r in reasons.items()},
+            "pipeline_command": None
+            if instance.explains_units_on_images
+            else self.visualize_command(group, visualizer, {**params, **earlier}, instance.needs_data),
+        }
         write_json_atomic(out / "record.json", record)
         return {}
+
+    def visualize_command(self, group: str, visualizer: Any, params: dict[str, Any], needs_data: bool) -> list[str]:
+        """The ``convlens visualize`` words that render one more unit of ``group`` as this run's step did, with
+        ``{unit}`` standing for the unit (a unit page fills it in)."""
+        from convlens.core.component_registry import default_registry
+        from convlens.core.params import command_line_options, parameter_specs
+        from convlens.models.loading import resolve_model_argument
+
+        registry = default_registry()
+        run_dir = self.run_dir.resolve()
+        if self.recipe.training is not None:
+            model = ["--model", str(run_dir / "model")]
+        else:
+            name, _ = resolve_model_argument(self.recipe.model, trust_code=True)
+            spec = registry.get("model", name).spec.params
+            every = {s.name.replace("_", "-") for s in parameter_specs(spec)}
+            options = command_line_options(spec, self.recipe.model_params, reserved=every, prefix="model")
+            model = ["--model", self.recipe.model, *options]
+        component = registry.get("visualizer", visualizer.name)
+        short = component.spec.name
+        name = (
+            short if registry.get("visualizer", short).qualified_name == component.qualified_name else visualizer.name
+        )
+        words = [
+            "convlens",
+            "visualize",
+            name or visualizer.name,
+            *model,
+            "--layer",
+            self.recipe.layer,
+            "--units",
+            "{unit}",
+        ]
+        if group != "cnn":
+            words += ["--sae", str(self.sae_path(group).resolve())]
+        if needs_data:
+            words += ["--data", str(self.data_dir.resolve())]
+        if self.dtype != "float32":
+            words += ["--dtype", self.dtype]
+        out = run_dir / "extra" / slug(group) / slug(visualizer.label) / "unit-{unit}"
+        words += ["--out", str(out)]
+        options = command_line_options(component.spec.params, params, reserved=VISUALIZE_COMMAND_OPTIONS, prefix="viz")
+        return words + options
 
     def _outputs_read_by(self, instance: Any, group: str, fields: set[str], params: dict[str, Any]) -> dict[str, str]:
         """The parameters ``instance`` fills with other visualizers' output folders of this run (those that ran)."""

@@ -10,8 +10,10 @@ and validates the whole recipe (plugin names, every parameter, the layer) and ra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +28,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULTS_FILE = "defaults.toml"  # in the convlens.recipes package: the plugin names recipes fall back to
+# plugin parameter values ending like these are files, taken from the recipe's folder like every relative path
+PATH_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".py", ".json", ".toml", ".txt")
 
 
 class RecipeError(ConvlensError):
@@ -121,8 +125,38 @@ class StatisticsSection(Params):
 @dataclasses.dataclass(frozen=True)
 class VisualizeSection(Params):
     units: int = param(8, min=0, help="the top CNN channels visualised (by their share of the layer's activation)")
-    latents: int = param(8, min=0, help="the top latents of every SAE visualised")
+    latents: int = param(8, min=0, help="the top latents of every SAE visualised (by their share)")
+    selective: int = param(
+        3, min=0, help="also the most selective units of every group (highest concept AUROC), when there are concepts"
+    )
+    frequent: int = param(2, min=0, help="also the units of every group firing on the most images, not chosen yet")
     examples: int = param(5, min=1, help="top images per unit that attribution visualizers explain")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarningsSection(Params):
+    """When a result is not worth reading: the run's checks warn past these limits (checked after every run, so
+    changing them reruns no step)."""
+
+    chance_margin: float = param(
+        0.1, min=0.0, max=1.0, help="warn when top-1 closes less than this share of the gap from chance to 100 %"
+    )
+    dead_latents: float = param(0.5, min=0.0, max=1.0, help="warn when more than this share of latents never fire")
+    dense_latents: float = param(
+        0.1, min=0.0, max=1.0, help="warn when more than this share of latents fire on over 10 % of samples"
+    )
+    fallbacks: float = param(
+        0.2, min=0.0, max=1.0, help="warn when a filter fell back to uniform sampling on more than this share of images"
+    )
+    splice_loss: float = param(
+        0.05, min=0.0, max=1.0, help="warn when splicing an SAE in loses more top-1 accuracy than this"
+    )
+    feature_viz_share: float = param(
+        1.0,
+        min=0.0,
+        help="flag a feature visualisation ending below this share of the unit's best image in the data (its "
+        "dataset examples then show more of what it responds to), and every one ending below its start",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +212,7 @@ class Recipe:
     predictions: PredictionsSection = PredictionsSection()
     sanity: SanitySection = SanitySection()
     dtype: str = "float32"  # compute precision (autocast) of the steps that run the model on images
+    warnings: WarningsSection = WarningsSection()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,6 +237,7 @@ class Recipe:
             "report": self.report.to_dict(),
             "predictions": self.predictions.to_dict(),
             "sanity": self.sanity.to_dict(),
+            "warnings": self.warnings.to_dict(),
         }
 
 
@@ -221,6 +257,7 @@ TOP_LEVEL = (
     "report",
     "predictions",
     "sanity",
+    "warnings",
 )
 
 
@@ -342,6 +379,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     from convlens.sae.training import SAETrainingParams
 
     _known(raw, TOP_LEVEL, "the recipe")
+    raw = _with_recipe_paths(raw, base)
     title = raw.get("title", "convlens run")
     seed = raw.get("seed", 0)
     device = raw.get("device")
@@ -414,6 +452,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     report = _section(ReportSection, _table(raw, "report", ""), "[report]")
     predictions = _section(PredictionsSection, _table(raw, "predictions", ""), "[predictions]")
     sanity = _section(SanitySection, _table(raw, "sanity", ""), "[sanity]")
+    warnings = _section(WarningsSection, _table(raw, "warnings", ""), "[warnings]")
     for name, section in (("predictions", predictions), ("sanity", sanity)):
         if section.enabled:
             _check_attribution_section(module, section, name)
@@ -442,6 +481,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         predictions=predictions,
         sanity=sanity,
         dtype=dtype,
+        warnings=warnings,
     )
 
 
@@ -470,6 +510,52 @@ def _check_layer(module: Any, layer: str, where: str) -> None:
         resolve_layer(module, layer)
     except ConvlensError as exc:
         raise RecipeError(f"{where}: {exc}") from None
+
+
+def _with_recipe_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` with every plugin parameter that is a relative path taken from the recipe's folder ``base``."""
+    raw = copy.deepcopy(raw)
+    for table in _plugin_parameter_tables(raw):
+        for key, value in table.items():
+            table[key] = recipe_path(value, base)
+    return raw
+
+
+def _plugin_parameter_tables(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tables of plugin parameters: [model] params, the params of filters, SAEs and sweep configurations, and
+    the [visualize.NAME] tables."""
+    model, extract, saes, sweep = (raw.get(key) for key in ("model", "extract", "sae", "sweep"))
+    entries = [model, *(saes if isinstance(saes, list) else [saes])]
+    if isinstance(extract, dict):
+        entries += [e for key in ("filters", "compare") if isinstance(extract.get(key), list) for e in extract[key]]
+    if isinstance(sweep, dict) and isinstance(sweep.get("configs"), list):
+        entries += sweep["configs"]
+    tables = [entry.get("params") for entry in entries if isinstance(entry, dict)]
+    visualize = raw.get("visualize")
+    tables += list(visualize.values()) if isinstance(visualize, dict) else []
+    return [table for table in tables if isinstance(table, dict)]
+
+
+def recipe_path(value: Any, base: Path) -> Any:
+    """A recipe value that is a relative path, taken from the recipe's folder ``base`` (absolute); other values as
+    they are. A value is a path when it has a ``/``, starts with ``.`` or ``~``, or ends like a file
+    (``PATH_SUFFIXES``), and names no scheme (``hf-hub:...``); in ``file.py:function`` (the ``python`` model's
+    target) the file is the path."""
+    if not isinstance(value, str):
+        return value
+    location, colon, function = value.rpartition(":")
+    if not (colon and location.endswith(".py") and function.isidentifier()):
+        location, colon, function = value, "", ""
+    if not _looks_like_a_path(location):
+        return value
+    path = Path(location).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve()) + colon + function
+
+
+def _looks_like_a_path(value: str) -> bool:
+    if re.match(r"[A-Za-z][\w+.-]*:", value):
+        return False
+    return "/" in value or value.startswith((".", "~")) or value.lower().endswith(PATH_SUFFIXES)
 
 
 def _check_data(data: dict[str, Any], base: Path) -> tuple[Path | None, GeneratedData | None]:
@@ -509,15 +595,6 @@ def _check_model(model: dict[str, Any], base: Path) -> tuple[str, dict[str, Any]
     params = model.get("params", {})
     if not isinstance(params, dict):
         raise RecipeError("[model] params must be a table")
-    params = {
-        key: str((base / value).resolve())
-        if key in ("weights", "checkpoint")
-        and isinstance(value, str)
-        and value.lower() not in ("none", "")
-        and (base / value).exists()
-        else value
-        for key, value in params.items()
-    }
     try:
         bundle, record = load_model(name, params)
         layer = model.get("layer") or bundle.default_layer

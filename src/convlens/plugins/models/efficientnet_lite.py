@@ -38,12 +38,15 @@ def build_efficientnet_lite0(params: EfficientNetLiteParams):
     torch.manual_seed(params.seed)
     module = _architecture()
     weights = params.weights
+    local = weights.lower() not in ("imagenet", "none")
+    if params.num_classes and local:  # a fine-tuned checkpoint already has the new head
+        module._fc = torch.nn.Linear(module._fc.in_features, params.num_classes)
     if weights.lower() == "imagenet":
         load_weights(module, _packaged_weights_file())
-    elif weights.lower() != "none":
-        load_weights(module, weights, partial=params.partial_weights)
+    elif local:
+        load_weights(module, weights, partial=params.partial_weights, num_classes_param="num_classes")
     class_names = imagenet_class_names() if weights.lower() == "imagenet" else class_names_of(weights)
-    if params.num_classes:
+    if params.num_classes and not local:
         module._fc = torch.nn.Linear(module._fc.in_features, params.num_classes)
         class_names = None
     resolve_layer(module, params.default_layer, "efficientnet-lite0")

@@ -37,9 +37,10 @@ def build_python_model(params: PythonModelParams):
         raise ConvlensError("model 'python' needs target='path/to/file.py:build_fn' or 'package.module:build_fn'")
     try:
         if location.endswith(".py"):
-            path = Path(location)
+            path = Path(location).expanduser()
             if not path.is_file():
-                raise ConvlensError(f"model file not found: {path}")
+                looked = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+                raise ConvlensError(f"model file not found: {path}{looked}")
             spec = importlib.util.spec_from_file_location(f"convlens_user_model_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)

@@ -46,7 +46,7 @@ def build_timm(params: TimmParams):
     classes = {"num_classes": params.num_classes} if params.num_classes else {}
     module = timm.create_model(params.arch, pretrained=False, **classes)
     if local:
-        load_weights(module, local, partial=params.partial_weights)
+        load_weights(module, local, partial=params.partial_weights, num_classes_param="num_classes")
     config = timm.data.resolve_data_config({}, model=module)
     size = (params.input_size,) * 2 if params.input_size else tuple(config["input_size"][1:])
     return ModelBundle(

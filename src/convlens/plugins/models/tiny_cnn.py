@@ -49,7 +49,7 @@ def build_tiny_cnn(params: TinyCNNParams):
         smooth_network(module, params.slope)
     class_names = None
     if params.weights.lower() != "none":
-        load_weights(module, params.weights)
+        load_weights(module, params.weights, num_classes_param="num_classes")
         class_names = class_names_of(params.weights)
     return ModelBundle(
         module.eval(),

@@ -81,7 +81,7 @@ def build_torchvision(params: TorchvisionParams):
     classes = {"num_classes": params.num_classes} if params.num_classes and local else {}
     module = torchvision.models.get_model(params.arch, weights=None, **extra, **classes)
     if local:
-        load_weights(module, params.weights, partial=params.partial_weights)
+        load_weights(module, params.weights, partial=params.partial_weights, num_classes_param="num_classes")
     elif params.weights.lower() != "none":
         state, _ = torchvision_state_dict(params.arch, params.weights)
         state = {k: v for k, v in state.items() if not k.startswith("aux")} if extra else state

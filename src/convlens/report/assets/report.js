@@ -17,7 +17,9 @@
     if (!button) { return; }
     button.addEventListener("click", function () {
       var numeric = head.getAttribute("data-type") === "number";
-      var ascending = head.getAttribute("aria-sort") !== "ascending";
+      var current = head.getAttribute("aria-sort");
+      // the first click puts the largest numbers (and text from A, and rank 1) on top; the next click reverses
+      var ascending = current ? current !== "ascending" : (!numeric || head.getAttribute("data-first") === "ascending");
       Array.prototype.forEach.call(heads, function (other) { other.removeAttribute("aria-sort"); });
       head.setAttribute("aria-sort", ascending ? "ascending" : "descending");
       var keyed = rows.map(function (row, position) { return [key(row, index, numeric), position, row]; });

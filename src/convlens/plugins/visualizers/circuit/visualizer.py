@@ -394,7 +394,7 @@ class CircuitVisualizer(ImageVisualizer):
         write_view(record, folder)
 
     def _subfeatures(self, graph, circuit, positioned, batches, index, folder, dtype):
-        from convlens import bar_chart, save_png
+        from convlens import BarPanel, save_chart
 
         from .subfeatures import cluster_patches, subfeature_subgraphs, top_patches
 
@@ -418,16 +418,15 @@ class CircuitVisualizer(ImageVisualizer):
         for member in result["members"]:
             member["images"] = [index.relative(index.paths[p]) for p in member["images"][:16]]
         if result["separability"] is not None:
-            save_png(
-                bar_chart(
-                    ["clusters", "shuffled"],
-                    [result["separability"], result["shuffled"]],
-                    title="edge IoU between sub-feature subgraphs",
-                    xlabel="mean pairwise IoU (lower: more separable)",
-                    maximum=1.0,
-                ),
-                folder / "subfeatures.png",
+            chart = BarPanel(
+                labels=["clusters", "shuffled"],
+                values=[result["separability"], result["shuffled"]],
+                title="edge IoU between sub-feature subgraphs",
+                xlabel="mean pairwise IoU (lower: more separable)",
+                maximum=1.0,
+                key="subfeatures",
             )
+            save_chart(chart, folder / "subfeatures.png")
         return result, kept
 
     def _feature_visualisations(
@@ -484,16 +483,15 @@ def _mean_table(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _validation_chart(rows: list[dict[str, Any]], title: str, path: Path) -> None:
-    from convlens import line_chart, save_png
+    from convlens import LinePanel, save_chart
 
     fractions = [row["fraction"] for row in rows]
     series = {kind: (fractions, [row[kind] for row in rows]) for kind in ("best", "random", "worst")}
-    save_png(
-        line_chart(
-            series,
-            title=title,
-            xlabel="share of the feature graph's edges kept",
-            ylabel="correlation with the full model",
-        ),
-        path,
+    chart = LinePanel(
+        series=series,
+        title=title,
+        xlabel="share of the feature graph's edges kept",
+        ylabel="correlation with the full model",
+        key="validation",
     )
+    save_chart(chart, path)

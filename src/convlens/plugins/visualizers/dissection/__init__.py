@@ -464,22 +464,22 @@ class DissectionVisualizer(ImageVisualizer):
         index: Any,
         device: Any,
     ) -> list[dict[str, Any]]:
-        from convlens import bar_chart, line_chart, save_png
+        from convlens import BarPanel, LinePanel, save_chart
 
         figures = []
         labels = [
             f"{category} ({counts['unique_concepts_by_category'][category]} unique)"
             for category in counts["detectors_by_category"]
         ]
-        chart = bar_chart(
-            labels,
-            list(counts["detectors_by_category"].values()),
+        chart = BarPanel(
+            labels=labels,
+            values=list(counts["detectors_by_category"].values()),
             title=f"{counts['detectors']} of {counts['units']} {kind}s are detectors of "
             f"{counts['unique_concepts']} unique concepts",
             xlabel=f"detector {kind}s",
-            size=(480, 60 + 20 * max(len(labels), 1)),
+            key="detectors",
         )
-        save_png(chart, out_dir / "detectors.png")
+        save_chart(chart, out_dir / "detectors.png")
         figures.append(
             {
                 "unit": None,
@@ -511,14 +511,16 @@ class DissectionVisualizer(ImageVisualizer):
             if not entry["formulas"]:
                 continue
             lengths = [step["length"] for step in entry["formulas"]]
-            chart = line_chart(
-                {f"{kind} {entry['unit']}": (lengths, [step["iou"] for step in entry["formulas"]])},
+            chart = LinePanel(
+                series={f"{kind} {entry['unit']}": (lengths, [step["iou"] for step in entry["formulas"]])},
                 title=f"{kind} {entry['unit']}: IoU of the best formula per length",
                 xlabel="formula length",
                 ylabel="IoU",
+                integer_x=True,
+                key="formulas",
             )
             relative = f"compositional/{entry['unit']:04d}.png"
-            save_png(chart, out_dir / relative)
+            save_chart(chart, out_dir / relative)
             figures.append(
                 {
                     "unit": entry["unit"],

@@ -402,6 +402,8 @@ class FeatureVisualizer(Visualizer):
                     "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
                     f"start, {rendered.final_value:.3g} at the end",
                     "small": True,
+                    "activation_start": rendered.start_value,
+                    "activation_final": rendered.final_value,
                 }
                 if number >= len(from_units):
                     figure["unit_kind"] = "objective"
