@@ -1,7 +1,9 @@
-"""SAE training-step speed: topk against relu-l1, against overcomplete's TopK SAE, and relu-l1 against the floor.
+"""SAE training-step speed: topk against relu-l1, against overcomplete's TopK SAE, relu-l1 against the floor, and
+batchtopk and matryoshka against topk.
 
-All cases at 512 inputs, 4,096 latents, k = 32, batch 1,024, float32, CPU, measured in the same run on the same
-batch. A *step* is: ``sae(x).loss``, ``zero_grad``, ``backward``, the optimiser step and ``sae.after_step()``.
+All cases at 512 inputs, 4,096 latents, k = 32, batch 1,024, float32, on ``--device`` (CPU by default), measured in
+the same run on the same batch. A *step* is: ``sae(x).loss``, ``zero_grad``, ``backward``, the optimiser step and
+``sae.after_step()``.
 Every case, the peer library's and the floors included, uses the same optimiser: ``torch.optim.Adam`` with
 ``fused=True`` as convlens's SAE trainer builds it (``--adam default`` for torch's default for-loop Adam, about
 4x slower on CPU), so the optimiser costs the same everywhere and no ratio depends on that choice of trainer.
@@ -23,6 +25,9 @@ information.
   as in relu-l1: x takes no gradient). No ReLU, no biases, no L1 term. The primary floor adds the same Adam step
   over the two matrices ("matmuls+adam"; target: relu-l1 <= 1.15x); the floor without any optimiser step
   ("matmuls") and the floor with a ReLU between the matmuls ("matmuls+relu+adam") are printed too.
+- batchtopk (``aux_k=0``, the same k: the k x 1,024 largest of the batch) and matryoshka (``aux_k=0``, the same k,
+  its default five prefixes and BatchTopK activation) against topk. Target: each <= 1.2x. matryoshka with the TopK
+  activation is printed as information.
 - information: topk with AuxK (``aux_k=256``, a quarter of the latents forced dead through
   ``samples_since_fired``) against plain topk, and jumprelu (default parameters) against relu-l1.
 
@@ -32,7 +37,7 @@ and more of them filter bursts of other load better than long ones. The share of
 during the rounds is printed too (Linux): with as many threads as cores, other load makes every parallel op wait
 on a descheduled thread, and the ratios then mean little. Exit status 1 if a target is missed.
 
-    python benchmarks/sae_step.py [--threads 2] [--steps 5] [--repeats 10] [--no-overcomplete]
+    python benchmarks/sae_step.py [--device cpu] [--threads 2] [--steps 5] [--repeats 10] [--no-overcomplete]
 """
 
 from __future__ import annotations
@@ -48,7 +53,13 @@ import torch
 
 import convlens
 
-TARGETS = {"topk_vs_relu_l1": 0.7, "topk_vs_overcomplete": 2.0, "relu_l1_vs_floor": 1.15}
+TARGETS = {
+    "topk_vs_relu_l1": 0.7,
+    "topk_vs_overcomplete": 2.0,
+    "relu_l1_vs_floor": 1.15,
+    "batchtopk_vs_topk": 1.2,
+    "matryoshka_vs_topk": 1.2,
+}
 
 
 def busy_cpu_seconds() -> float | None:
@@ -129,8 +140,9 @@ def overcomplete_step(
 
 def floor_step(x: torch.Tensor, latents: int, lr: float, kind: str | None, relu: bool) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(1)
-    encoder = torch.nn.Parameter(torch.randn(latents, x.shape[1], generator=generator) / x.shape[1] ** 0.5)
-    decoder = torch.nn.Parameter(torch.randn(latents, x.shape[1], generator=generator) / x.shape[1] ** 0.5)
+    scale = x.shape[1] ** 0.5
+    encoder = torch.nn.Parameter((torch.randn(latents, x.shape[1], generator=generator) / scale).to(x.device))
+    decoder = torch.nn.Parameter((torch.randn(latents, x.shape[1], generator=generator) / scale).to(x.device))
     optimizer = adam([encoder, decoder], lr, kind) if kind else None
 
     def step() -> None:
@@ -161,6 +173,7 @@ def main() -> None:
         default="fused",
         help="Adam for every case: fused (as convlens's trainer) or torch's default implementation",
     )
+    parser.add_argument("--device", default="cpu", help="where every case runs, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
@@ -173,11 +186,13 @@ def main() -> None:
     peer, peer_version = (None, "--no-overcomplete") if args.no_overcomplete else import_overcomplete()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.input_dim, generator=torch.Generator().manual_seed(0))
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, args.input_dim, generator=torch.Generator().manual_seed(0)).to(device)
     lr, kind = args.lr, args.adam
 
     def create(name: str, **extra) -> torch.nn.Module:
-        return convlens.registry.create("sae", name, input_dim=args.input_dim, latent_dim=args.latents, **extra)
+        sae = convlens.registry.create("sae", name, input_dim=args.input_dim, latent_dim=args.latents, **extra)
+        return sae.to(device)
 
     auxk = create("topk", k=args.k, aux_k=args.aux_k)
     with torch.no_grad():  # a quarter of the latents dead; nothing records activity here, so they stay dead
@@ -186,6 +201,11 @@ def main() -> None:
         "relu-l1": convlens_step(create("relu-l1"), x, lr, kind),
         "topk": convlens_step(create("topk", k=args.k, aux_k=0), x, lr, kind),
         "topk+auxk": convlens_step(auxk, x, lr, kind),
+        "batchtopk": convlens_step(create("batchtopk", k=args.k, aux_k=0), x, lr, kind),
+        "matryoshka": convlens_step(create("matryoshka", k=args.k, aux_k=0), x, lr, kind),
+        "matryoshka (topk activation)": convlens_step(
+            create("matryoshka", k=args.k, aux_k=0, activation="topk"), x, lr, kind
+        ),
         "jumprelu": convlens_step(create("jumprelu"), x, lr, kind),
         "floor matmuls+adam": floor_step(x, args.latents, lr, kind, relu=False),
         "floor matmuls": floor_step(x, args.latents, lr, None, relu=False),
@@ -198,12 +218,17 @@ def main() -> None:
     if peer is not None:
         for name, clip in (("overcomplete topk", None), ("overcomplete topk+clip", 1.0)):
             cases[name] = overcomplete_step(
-                peer(args.input_dim, nb_concepts=args.latents, top_k=args.k), x, lr, kind, clip
+                peer(args.input_dim, nb_concepts=args.latents, top_k=args.k).to(device), x, lr, kind, clip
             )
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     for step in cases.values():
         for _ in range(args.warmup):
             step()
+    synchronize()
     best = {name: float("inf") for name in cases}
     started_all, busy_before, own_before = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     for _ in range(args.repeats):
@@ -211,6 +236,7 @@ def main() -> None:
             started = time.perf_counter()
             for _ in range(args.steps):
                 step()
+            synchronize()
             best[name] = min(best[name], (time.perf_counter() - started) / args.steps)
     busy_after, wall = busy_cpu_seconds(), time.perf_counter() - started_all
     # the share of the machine's CPUs that other processes used while the rounds ran: above a few per cent, the
@@ -234,6 +260,9 @@ def main() -> None:
             if f"{name} (trainer's training_step)" in ms
         },
         "jumprelu_vs_relu_l1": ms["jumprelu"] / ms["relu-l1"],
+        "batchtopk_vs_topk": ms["batchtopk"] / ms["topk"],
+        "matryoshka_vs_topk": ms["matryoshka"] / ms["topk"],
+        "matryoshka_topk_activation_vs_topk": ms["matryoshka (topk activation)"] / ms["topk"],
     }
     if peer is not None:  # steps per second of topk over those of overcomplete's TopK SAE
         ratios["topk_vs_overcomplete"] = ms["overcomplete topk"] / ms["topk"]
@@ -248,7 +277,7 @@ def main() -> None:
                     "aux_k": args.aux_k,
                     "batch": args.batch,
                     "dtype": "float32",
-                    "device": "cpu",
+                    "device": str(device),
                 },
                 "threads": args.threads,
                 "cpus": os.cpu_count(),
@@ -280,7 +309,10 @@ def main() -> None:
         f"{peer_text}; relu-l1 {ratios['relu_l1_vs_floor']:.2f}x the matmuls+Adam floor (target <= "
         f"{TARGETS['relu_l1_vs_floor']}; {ratios['relu_l1_vs_floor_without_adam']:.2f}x matmuls without Adam, "
         f"{ratios['relu_l1_vs_floor_with_relu']:.2f}x matmuls+ReLU+Adam); info: AuxK {ratios['auxk_vs_topk']:.2f}x "
-        f"topk, jumprelu {ratios['jumprelu_vs_relu_l1']:.2f}x relu-l1"
+        f"topk, jumprelu {ratios['jumprelu_vs_relu_l1']:.2f}x relu-l1; batchtopk "
+        f"{ratios['batchtopk_vs_topk']:.2f}x topk and matryoshka {ratios['matryoshka_vs_topk']:.2f}x topk (targets <= "
+        f"{TARGETS['batchtopk_vs_topk']}; matryoshka with the TopK activation "
+        f"{ratios['matryoshka_topk_activation_vs_topk']:.2f}x)"
         + "".join(
             f", {name} through the trainer's training_step {ratios[f'{name}_trainer_step_vs_step']:.2f}x"
             for name in ("topk", "relu-l1")
@@ -298,6 +330,8 @@ def main() -> None:
         ratios["topk_vs_relu_l1"] > TARGETS["topk_vs_relu_l1"]
         or ratios["relu_l1_vs_floor"] > TARGETS["relu_l1_vs_floor"]
         or ratios.get("topk_vs_overcomplete", float("inf")) < TARGETS["topk_vs_overcomplete"]
+        or ratios["batchtopk_vs_topk"] > TARGETS["batchtopk_vs_topk"]
+        or ratios["matryoshka_vs_topk"] > TARGETS["matryoshka_vs_topk"]
     )
     if missed:
         sys.exit(1)

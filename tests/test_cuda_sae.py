@@ -1,5 +1,5 @@
 """SAE training, sweeps and evaluation on CUDA against the CPU on the same small inputs (skipped by name without a
-GPU).
+GPU), the target-L0 controller, BatchTopK and Matryoshka included, and `bench sae` on the GPU.
 
 Tolerances: batches read from a store reach the GPU bit for bit, streamed or held in memory; the same SAE
 evaluated on both devices agrees within 1e-4 relative (only the summation order differs); a train-sae or sweep run
@@ -75,7 +75,16 @@ def test_the_same_sae_evaluates_alike_on_both_devices(store, name):
 
 
 @pytest.mark.parametrize(
-    "name, options", [("topk", ["--k", "3"]), ("relu-l1", ["--l1", "0.05"])], ids=["topk", "relu-l1"]
+    "name, options",
+    [
+        ("topk", ["--k", "3"]),
+        ("relu-l1", ["--l1", "0.05"]),
+        ("relu-l1", ["--target-l0", "3"]),  # the controller's state lives on the device
+        ("jumprelu", ["--target-l0", "3"]),
+        ("batchtopk", ["--k", "3"]),  # CUDA takes the flat top-k, the CPU its sampled candidates
+        ("matryoshka", ["--k", "3"]),
+    ],
+    ids=["topk", "relu-l1", "relu-l1-target", "jumprelu-target", "batchtopk", "matryoshka"],
 )
 def test_train_sae_on_the_gpu_ends_where_the_cpu_run_does(store, tmp_path, name, options):
     summaries, saes = {}, {}
@@ -133,3 +142,12 @@ def test_evaluate_sae_on_the_gpu_matches_the_cpu(tmp_path):
     for key in ("kl_sae", "kl_zero_ablation"):
         assert gpu[key] == pytest.approx(cpu[key], rel=0.05, abs=1e-4), key
     assert len(cpu["ablation"]) == len(gpu["ablation"]) == 2
+
+
+def test_bench_sae_runs_on_the_gpu(tmp_path):
+    arguments = ["bench", "sae", "--grid", "quick", "--sae", "topk", "--device", DEVICE, "--out", str(tmp_path)]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = summary["results"]
+    assert summary["device"].startswith("cuda") and row["error"] is None and row["mmcs"] >= 0.9

@@ -41,7 +41,7 @@ def test_builtins_are_found_through_entry_points(monkeypatch):
     registry = Registry()
     assert [c.name for c in registry.list("filter")] == BUILTIN_FILTERS
     assert {c.dist for c in registry.list()} == {"convlens"}
-    assert [c.name for c in registry.list("sae")] == ["jumprelu", "relu-l1", "topk"]
+    assert [c.name for c in registry.list("sae")] == ["batchtopk", "jumprelu", "matryoshka", "relu-l1", "topk"]
     info = {i.dist: i for i in registry.plugins()}["convlens"]
     assert info.status == "ok" and info.counts["filter"] == len(BUILTIN_FILTERS) and info.builtin
 

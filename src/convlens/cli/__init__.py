@@ -13,6 +13,7 @@ from convlens.core.errors import PluginLoadError
 from convlens.core.loader import local_file_errors
 
 from .base import ConvlensGroup, set_debug, setup_registry
+from .bench import bench
 from .circuit import circuit_command
 from .compare_filters import compare_filters_command
 from .data import data
@@ -103,6 +104,7 @@ for command in (
     demo_command,
     report_command,
     circuit_command,
+    bench,
 ):
     cli.add_command(command)
 

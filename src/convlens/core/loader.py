@@ -48,6 +48,8 @@ BUILTIN_MODULES = (
     "convlens.plugins.saes.relu_l1",
     "convlens.plugins.saes.topk",
     "convlens.plugins.saes.jumprelu",
+    "convlens.plugins.saes.batchtopk",
+    "convlens.plugins.saes.matryoshka",
     "convlens.plugins.visualizers.feature_viz",
     "convlens.plugins.gradcam.visualizer",
     "convlens.plugins.visualizers.saliency",

@@ -64,7 +64,9 @@ class LinePanel:
 
     ``log_x``, ``log_y`` None: a log axis when its values are positive and span two orders of magnitude or more.
     ``integer_x``: ticks on whole numbers only. ``legend`` None: a legend when there is more than one line.
-    ``key`` names the panel in the SVG (default: the title as a slug)."""
+    ``key`` names the panel in the SVG (default: the title as a slug). ``faint`` maps a series to the series whose
+    colour it takes (e.g. raw points beneath a smoothed curve): it is drawn thin and translucent, with no marker and
+    no legend entry."""
 
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     title: str
@@ -75,6 +77,7 @@ class LinePanel:
     log_y: bool | None = None
     legend: bool | None = None
     key: str = ""
+    faint: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def finite_series(self) -> dict[str, tuple[list[float], list[float]]]:
         """Each series with its non-finite points left out; series with no point left are dropped."""
@@ -184,15 +187,15 @@ def _draw_lines(axes: Axes, panel: LinePanel, key: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     series = panel.finite_series()
-    for number, (name, (xs, ys)) in enumerate(series.items()):
-        axes.plot(
-            xs,
-            ys,
-            label=name,
-            color=_hex(PALETTE[number % len(PALETTE)]),
-            marker="o" if len(xs) <= MARKED_POINTS else None,
-            gid=f"chart-{key}-series-{_slug(name)}",
-        )
+    solid = [name for name in series if name not in panel.faint]
+    colours = {name: _hex(PALETTE[number % len(PALETTE)]) for number, name in enumerate(solid)}
+    for name, (xs, ys) in series.items():
+        gid = f"chart-{key}-series-{_slug(name)}"
+        if name in panel.faint:
+            colour = colours.get(panel.faint[name], "#888888")
+            axes.plot(xs, ys, label=f"_{name}", color=colour, alpha=0.3, linewidth=0.9, zorder=1.5, gid=gid)
+            continue
+        axes.plot(xs, ys, label=name, color=colours[name], marker="o" if len(xs) <= MARKED_POINTS else None, gid=gid)
     if not series:
         axes.text(0.5, 0.5, "no finite values", transform=axes.transAxes, ha="center", va="center")
     xs_all = [x for xs, _ in series.values() for x in xs]
@@ -205,7 +208,7 @@ def _draw_lines(axes: Axes, panel: LinePanel, key: str) -> None:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axes.set_xlabel(panel.xlabel)
     axes.set_ylabel(panel.ylabel)
-    if series and (panel.legend if panel.legend is not None else len(series) > 1):
+    if solid and (panel.legend if panel.legend is not None else len(solid) > 1):
         legend = axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fancybox=False)
         legend.set_gid(f"chart-{key}-legend")
 
@@ -235,7 +238,7 @@ def _panel_size(panel: Panel) -> tuple[float, float]:
     if isinstance(panel, BarPanel):
         longest_label = max([len(str(label)) for label in panel.labels] + [4])
         return 3.4 + LEGEND_PER_CHARACTER * longest_label, 1.1 + 0.26 * max(len(panel.labels), 1)
-    names = list(panel.finite_series())
+    names = [name for name in panel.finite_series() if name not in panel.faint]
     shown = names and (panel.legend if panel.legend is not None else len(names) > 1)
     legend = 0.45 + LEGEND_PER_CHARACTER * max(len(name) for name in names) if shown else 0.0
     return 4.4 + legend, 3.2

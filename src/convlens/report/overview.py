@@ -8,12 +8,14 @@ metric`), so that tests and scripts can read them back from the HTML.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from convlens.report.links import Links
 from convlens.report.pages import Content, cell, esc, facts, fmt, metric, note, raw, table
 from convlens.report.run_folder import (
     FilterComparison,
+    FilterSaes,
     ForegroundPrecision,
     Group,
     GroupSummary,
@@ -75,6 +77,7 @@ class Overview:
             *self.attribution_sections(),
             ("filters", "Activation filters", self.filters_section(self.run.comparison)),
             ("saes", "Sparse autoencoders", self.saes_section()),
+            *self.filter_saes_sections(),
             ("sweep", "Pareto frontier", self.sweep_section(self.run.sweep)),
             ("splice", "Spliced accuracy", self.splice_section()),
             ("selectivity", "Concept selectivity", self.selectivity_section()),
@@ -418,6 +421,97 @@ class Overview:
             f'<td class="muted">{esc(sae.metrics_source or "none")}</td>',
         ]
 
+    def filter_saes_sections(self) -> list[tuple[str, str, str]]:
+        """The SAEs trained per filter's store, for runs that have them."""
+        if self.run.filter_saes is None:
+            return []
+        return [("filter-saes", "SAEs per filter", self.filter_saes_section(self.run.filter_saes))]
+
+    def filter_saes_section(self, study: FilterSaes) -> str:
+        smoothing = (
+            f"smoothed by a 1-d Gaussian of sigma {esc(fmt(study.sigma))} logged points, the raw curves faint"
+            if finite_number(study.sigma)
+            else "not smoothed"
+        )
+        text = (
+            "<p>One SAE of the same architecture and training per filter's store, each validated on the "
+            f"validation split of the <code>{esc(study.validated_on)}</code> store (paper sec. 7.3-7.4). The "
+            "training error is measured on each SAE's own store (Figure 10), where the paper expects a store with "
+            "fewer background patches to be harder to reconstruct; the validation error on the common store is what "
+            f"it compares (Figure 11). Curves {smoothing}.</p>"
+        )
+        base = study.final_val_mse(study.baseline)
+        rows = [
+            [
+                f"<td>{esc(row.filter)}{' (baseline)' if row.filter == study.baseline else ''}</td>",
+                cell(row.train_samples, "int"),
+                cell(row.steps, "int"),
+                metric(row.final_train_mse, "filter-sae-train-mse", filter=row.filter),
+                metric(row.final_val_mse, "filter-sae-val-mse", filter=row.filter),
+                metric(
+                    None if row.filter == study.baseline else _difference(row.final_val_mse, base),
+                    "filter-sae-val-difference",
+                    "signed",
+                    filter=row.filter,
+                ),
+                metric(row.below_baseline, "filter-sae-below-baseline", "pct", filter=row.filter),
+            ]
+            for row in study.filters
+        ]
+        headers = [
+            "trained on",
+            "training samples",
+            "steps",
+            "final training MSE (own store)",
+            f"final validation MSE ({study.validated_on} store)",
+            f"difference to {study.baseline}",
+            f"logged steps below {study.baseline} (smoothed)",
+        ]
+        picture = self.links.picture(
+            self.path,
+            study.figure,
+            f"training error per filter's store (Figure 10) and validation error on the {study.validated_on} "
+            "store (Figure 11) against steps",
+            css="wide",
+        )
+        return (
+            text
+            + self.filter_claim(study, base)
+            + table(headers, rows, numeric=list(range(1, 7)), id="filter-saes-table")
+            + figures_row([picture])
+        )
+
+    @staticmethod
+    def filter_claim(study: FilterSaes, base: float | None) -> str:
+        """Whether the paper's claim holds on this run's numbers: every SAE trained on a filtered store ends with
+        a lower validation error on the common store than the one trained on the baseline (uniform) store."""
+        filtered = [(row.filter, finite_number(row.final_val_mse)) for row in study.filters]
+        filtered = [(label, value) for label, value in filtered if label != study.baseline]
+        lower = [(label, value) for label, value in filtered if base is not None and value is not None and value < base]
+        not_lower = [pair for pair in filtered if pair not in lower]
+        reference = f"the SAE trained on the {study.baseline} store ({fmt(base)})"
+        on = f"on the {study.validated_on} store"
+        if base is None or not filtered:
+            verdict, sentence = (
+                "unknown",
+                "The paper's claim cannot be checked on this run: it needs the final validation error of the SAE "
+                f"trained on the {study.baseline} store and of at least one SAE trained on a filtered store.",
+            )
+        elif not not_lower:
+            verdict, sentence = (
+                "holds",
+                f"The paper's claim holds on this run: {_trained_on(lower)} {_end(lower)} with a lower validation "
+                f"error {on} than {reference}.",
+            )
+        else:
+            verdict, sentence = (
+                "does-not-hold",
+                f"The paper's claim does not hold on this run: {_trained_on(not_lower)} {_do(not_lower)} not end with "
+                f"a lower validation error {on} than {reference}"
+                + (f"; {_trained_on(lower)} {_do(lower)}." if lower else "."),
+            )
+        return f'<p class="statement" id="filter-saes-claim" data-claim="{verdict}">{esc(sentence)}</p>'
+
     def sweep_section(self, sweep: Sweep | None) -> str:
         if sweep is None:
             return note("No sweep in this run, so no Pareto frontier of sparsity against reconstruction.")
@@ -675,6 +769,27 @@ class Overview:
         if not parts:
             return note("No unit statistics and no visualizer runs in this run.")
         return "\n".join(parts)
+
+
+def _trained_on(pairs: Sequence[tuple[str, float | None]]) -> str:
+    """'the SAE trained on median (0.0123)' or 'the SAEs trained on median (0.0123) and max (0.0131)'."""
+    named = [f"{label} ({fmt(value)})" for label, value in pairs]
+    stores = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+    return f"the SAE{'s' if len(pairs) > 1 else ''} trained on {stores}"
+
+
+def _end(pairs: Sequence[Any]) -> str:
+    return "ends" if len(pairs) == 1 else "end"
+
+
+def _do(pairs: Sequence[Any]) -> str:
+    return "does" if len(pairs) == 1 else "do"
+
+
+def _difference(value: Any, reference: float | None) -> float | None:
+    """``value - reference`` when both are finite numbers; otherwise None."""
+    number = finite_number(value)
+    return number - reference if number is not None and reference is not None else None
 
 
 def _share(count: Any, units: Any) -> Any:

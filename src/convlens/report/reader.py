@@ -26,6 +26,8 @@ from convlens.report.run_folder import (
     Figure,
     FilterComparison,
     FilterPrecision,
+    FilterSae,
+    FilterSaes,
     ForegroundPrecision,
     Group,
     GroupSummary,
@@ -196,6 +198,7 @@ class _Reader:
         run.comparison = self.comparison(as_dict(pipeline.get("filters")))
         run.saes = self.saes(as_list(pipeline.get("saes")))
         run.sweep = self.sweep(pipeline.get("sweep"))
+        run.filter_saes = self.filter_saes(pipeline.get("filter_saes"))
         run.predictions = self.predictions(pipeline.get("predictions"))
         run.sanity = self.sanity(pipeline.get("sanity"))
         groups: dict[str, Group] = {}
@@ -452,6 +455,33 @@ class _Reader:
             )
         return Sweep(
             sweep.get("steps"), configs, self.image(folder / "pareto.png"), self.image(folder / "ablations.png")
+        )
+
+    def filter_saes(self, relative: Any) -> FilterSaes | None:
+        """The SAEs trained per filter's store, when the run has them (no note otherwise: an optional part)."""
+        folder = self.path(relative) if relative else None
+        if folder is None:
+            return None
+        summary = self.read_json(folder / "summary.json", "SAEs per filter")
+        if not isinstance(summary, dict):
+            return None
+        rows = [
+            FilterSae(
+                filter=_text(row.get("filter", "?")),
+                train_samples=row.get("train_samples"),
+                steps=row.get("steps"),
+                final_train_mse=row.get("final_train_mse"),
+                final_val_mse=row.get("final_val_mse"),
+                below_baseline=row.get("below_baseline"),
+            )
+            for row in map(as_dict, as_list(summary.get("filters")))
+        ]
+        return FilterSaes(
+            validated_on=_text(summary.get("validated_on", "?")),
+            baseline=_text(summary.get("baseline", "?")),
+            sigma=summary.get("sigma"),
+            filters=rows,
+            figure=self.image_in(folder, summary.get("figure") or ""),
         )
 
     def predictions(self, relative: Any) -> Predictions | None:

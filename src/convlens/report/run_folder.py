@@ -181,6 +181,34 @@ class Sweep:
 
 
 @dataclasses.dataclass
+class FilterSae:
+    """The SAE trained on one filter's store: its final errors on that store and on the common validation store,
+    and the share of logged steps at which its smoothed validation error was below the baseline's."""
+
+    filter: str
+    train_samples: Any
+    steps: Any
+    final_train_mse: Any
+    final_val_mse: Any
+    below_baseline: Any
+
+
+@dataclasses.dataclass
+class FilterSaes:
+    """``filter-saes/summary.json``: one SAE per filter's store, all validated on the ``validated_on`` store
+    (paper Figures 10-11), and the figure of their error curves."""
+
+    validated_on: str
+    baseline: str
+    sigma: Any
+    filters: list[FilterSae]
+    figure: Path | None
+
+    def final_val_mse(self, label: str) -> float | None:
+        return next((finite_number(row.final_val_mse) for row in self.filters if row.filter == label), None)
+
+
+@dataclasses.dataclass
 class Statistics:
     """What ``statistics/statistics.json`` says about the whole run (the per-unit values go to the groups)."""
 
@@ -368,6 +396,7 @@ class RunFolder:
     comparison: FilterComparison | None = None
     saes: list[SaeRun] = dataclasses.field(default_factory=list)
     sweep: Sweep | None = None
+    filter_saes: FilterSaes | None = None
     predictions: Predictions | None = None
     sanity: SanityCheck | None = None
     statistics: Statistics | None = None

@@ -96,6 +96,12 @@ class SAEOutput:
 
 class SparseAutoencoder(nn.Module, abc.ABC):
     axis: int = 1
+    #: The loss term that is the sparsity penalty (e.g. ``"l1"``). The base multiplies it by :attr:`penalty_scale`,
+    #: which the trainer sets: a warm-up from 0 and, given a target L0, a controller (:mod:`convlens.sae.training`).
+    #: None for an SAE whose sparsity is structural (TopK's k is its own target).
+    penalty_term: str | None = None
+    #: State-dict entries that checkpoints of an earlier version may lack; they then keep their initial values.
+    optional_state: tuple[str, ...] = ()
 
     def __init__(self, input_dim: int, latent_dim: int):
         super().__init__()
@@ -103,6 +109,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
             raise ContractError(f"SAE dimensions must be positive (input {input_dim}, latent {latent_dim})")
         self.input_dim = input_dim
         self.latent_dim = latent_dim
+        #: a float or a 0-d tensor on the SAE's device; not saved (it only shapes training)
+        self.penalty_scale: float | torch.Tensor = 1.0
         self.register_buffer("input_mean", torch.zeros(input_dim))
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("samples_since_fired", torch.zeros(latent_dim, dtype=torch.int64))
@@ -146,6 +154,35 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     def after_step(self) -> None:
         """Called by the trainer after each optimiser step (e.g. to keep constrained weights consistent)."""
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group's ``lr_scale`` multiplies the learning rate for its parameters
+        (e.g. thresholds that must move faster than weights), and ``lr_decay: False`` exempts it from the final
+        decay of the learning rate. Default: one group of every parameter."""
+        return [{"params": list(self.parameters())}]
+
+    def initialise_from_data(self, x: torch.Tensor, target_l0: float | None = None) -> None:
+        """Called once before training (not when resuming) with normalised training rows ``[N, input_dim]`` and
+        the run's target L0 if it has one: an SAE may set its biases or thresholds from the data (e.g. JumpReLU's
+        thresholds). Default: nothing."""
+
+    def resample_latents_(self, latents: torch.Tensor, directions: torch.Tensor) -> list[nn.Parameter]:
+        """Give the dead ``latents`` (indices) new unit ``directions [n, input_dim]`` (in normalised units: what
+        the SAE reconstructs worst) as decoder atoms and matching encoder rows, their biases reset (Bricken et al.
+        2023, "Towards Monosemanticity", resampling). Returns the parameters whose rows (first axis: latents) it
+        changed, so the trainer resets their optimiser state. Implementing it makes :attr:`supports_resampling`
+        true."""
+        raise ContractError(f"{type(self).__name__} does not resample dead latents")
+
+    @property
+    def supports_resampling(self) -> bool:
+        return type(self).resample_latents_ is not SparseAutoencoder.resample_latents_
+
+    def validation_metrics(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra sums over the rows of a validation batch ``x [B, input_dim]`` (raw, as :meth:`forward` takes
+        them), which the trainer's evaluation reports divided by the number of samples beside MSE and L0 (e.g.
+        Matryoshka's reconstruction error of each prefix). Called without gradients. Default: none."""
+        return {}
+
     # --- what the base provides ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         rows, restore = self._to_rows(x, self.input_dim)
@@ -165,6 +202,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         normalised = self.normalise(rows)
         latents, reconstruction = self.encode_decode(normalised)
         losses = self.loss_terms(normalised, reconstruction, latents)
+        if self.penalty_term in losses and not (isinstance(self.penalty_scale, float) and self.penalty_scale == 1.0):
+            losses[self.penalty_term] = losses[self.penalty_term] * self.penalty_scale
         restored = (lambda: restore(latents())) if callable(latents) else restore(latents)
         activity = latents.activity if isinstance(latents, SparseLatents) else None
         return SAEOutput(restore(self.denormalise(reconstruction)), restored, losses, activity)
@@ -333,6 +372,8 @@ def load_sae(
         raise type(exc)(f"{path}: {exc}") from None
     _check_tensor_shapes(path, metadata["sae"], sae, shapes)
     state = load_file(str(path))
+    # tensors that checkpoints of an earlier version do not hold keep their initial values
+    state = {**{key: value for key, value in sae.state_dict().items() if key in sae.optional_state}, **state}
     _check_tensor_values(path, sae, state)
     sae.load_state_dict(state)
     return sae.to(device) if device is not None else sae
@@ -384,13 +425,13 @@ def _check_dimensions(path: Path, metadata: dict[str, Any], shapes: dict[str, tu
 
 def _check_tensor_shapes(path: Path, name: str, sae: SparseAutoencoder, shapes: dict[str, tuple[int, ...]]) -> None:
     expected = {key: tuple(value.shape) for key, value in sae.state_dict().items()}
-    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
+    missing, unexpected = set(expected) - set(shapes) - set(sae.optional_state), set(shapes) - set(expected)
     if missing or unexpected:
         raise ConvlensError(
             f"{path} does not match SAE '{name}': missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     for key, shape in expected.items():
-        if shapes[key] != shape:
+        if key in shapes and shapes[key] != shape:
             raise ConvlensError(f"{path}: tensor '{key}' has shape {shapes[key]}, but SAE '{name}' needs {shape}")
 
 

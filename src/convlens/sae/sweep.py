@@ -26,7 +26,9 @@ from convlens.core.errors import ConvlensError
 from convlens.drawing.plots import LinePanel, save_chart
 from convlens.runtime.run_records import versions, write_json_atomic
 from convlens.sae.base import save_sae
+from convlens.sae.schedule import TrainingSchedule
 from convlens.sae.training import (
+    POOL_SAMPLES,
     LossWatch,
     SAETrainingParams,
     adam,
@@ -106,10 +108,18 @@ def run_sweep(
             sae.set_normalisation(mean.to(device), scale)
         if params.unit_norm_decoder:
             sae.normalize_decoder_()
-        optimizers[number] = adam(sae.parameters(), params.lr)
+        optimizers[number] = adam(sae.parameter_groups(), params.lr)
     train_samples = split_count(store, "train")
     steps_per_epoch = math.ceil(train_samples / params.batch_size)
     total_steps = params.steps or params.epochs * steps_per_epoch
+    pool = torch.cat(first_batches(store, "train", POOL_SAMPLES, device))
+    schedules = {}
+    for number, optimizer in optimizers.items():
+        sae = built[number][0]
+        TrainingSchedule.check(sae, params, built[number][1]["name"])
+        with torch.no_grad():
+            sae.initialise_from_data(sae.normalise(pool), params.target_l0)
+        schedules[number] = TrainingSchedule(sae, optimizer, params, total_steps, device)
     resident = training_split_in_memory(store, device, params.store_in_memory, train_samples)
     watches = {number: LossWatch(device) for number in unique}
     started = time.perf_counter()
@@ -130,7 +140,13 @@ def run_sweep(
                 step += 1
                 for number, optimizer in optimizers.items():
                     if number not in failed:
-                        loss_sum, _ = training_step(built[number][0], optimizer, x, len(x), 1, params.unit_norm_decoder)
+                        schedule = schedules[number]
+                        schedule.before_step(step - 1)
+                        sae = built[number][0]
+                        loss_sum, sums = training_step(sae, optimizer, x, len(x), 1, params.unit_norm_decoder)
+                        schedule.after_step(step - 1, sums["l0"], len(x))
+                        if schedule.resample_due(step):
+                            schedule.resample(step, pool, params.seed)
                         watches[number].observe(step, loss_sum)
                 if step % params.log_every == 0 or step == total_steps:
                     failed.update(_failures(watches, failed))  # read every log_every steps, not at every step

@@ -50,9 +50,11 @@ from convlens.runtime.run_records import (
     write_lines_atomic,
 )
 from convlens.sae.base import SparseAutoencoder, save_sae
+from convlens.sae.schedule import TrainingSchedule
 
 DENSE_ABOVE = 0.1  # a latent firing on more than this share of validation samples counts as dense
 NORMALISATION_SAMPLES = 65_536
+POOL_SAMPLES = 8_192  # training rows an SAE initialises from and resamples dead latents from
 STATE_FILE = "checkpoints/train-state.safetensors"
 MEMORY_SHARE = 0.5  # store_in_memory "auto": the training split may take this share of the device's free memory
 
@@ -69,6 +71,24 @@ class SAETrainingParams(Params):
         "(kept in the checkpoint, so the SAE still takes raw activations)",
     )
     unit_norm_decoder: bool = param(False, help="rescale the decoder atoms to unit norm after every step")
+    target_l0: Optional[float] = param(
+        None,
+        min=0.01,
+        help="for SAEs whose sparsity is a penalty (relu-l1, jumprelu, ...): adapt the penalty's weight during "
+        "training so that about this many latents fire per sample (the plugin's coefficient is the start)",
+    )
+    penalty_warmup: float = param(
+        0.05, min=0.0, max=1.0, help="share of the steps over which the sparsity penalty rises from 0 to its weight"
+    )
+    lr_warmup: float = param(0.01, min=0.0, max=1.0, help="share of the steps of linear learning-rate warm-up")
+    lr_decay: float = param(
+        0.2, min=0.0, max=1.0, help="share of the steps at the end over which the learning rate decays to 0"
+    )
+    resample_at: tuple[float, ...] = param(
+        (0.1, 0.2, 0.3, 0.4),
+        help="shares of the steps after which latents dead for the last 5 % of the steps are resampled (SAEs that "
+        "support it; empty: never)",
+    )
     log_every: int = param(100, min=1, help="steps between metric rows")
     checkpoint_every: int = param(
         1000,
@@ -88,8 +108,12 @@ class SAETrainingParams(Params):
 
 
 def adam(parameters, lr: float) -> torch.optim.Optimizer:
-    """Adam, fused where torch supports it (CPU and CUDA float tensors): about 4x faster on CPU than the default."""
-    parameters = list(parameters)
+    """Adam, fused where torch supports it (CPU and CUDA float tensors): about 4x faster on CPU than the default.
+    ``parameters``: tensors, or groups as :meth:`SparseAutoencoder.parameter_groups` gives them (a group's
+    ``lr_scale`` multiplies the learning rate)."""
+    parameters = [
+        {**group, "lr": lr * group.get("lr_scale", 1.0)} if isinstance(group, dict) else group for group in parameters
+    ]
     try:
         return torch.optim.Adam(parameters, lr=lr, fused=True)
     except (RuntimeError, TypeError):
@@ -214,6 +238,7 @@ def evaluate_batches(
                 "fired": rows_active,
                 "total": x.double().sum(0),
                 "squares": x.double().pow(2).sum(0),
+                **{f"extra.{key}": value.double() for key, value in sae.validation_metrics(x).items()},
             },
         )
         n += len(x)
@@ -234,6 +259,7 @@ def evaluate_batches(
         "dead_fraction": float((share == 0).double().mean()),
         "dense_fraction": float((share > DENSE_ABOVE).double().mean()),
         "compression": (inputs_nonzero / n) / mean_l0 if mean_l0 > 0 else math.nan,
+        **{key.removeprefix("extra."): float(value) / n for key, value in sums.items() if key.startswith("extra.")},
     }
 
 
@@ -411,11 +437,13 @@ def train_sae(
         "validation": _store_record(validation, "val"),
     }
     _check_run_folder(out, config, resume)
+    TrainingSchedule.check(sae, params, sae_record["name"])
     train_samples = split_count(store, "train")
     if not train_samples:
         raise ConvlensError(f"{store.path} has no training samples")
     sae.to(device)
-    run = TrainingRun(sae, adam(sae.parameters(), params.lr), params, out, device, rank, world, train_samples)
+    run = TrainingRun(sae, adam(sae.parameter_groups(), params.lr), params, out, device, rank, world, train_samples)
+    run.pool = torch.cat(first_batches(store, "train", POOL_SAMPLES, device))
     if resume:
         run.resume()
     else:
@@ -452,6 +480,7 @@ def train_sae(
         "world_size": world,
         "store_in_memory": resident is not None,
         "seconds": round(time.perf_counter() - started, 3),
+        "schedule": run.schedule.summary(),
         "final": run.rows[-1] if run.rows else {},
     }
     if rank == 0:
@@ -484,10 +513,13 @@ def _check_run_folder(out: Path, config: dict[str, Any], resume: bool) -> None:
 
 
 def _start(run: TrainingRun, store: ActivationStore, config: dict[str, Any]) -> None:
-    """A new run: the input normalisation, the decoder's norm, and config.json."""
+    """A new run: the input normalisation, the SAE's initialisation from the data, the decoder's norm, and
+    config.json."""
     if run.params.normalize_input:
         mean, scale = input_statistics(store)
         run.sae.set_normalisation(mean.to(run.device), scale)
+    with torch.no_grad():
+        run.sae.initialise_from_data(run.sae.normalise(run.pool), run.params.target_l0)
     if run.params.unit_norm_decoder:
         run.sae.normalize_decoder_()
     if run.rank == 0:
@@ -542,6 +574,8 @@ class TrainingRun:
         self.tally, self.watch = MetricTally(device), LossWatch(device)
         self.writer = CheckpointWriter(out / STATE_FILE)
         self.val_batches: list[torch.Tensor] = []
+        self.pool = torch.empty(0, sae.input_dim, device=device)  # the first training rows (see POOL_SAMPLES)
+        self.schedule = TrainingSchedule(sae, optimizer, params, self.total_steps, device)
 
     def resume(self) -> None:
         """Weights, optimiser, step, the sums of the row in progress and the rows written, from the checkpoint."""
@@ -550,6 +584,7 @@ class TrainingRun:
         self.sae.load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.step = int(metadata["step"])
+        self.schedule.load_state(metadata.get("schedule", {}))
         saved = metadata.get("tally", {})  # summed over the ranks: rank 0 carries it
         self.tally = MetricTally(self.device, saved if self.rank == 0 else dict.fromkeys(saved, 0.0))
         metrics_file = self.out / "metrics.jsonl"
@@ -563,10 +598,11 @@ class TrainingRun:
             if self.step >= self.total_steps:
                 return
             x = batch.to(self.device).float()
+            self.schedule.before_step(self.step)
             loss_sum, sums = training_step(
                 self.sae, self.optimizer, x[self.rank :: self.world], len(x), self.world, self.params.unit_norm_decoder
             )
-            self.step += 1
+            self.after_step(sums["l0"], len(x))
             self.tally.add(sums)
             self.watch.observe(self.step, loss_sum)
             bar.update(1)
@@ -580,6 +616,15 @@ class TrainingRun:
         if self.step % self.params.checkpoint_every:
             self.save_state(unless_writing=True)
 
+    def after_step(self, active: torch.Tensor, rows: int) -> None:
+        """The step's count, the controller (on the active latents of every rank), and resampling when due."""
+        if self.schedule.controls and self.world > 1:
+            active = all_reduce_sum(active.clone(), self.world)
+        self.schedule.after_step(self.step, active, rows)
+        self.step += 1
+        if self.schedule.resample_due(self.step):
+            self.schedule.resample(self.step, self.pool, self.params.seed)
+
     def write_row(self, bar: Any) -> None:
         self.watch.check(self.out)
         summed = self.tally.read(self.world)
@@ -587,6 +632,9 @@ class TrainingRun:
         count = max(summed.pop("samples"), 1.0)
         train = {key: value / count for key, value in summed.items()}
         train["mse"] = train.pop("squared_error") / self.sae.input_dim
+        train["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.sae.penalty_term is not None:
+            train["penalty_scale"] = float(self.sae.penalty_scale)
         row = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -606,7 +654,8 @@ class TrainingRun:
         self.watch.check(self.out)
         summed = self.tally.read(self.world)
         if self.rank == 0 and not (unless_writing and self.writer.busy):
-            self.writer.save(self.optimizer, self.sae, {"step": self.step, "tally": summed})
+            metadata = {"step": self.step, "tally": summed, "schedule": self.schedule.state()}
+            self.writer.save(self.optimizer, self.sae, metadata)
 
     @contextlib.contextmanager
     def checkpoints_kept(self) -> Iterator[None]:

@@ -32,6 +32,7 @@ VISUALIZE_COMMAND_OPTIONS = frozenset(
     ("model", "layer", "units", "sae", "data", "out", "o", "device", "dtype", "force", "json")
 )
 PIPELINE_FILE = "pipeline.json"
+FILTER_SAES = "filter-saes"  # the folder of the SAEs trained per filter's store (paper Figures 10-11)
 
 
 @dataclasses.dataclass
@@ -220,6 +221,8 @@ class PipelineRun:
                     self._sweep,
                 )
             )
+        if recipe.filter_saes is not None:
+            steps += self._filter_sae_steps(recipe.filter_saes)
         if recipe.evaluate.enabled:
             for entry in recipe.saes:
                 label = entry.component.label
@@ -278,6 +281,27 @@ class PipelineRun:
                 previous.append(name)
         return steps
 
+    def _filter_sae_steps(self, section: Any) -> list[Step]:
+        """One SAE per filter's store, validated on the store of ``validate_on`` (resumable, one step each, so that
+        a new filter trains only its own), then the summary and the figure of them all."""
+        common = {"sae": section.sae.to_dict(), "train": section.training, "seed": self.recipe.seed}
+        validate_on = section.section.validate_on
+        steps = [
+            Step(
+                f"filter-sae:{label}",
+                [f"{FILTER_SAES}/{slug(label)}"],
+                {**common, "validate_on": validate_on},
+                [f"extract:{label}", f"extract:{validate_on}"],
+                lambda label=label: self._train_filter_sae(label),
+                resumable=True,
+            )
+            for label in section.filters
+        ]
+        outputs = [f"{FILTER_SAES}/{name}" for name in ("summary.json", "errors.png", "errors.svg")]
+        inputs = {"filters": list(section.filters), **section.section.to_dict()}
+        summary = Step("filter-saes", outputs, inputs, [step.name for step in steps], self._compare_filter_saes)
+        return [*steps, summary]
+
     def _precision(self) -> dict[str, str]:
         """The compute precision among a step's inputs; float32 is left out, so earlier runs keep their digests."""
         return {} if self.dtype == "float32" else {"dtype": self.dtype}
@@ -312,6 +336,7 @@ class PipelineRun:
                 for e in recipe.saes
             ],
             "sweep": "sweep" if recipe.sweep is not None else None,
+            "filter_saes": FILTER_SAES if recipe.filter_saes is not None else None,
             "predictions": "predictions/predictions.json" if recipe.predictions.enabled else None,
             "sanity": "sanity/sanity_check.json" if recipe.sanity.enabled else None,
             "statistics": "statistics",
@@ -737,6 +762,59 @@ class PipelineRun:
                 f"  variance explained {100 * val['fve']:.1f} %, L0 {val['l0']:.1f}, dead latents "
                 f"{100 * val['dead_fraction']:.1f} %"
             )
+        return {}
+
+    def _train_filter_sae(self, label: str) -> dict[str, Any]:
+        from convlens.activations.store import ActivationStore
+        from convlens.core.params import coerce
+        from convlens.sae.training import STATE_FILE, SAETrainingParams, build_sae, train_sae
+
+        section = self.recipe.filter_saes
+        assert section is not None
+        owner = "[filter_saes] sae train"
+        training = coerce(SAETrainingParams, {"seed": self.recipe.seed, **section.training}, owner=owner)
+        store = ActivationStore(self.store_dir(label))
+        validation = ActivationStore(self.store_dir(section.section.validate_on))
+        sae, record = build_sae(section.sae.name, section.sae.params, store.dim, training.seed)
+        out = self.run_dir / FILTER_SAES / slug(label)
+        resume = (out / STATE_FILE).is_file()
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        summary = train_sae(
+            sae,
+            record,
+            store,
+            out,
+            training,
+            val_store=validation,
+            device=self.device,
+            resume=resume,
+            progress=self.progress,
+        )
+        final = summary["final"]
+        self.echo(
+            f"  MSE {final['train']['mse']:.4g} on its own store, {final['val']['mse']:.4g} on the "
+            f"{section.section.validate_on} store's validation split"
+        )
+        return {}
+
+    def _compare_filter_saes(self) -> dict[str, Any]:
+        from convlens.sae.filter_stores import compare_filter_saes
+
+        section = self.recipe.filter_saes
+        assert section is not None
+        folder = self.run_dir / FILTER_SAES
+        settings = section.section
+        result = compare_filter_saes(
+            {label: folder / slug(label) for label in section.filters},
+            settings.baseline,
+            settings.validate_on,
+            settings.sigma,
+            folder,
+        )
+        finals = ", ".join(f"{row['filter']} {row['final_val_mse']:.4g}" for row in result["filters"])
+        verdict = "holds" if result["claim"]["holds"] else "does not hold"
+        self.echo(f"  validation MSE on the {settings.validate_on} store: {finals}; the paper's claim {verdict}")
         return {}
 
     def _sweep(self) -> dict[str, Any]:

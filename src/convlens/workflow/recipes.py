@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from convlens.core.errors import ConvlensError, suggest
+from convlens.core.errors import ConvlensError, did_you_mean, suggest
 from convlens.core.params import Params, coerce, param
 from convlens.runtime.precision import COMPUTE_DTYPES
 
@@ -160,6 +160,15 @@ class WarningsSection(Params):
 
 
 @dataclasses.dataclass(frozen=True)
+class FilterSaesSection(Params):
+    """[filter_saes]: one SAE per filter's store, all validated on one common store (paper 001 Figures 10-11)."""
+
+    validate_on: str = param("magnitude", help="the filter whose store's validation split validates every SAE")
+    baseline: str = param("uniform", help="the filter the others are judged against (the paper's original dataset)")
+    sigma: float = param(2.0, min=0.0, help="1-d Gaussian smoothing of the drawn curves, in logged points (0: none)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportSection(Params):
     enabled: bool = param(True, help="build the HTML report at the end")
 
@@ -182,6 +191,24 @@ class SAEEntry:
     component: Component
     training: dict[str, Any]
     store: str  # label of the filter whose store it trains on
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterSAEs:
+    """What [filter_saes] asks for: ``sae`` trained with ``training`` on the store of each of ``filters``."""
+
+    sae: Component
+    training: dict[str, Any]
+    filters: tuple[str, ...]  # labels of [extract] filters
+    section: FilterSaesSection
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.to_dict(),
+            "train": self.training,
+            "filters": list(self.filters),
+            **self.section.to_dict(),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +240,7 @@ class Recipe:
     sanity: SanitySection = SanitySection()
     dtype: str = "float32"  # compute precision (autocast) of the steps that run the model on images
     warnings: WarningsSection = WarningsSection()
+    filter_saes: FilterSAEs | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +266,7 @@ class Recipe:
             "predictions": self.predictions.to_dict(),
             "sanity": self.sanity.to_dict(),
             "warnings": self.warnings.to_dict(),
+            "filter_saes": self.filter_saes.to_dict() if self.filter_saes else None,
         }
 
 
@@ -258,6 +287,7 @@ TOP_LEVEL = (
     "predictions",
     "sanity",
     "warnings",
+    "filter_saes",
 )
 
 
@@ -441,6 +471,9 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     sweep = None
     if "sweep" in raw:
         sweep = _check_sweep(_table(raw, "sweep", ""), labels, default_store, channels)
+    filter_saes = None
+    if "filter_saes" in raw:
+        filter_saes = _check_filter_saes(_table(raw, "filter_saes", ""), labels, saes, channels)
 
     evaluate = _section(EvaluateSection, _table(raw, "evaluate", ""), "[evaluate]")
     statistics = _section(StatisticsSection, _table(raw, "statistics", ""), "[statistics]")
@@ -482,6 +515,7 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         sanity=sanity,
         dtype=dtype,
         warnings=warnings,
+        filter_saes=filter_saes,
     )
 
 
@@ -526,6 +560,8 @@ def _plugin_parameter_tables(raw: dict[str, Any]) -> list[dict[str, Any]]:
     the [visualize.NAME] tables."""
     model, extract, saes, sweep = (raw.get(key) for key in ("model", "extract", "sae", "sweep"))
     entries = [model, *(saes if isinstance(saes, list) else [saes])]
+    if isinstance(raw.get("filter_saes"), dict):
+        entries.append(raw["filter_saes"].get("sae"))
     if isinstance(extract, dict):
         entries += [e for key in ("filters", "compare") if isinstance(extract.get(key), list) for e in extract[key]]
     if isinstance(sweep, dict) and isinstance(sweep.get("configs"), list):
@@ -640,6 +676,42 @@ def _check_sweep(sweep: dict[str, Any], labels: list[str], default_store: str, c
         "training": _training(SAETrainingParams, sweep.get("train", {}), "[sweep] train"),
         "store": store,
     }
+
+
+def _check_filter_saes(table: dict[str, Any], labels: list[str], saes: list[SAEEntry], channels: int) -> FilterSAEs:
+    """[filter_saes]: the filters are [extract] filters (their stores are extracted anyway), among them the one
+    validated on and the baseline; the SAE is its ``sae`` table or the first [[sae]] entry."""
+    from convlens.core.params import parameter_specs
+    from convlens.sae.training import SAETrainingParams
+
+    where = "[filter_saes]"
+    _known(table, ("sae", "filters", *(spec.name for spec in parameter_specs(FilterSaesSection))), where)
+    filters = table.pop("filters", labels)
+    sae_entry = table.pop("sae", None)
+    section = _section(FilterSaesSection, table, where)
+    if not isinstance(filters, list) or not all(isinstance(label, str) for label in filters):
+        raise RecipeError(f"{where} filters must be a list of [extract] filter labels")
+    _unique(filters, f"{where} filters")
+    listed = ", ".join(labels)
+    for label in filters:
+        if label not in labels:
+            hint = did_you_mean(label, labels) or "; add it there"
+            raise RecipeError(f"{where} filters: '{label}' is not one of [extract] filters ({listed}){hint}")
+    for key, label in (("validate_on", section.validate_on), ("baseline", section.baseline)):
+        if label not in labels:
+            hint = did_you_mean(label, labels) or f': every SAE needs its store, so add "{label}" to [extract] filters'
+            raise RecipeError(f"{where} {key} '{label}' is not one of [extract] filters ({listed}){hint}")
+    if section.baseline not in filters:
+        raise RecipeError(f"{where} filters must include the baseline '{section.baseline}'")
+    if len(filters) < 2:
+        raise RecipeError(f"{where} needs at least two filters to compare (the baseline and one more)")
+    if sae_entry is None:
+        if not saes:
+            raise RecipeError(f"{where} needs an 'sae' table (name, params, train) when the recipe has no [[sae]]")
+        return FilterSAEs(saes[0].component, saes[0].training, tuple(filters), section)
+    component, extra = _component("sae", sae_entry, f"{where} sae", extra=("train",), channels=channels)
+    training = _training(SAETrainingParams, extra.get("train", {}), f"{where} sae train")
+    return FilterSAEs(component, training, tuple(filters), section)
 
 
 def _check_visualize(table: dict[str, Any]) -> tuple[tuple[Component, ...], VisualizeSection]:

@@ -22,6 +22,8 @@ shrunken estimate.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,6 +39,8 @@ def random_unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:
 
 class GatedSAE(SparseAutoencoder):
     """Gated sparse autoencoder; ``params`` is a :class:`convlens_gated_sae.GatedParams`."""
+
+    penalty_term = "sparsity"  # the trainer warms it up and, with a target L0, adapts its weight
 
     def __init__(self, params):
         super().__init__(params.input_dim, params.latents)
@@ -84,6 +88,30 @@ class GatedSAE(SparseAutoencoder):
         return latents, self.decode_vectors(latents)
 
     # --- training -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialise_from_data(self, x, target_l0=None):
+        """Each gate's bias so that it opens on ``target L0 / latents`` of ``x`` (5 % without a target): training
+        starts near its sparsity instead of with every gate open on half the samples."""
+        self.gate_bias.zero_()
+        pi_gate, _ = self.pre_activations(x)
+        firing = min(target_l0 / self.latent_dim if target_l0 is not None else 0.05, 1.0)
+        rank = min(len(x), max(1, math.ceil((1.0 - firing) * len(x))))
+        self.gate_bias.copy_(-pi_gate.float().kthvalue(rank, dim=0).values)
+        self.magnitude_bias.copy_(self.gate_bias)
+
+    @torch.no_grad()
+    def resample_latents_(self, latents, directions):
+        """New atoms for dead latents along badly reconstructed residuals; gate rows along them at a fifth of the
+        mean live row's norm, biases and the magnitude scale reset (Bricken et al. 2023)."""
+        alive = torch.ones(self.latent_dim, dtype=torch.bool, device=latents.device)
+        alive[latents] = False
+        norm = self.gate[alive].norm(dim=1).mean() if bool(alive.any()) else torch.ones(())
+        self.decoder[latents] = directions.to(self.decoder.dtype)
+        self.gate[latents] = directions.to(self.gate.dtype) * 0.2 * norm
+        for row in (self.gate_bias, self.magnitude_bias, self.log_magnitude_scale):
+            row[latents] = 0
+        return [self.decoder, self.gate, self.gate_bias, self.magnitude_bias, self.log_magnitude_scale]
+
     def loss_terms(self, x, reconstruction, latents):
         cached, self._gate_pre = self._gate_pre, None
         pi_gate = cached[1] if cached is not None and cached[0] is x else self.pre_activations(x)[0]

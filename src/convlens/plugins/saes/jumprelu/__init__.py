@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from convlens import SAEParams, SAESpec, hookimpl, param
 
 
 @dataclass(frozen=True)
 class JumpReLUParams(SAEParams):
-    l0: float = param(0.01, min=0.0, help="lambda: weight of the L0 penalty (expected active latents per sample)")
-    bandwidth: float = param(0.05, min=1e-9, help="epsilon: width of the rectangle kernel of the pseudo-derivative")
-    threshold: float = param(
-        0.5, min=1e-9, help="initial threshold of every latent (pre-activations of normalised inputs are of order 1)"
+    l0: float = param(
+        0.01,
+        min=0.0,
+        help="lambda: weight of the L0 penalty (expected active latents per sample); the start of the controller "
+        "when training with a target L0",
+    )
+    bandwidth: Optional[float] = param(
+        None,
+        min=1e-9,
+        help="epsilon: width of the rectangle kernel of the pseudo-derivative (default: from the data at the start "
+        "of training, a share of the spread of the pre-activations)",
+    )
+    threshold: Optional[float] = param(
+        None,
+        min=1e-9,
+        help="initial threshold of every latent (default: from the data at the start of training, each latent's "
+        "quantile at which it fires on target L0 / latents of the samples, or 1 in 20 without a target)",
+    )
+    pre_act: float = param(
+        1e-3,
+        min=0.0,
+        help="weight of the pre-activation loss that pulls dead latents' pre-activations up to their thresholds "
+        "(0: off)",
+    )
+    dead_after: int = param(
+        50_000, min=1, help="a latent is dead for the pre-activation loss after this many samples without firing"
     )
 
 

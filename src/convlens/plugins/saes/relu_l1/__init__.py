@@ -9,7 +9,17 @@ from convlens import SAEParams, SAESpec, hookimpl, param
 
 @dataclass(frozen=True)
 class ReluL1Params(SAEParams):
-    l1: float = param(0.05, min=0.0, help="lambda: weight of the L1 penalty on the latents (eq. 6)")
+    l1: float = param(
+        0.05,
+        min=0.0,
+        help="lambda: weight of the L1 penalty on the latents (eq. 6); the start of the controller when training "
+        "with a target L0",
+    )
+    weighted: bool = param(
+        True,
+        help="weight each latent's L1 by its decoder atom's norm (Conerly et al. 2024), so shrinking latents "
+        "while growing atoms does not lower the penalty; off: the paper's plain L1 (use with unit_norm_decoder)",
+    )
     tied: bool = param(False, help="share weights: W_enc = W_dec^T and b_enc = -b_dec (eqs. 9-10)")
     bias: bool = param(True, help="use the biases b_enc, b_latent and b_dec; off: the paper's simplified variant")
     clip: float = param(

@@ -2,9 +2,17 @@
 
 Weights are stored with one row per latent: ``decoder [L, C]`` holds the atoms (the columns of W_dec), and the
 encoder rows are the rows of W_enc; tied, the encoder is the decoder itself and b_enc = -b_dec (eqs. 9-10).
+
+The penalty is lambda * sum_i z_i ||d_i|| with d_i the decoder atom of latent i (Conerly et al. 2024, "Circuits
+Updates - April 2024"): without the norm, the SAE lowers the penalty by shrinking latents and growing atoms. With
+``weighted`` off it is the paper's plain lambda * sum_i z_i (eq. 6). Dead latents can be resampled (Bricken et al.
+2023): a new atom along a badly reconstructed residual, the encoder row along it at a fifth of the mean live
+encoder row's norm, its bias 0.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -68,10 +76,15 @@ class ReluSAEPass(torch.autograd.Function):
         )
 
 
+FIRING_WITHOUT_TARGET = 0.05  # the share of samples each latent fires on at the start without a target L0
+
+
 class ReluL1SAE(SparseAutoencoder):
+    penalty_term = "l1"
+
     def __init__(self, params):
         super().__init__(params.input_dim, params.latents)
-        self.l1, self.tied, self.clip = params.l1, params.tied, params.clip
+        self.l1, self.tied, self.clip, self.weighted = params.l1, params.tied, params.clip, params.weighted
         atoms = unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)
         self.encoder = None if params.tied else nn.Parameter(atoms.clone())
@@ -115,10 +128,37 @@ class ReluL1SAE(SparseAutoencoder):
         return latents @ self.decoder
 
     def loss_terms(self, x, reconstruction, latents):
-        return {
-            "reconstruction": squared_error(reconstruction, x),
-            "l1": self.l1 * latents.sum() / len(latents),
-        }  # latents are non-negative: |z| = z
+        per_latent = latents.sum(0)  # latents are non-negative: |z| = z
+        if self.weighted:
+            per_latent = per_latent * self.decoder.norm(dim=1)
+        return {"reconstruction": squared_error(reconstruction, x), "l1": self.l1 * per_latent.sum() / len(latents)}
+
+    @torch.no_grad()
+    def initialise_from_data(self, x, target_l0=None):
+        """Each latent's bias so that it fires on ``target L0 / latents`` of ``x`` (5 % without a target): the
+        sparsity training starts from instead of every latent firing on half the samples."""
+        if self.latent_bias is None:
+            return
+        self.latent_bias.zero_()
+        pre = self.preactivation_vectors(x)
+        firing = target_l0 / self.latent_dim if target_l0 is not None else FIRING_WITHOUT_TARGET
+        rank = min(len(pre), max(1, math.ceil((1.0 - min(firing, 1.0)) * len(pre))))
+        self.latent_bias.copy_(-pre.float().kthvalue(rank, dim=0).values)
+
+    @torch.no_grad()
+    def resample_latents_(self, latents, directions):
+        self.decoder[latents] = directions.to(self.decoder.dtype)
+        changed = [self.decoder]
+        if not self.tied:
+            alive = torch.ones(self.latent_dim, dtype=torch.bool, device=latents.device)
+            alive[latents] = False
+            norm = self.encoder[alive].norm(dim=1).mean() if bool(alive.any()) else torch.ones(())
+            self.encoder[latents] = directions.to(self.encoder.dtype) * 0.2 * norm
+            changed.append(self.encoder)
+        if self.latent_bias is not None:
+            self.latent_bias[latents] = 0
+            changed.append(self.latent_bias)
+        return changed
 
     def decoder_directions(self):
         return self.decoder
