@@ -135,6 +135,8 @@ def test_jumprelu_thresholds_move_and_l0_falls_as_the_penalty_rises(planted, tmp
     for penalty in (0.001, 0.1):
         sae, summary = train(store, "jumprelu", tmp_path / f"l0-{penalty}", steps=300, l0=penalty)
         assert not torch.allclose(sae.threshold, torch.full_like(sae.threshold, 0.5))
+        row = summary["final"]["train"]  # the penalty term beside the L0 it penalises, each under its own key
+        assert row["l0_penalty"] == pytest.approx(penalty * row["l0"], rel=0.05)
         l0.append(summary["final"]["val"]["l0"])
     assert l0[1] < l0[0]
 

@@ -75,7 +75,7 @@ DEFAULT_THRESHOLD = 0.5  # the initial threshold when neither given nor set from
 
 
 class JumpReLUSAE(SparseAutoencoder):
-    penalty_term = "l0"
+    penalty_term = "l0_penalty"  # not "l0": the trainer reports the L0 itself under that name
     optional_state = ("bandwidth",)
 
     def __init__(self, params):
@@ -152,7 +152,7 @@ class JumpReLUSAE(SparseAutoencoder):
         pending, self._pending = self._pending, None
         pre = pending[1] if pending is not None and pending[0] is x else self.pre_activations(x)
         active = StepFunction.apply(pre, self.threshold, self.bandwidth).sum(dim=-1).mean()
-        terms = {"reconstruction": squared_error(reconstruction, x), "l0": self.l0 * active}
+        terms = {"reconstruction": squared_error(reconstruction, x), "l0_penalty": self.l0 * active}
         if self.training and self.pre_act > 0:
             terms["pre_act"] = self._pre_activation_loss(pre)
         return terms
