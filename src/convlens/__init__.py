@@ -36,6 +36,7 @@ from convlens.core.errors import (
     suggest,
 )
 from convlens.core.hookspecs import hookimpl
+from convlens.core.loader import lazy_attributes
 from convlens.core.params import Params, param
 
 # name -> the module it is defined in, by stage of the data flow (see ARCHITECTURE.md)
@@ -170,6 +171,7 @@ __all__ = [
     "PluginLoadError",
     "ContractError",
     "did_you_mean",
+    "lazy_attributes",
     "suggest",
     *_LAZY,
 ]

@@ -31,6 +31,22 @@ import pluggy
 from convlens.core import hookspecs
 from convlens.core.errors import ConvlensError, PluginLoadError, did_you_mean
 
+
+def lazy_attributes(namespace: dict[str, Any], table: dict[str, str]) -> Callable[[str], Any]:
+    """A module's ``__getattr__`` (PEP 562) that imports each name of ``table`` (name -> the module defining it) on
+    use, so importing the module stays cheap: ``__getattr__ = convlens.lazy_attributes(globals(), {"Model":
+    "my_plugin.model"})``. Nothing is cached: a name always is its defining module's (a test may patch it there)."""
+    owner = namespace.get("__name__", "module")
+
+    def __getattr__(name: str) -> Any:
+        module = table.get(name)
+        if module is None:
+            raise AttributeError(f"module {owner!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    return __getattr__
+
+
 ENTRY_POINT_GROUP = "convlens"
 BUILTIN_DIST = "convlens"
 BUILTIN_MODULES = (

@@ -48,6 +48,19 @@ class Step:
     resumable: bool = False
 
 
+# where the model and SAE trainers keep an interrupted training's state
+TRAIN_STATE = Path("checkpoints") / "train-state.safetensors"
+
+
+def resumable(out: Path) -> bool:
+    """Whether ``out`` holds an interrupted training to resume; if not, what an earlier run left there is removed,
+    so the step trains from a clean folder."""
+    resume = (out / TRAIN_STATE).is_file()
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    return resume
+
+
 def digest_of(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -558,9 +571,7 @@ class PipelineRun:
             params["seed"] = recipe.seed
         bundle = registry.create("model", component.qualified_name, **params)
         out = self.run_dir / "model"
-        resume = (out / "checkpoints" / "train-state.safetensors").is_file()
-        if not resume and out.exists():
-            shutil.rmtree(out)
+        resume = resumable(out)
         summary = train_model(
             bundle,
             prepared,
@@ -750,9 +761,7 @@ class PipelineRun:
         store = ActivationStore(self.store_dir(entry.store))
         sae, record = build_sae(entry.component.name, entry.component.params, store.dim, training.seed)
         out = self.sae_path(entry.component.label).parent
-        resume = (out / "checkpoints" / "train-state.safetensors").is_file()
-        if not resume and out.exists():
-            shutil.rmtree(out)
+        resume = resumable(out)
         summary = train_sae(
             sae, record, store, out, training, device=self.device, resume=resume, progress=self.progress
         )
@@ -767,7 +776,7 @@ class PipelineRun:
     def _train_filter_sae(self, label: str) -> dict[str, Any]:
         from convlens.activations.store import ActivationStore
         from convlens.core.params import coerce
-        from convlens.sae.training import STATE_FILE, SAETrainingParams, build_sae, train_sae
+        from convlens.sae.training import SAETrainingParams, build_sae, train_sae
 
         section = self.recipe.filter_saes
         assert section is not None
@@ -777,9 +786,7 @@ class PipelineRun:
         validation = ActivationStore(self.store_dir(section.section.validate_on))
         sae, record = build_sae(section.sae.name, section.sae.params, store.dim, training.seed)
         out = self.run_dir / FILTER_SAES / slug(label)
-        resume = (out / STATE_FILE).is_file()
-        if not resume and out.exists():
-            shutil.rmtree(out)
+        resume = resumable(out)
         summary = train_sae(
             sae,
             record,

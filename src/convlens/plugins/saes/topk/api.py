@@ -6,9 +6,7 @@ Importing this module does not import torch: the model's names load on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from convlens import lazy_attributes
 from convlens.plugins.saes.topk import TopKParams
 
 _LAZY = dict.fromkeys(
@@ -18,9 +16,4 @@ _LAZY = dict.fromkeys(
 
 __all__ = ["TopKParams", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(globals(), _LAZY)

@@ -5,9 +5,7 @@ renderer's names load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+from convlens import lazy_attributes
 from convlens.plugins.visualizers.feature_viz import PRESETS, FeatureVizParams
 from convlens.plugins.visualizers.feature_viz.directions import (
     DirectionImageParams,
@@ -35,13 +33,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-if TYPE_CHECKING:
-    pass
+__getattr__ = lazy_attributes(globals(), _LAZY)
