@@ -49,7 +49,14 @@ def test_registry_lists_gated_from_the_example_distribution(installed_example, c
 
     described = convlens_registry.describe("sae", f"{DIST}:gated")
     assert described["source"] == "convlens_gated_sae.model:GatedSAE"
-    assert {p["name"] for p in described["params"]} == {"input_dim", "latent_dim", "expansion", "seed", "l1"}
+    assert {p["name"] for p in described["params"]} == {
+        "input_dim",
+        "latent_dim",
+        "expansion",
+        "seed",
+        "init_directions",
+        "l1",
+    }
 
     sae = convlens_registry.create("sae", "gated", input_dim=16, latent_dim=64, l1=0.25)
     assert isinstance(sae, GatedSAE) and sae.sparsity == {"l1": 0.25}

@@ -56,6 +56,49 @@ def test_the_learning_rate_warms_up_and_decays_and_the_penalty_warms_up():
     torch.testing.assert_close(sae(x).losses["l1"], 0.4 * full)
 
 
+def test_data_directions_are_distinct_unit_training_rows_never_zero_ones():
+    rows = torch.randn(40, 6, dtype=torch.float64)
+    rows[[3, 17]] = 0
+    directions = convlens.data_directions(rows, 100, seed=5)
+    assert directions.shape == (38, 6)  # only the 38 usable rows, each once
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    match = (directions @ unit.T).abs() > 1 - 1e-12
+    assert bool((match.sum(dim=1) == 1).all()) and len(set(match.int().argmax(dim=1).tolist())) == 38
+    assert torch.equal(convlens.data_directions(rows, 10, seed=5), convlens.data_directions(rows, 10, seed=5))
+    assert not torch.equal(convlens.data_directions(rows, 10, seed=5), convlens.data_directions(rows, 10, seed=6))
+
+
+SAES_WITH_ROWS = {
+    "relu-l1": "encoder",
+    "jumprelu": "encoder",
+    "topk": "encoder",
+    "batchtopk": "encoder",
+    "matryoshka": "encoder",
+    "gated": "gate",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAES_WITH_ROWS))
+def test_latents_start_on_training_rows_when_asked_and_on_random_directions_by_default(name):
+    rows = torch.randn(300, 8)
+    rows[::7] = 0  # rows of zero norm (no atom firing) are never a start
+    starts = {}
+    for init in ("data", None):
+        chosen = {"init_directions": init} if init else {}
+        sae, _ = build_sae(name, {"latent_dim": 64, "seed": 3, **chosen}, 8, 3)
+        before = sae.decoder.detach().clone()
+        sae.initialise_from_data(rows, target_l0=4.0)
+        starts[init] = (before, sae.decoder.detach().clone(), getattr(sae, SAES_WITH_ROWS[name]).detach().clone())
+    before, decoder, encoder = starts["data"]
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    best = (decoder @ unit.T).max(dim=1).values
+    assert bool((best > 1 - 1e-5).all()), name  # every atom is a training row's direction
+    assert torch.allclose(encoder / encoder.norm(dim=1, keepdim=True), decoder, atol=1e-6)
+    assert not torch.allclose(decoder, before)
+    before, decoder, _ = starts[None]
+    assert torch.equal(decoder, before)  # by default the seeded random directions stay
+
+
 def test_a_target_l0_is_refused_for_an_sae_whose_sparsity_is_structural(planted, tmp_path):
     store, _ = planted
     with pytest.raises(ConvlensError, match="'convlens:topk' sets its sparsity structurally: set its k instead"):

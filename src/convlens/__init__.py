@@ -116,7 +116,16 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("ComparisonSettings", "compare_filters"), "convlens.activations.filter_comparison"),
     # SAEs
     **dict.fromkeys(
-        ("SAEOutput", "SparseAutoencoder", "SparseLatents", "load_sae", "save_sae", "squared_error", "unit_rows"),
+        (
+            "SAEOutput",
+            "SparseAutoencoder",
+            "SparseLatents",
+            "data_directions",
+            "load_sae",
+            "save_sae",
+            "squared_error",
+            "unit_rows",
+        ),
         "convlens.sae.base",
     ),
     "evaluate_splice": "convlens.sae.evaluation",
@@ -261,6 +270,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         SAEOutput,
         SparseAutoencoder,
         SparseLatents,
+        data_directions,
         load_sae,
         save_sae,
         squared_error,

@@ -165,6 +165,17 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         the run's target L0 if it has one: an SAE may set its biases or thresholds from the data (e.g. JumpReLU's
         thresholds). Default: nothing."""
 
+    @torch.no_grad()
+    def start_on_data_directions_(self, x: torch.Tensor, seed: int, *rows: torch.Tensor) -> int:
+        """For :meth:`initialise_from_data` (``init_directions = "data"``): set the latents' rows of each of
+        ``rows`` (e.g. the decoder atoms and the encoder rows, ``[latents, input_dim]``) to :func:`data_directions`
+        of the normalised training rows ``x``; latents beyond the distinct non-zero rows keep theirs. Returns how
+        many latents it set."""
+        directions = data_directions(x, self.latent_dim, seed)
+        for tensor in rows:
+            tensor[: len(directions)] = directions.to(tensor.dtype)
+        return len(directions)
+
     def resample_latents_(self, latents: torch.Tensor, directions: torch.Tensor) -> list[nn.Parameter]:
         """Give the dead ``latents`` (indices) new unit ``directions [n, input_dim]`` (in normalised units: what
         the SAE reconstructs worst) as decoder atoms and matching encoder rows, their biases reset (Bricken et al.
@@ -448,6 +459,27 @@ def _check_tensor_values(path: Path, sae: SparseAutoencoder, state: dict[str, to
             raise ConvlensError(
                 f"{path}: tensor '{key}' holds {bad} non-finite values (NaN or inf) of {tensor.numel()}"
             )
+
+
+def data_directions(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Up to ``count`` distinct rows of ``x [N, D]`` drawn from ``seed``, scaled to unit norm; rows of (nearly) zero
+    norm are never drawn, so fewer come back when ``x`` has fewer others. Dictionary learning commonly starts its
+    atoms at training examples (K-SVD, Aharon, Elad and Bruckstein 2006, sec. V).
+
+    As the start of an SAE's latents (``init_directions = "data"``) it helps where the data are sparse mixtures of
+    many directions and hurts on the convolutional activations measured, so it is not the default. Planted dictionary
+    (32 dimensions, 512 atoms, 2 active, 20,480 steps), MMCS random -> data: BatchTopK 0.87 -> 0.95, Matryoshka
+    0.82 -> 0.91, JumpReLU 0.75 -> 0.83, ReLU-L1 0.92 -> 0.99 and TopK 0.99 -> 1.00 (these two measured with the
+    rows uncentred). Validation FVE after 2,000 steps at
+    L0 = channels / 8 on a trained tiny-cnn's block 3 (shapes) and efficientnet-lite0's block 3 (20 ImageNet photos),
+    random -> data: BatchTopK 0.86 -> 0.80 and 0.70 -> 0.69, Matryoshka 0.86 -> 0.81 and 0.71 -> 0.71, TopK 0.87 ->
+    0.86 and 0.71 -> 0.70, JumpReLU 0.86 -> 0.85 and 0.71 -> 0.71, ReLU-L1 0.61 -> 0.64 and 0.47 -> 0.50 (with more
+    dead latents); drawing the rows far apart (k-means++ seeding) did not recover BatchTopK's 0.86 (0.81)."""
+    norms = x.norm(dim=1)
+    usable = (norms > 1e-6 * norms.max().clamp_min(1e-30)).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = usable[torch.randperm(len(usable), generator=generator)[:count].to(usable.device)]
+    return x[chosen] / norms[chosen, None]
 
 
 def unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ Each grid point plants a dictionary (:mod:`convlens.sae.planted`) and writes its
 
 It is trained with the trainer's defaults except ``normalize_input`` (on) and what the point sets
 (:meth:`BenchPoint.training`): on the default grid 20,480 steps of 64 samples (20 epochs of 65,536 samples; 10 of
-131,072 where 1,024 atoms share 2 active per sample), on the quick grid 1,024 steps at a learning rate of 3e-3.
+131,072 where 1,024 atoms share 2 active per sample) at a learning rate of 1e-3, on the quick grid 1,024 steps at
+3e-3.
 Then it is scored on the validation samples: MMCS (the mean over planted atoms of the best cosine with a decoder
 atom), the share of atoms recovered at cosine >= 0.9, the share of dead latents (never firing on a validation
 sample), the fraction of variance explained, the L0, and the wall time. An SAE whose building or training fails
@@ -124,15 +125,21 @@ def _point(
     return BenchPoint("-".join(features), spec, **training)
 
 
+# The default grid trains at a learning rate of 1e-3, not the trainer's 3e-4 (a rate for long runs on real
+# activations): in its 20,480 steps at 3e-4 the SAEs were still improving at the end. 1e-3 raised MMCS for JumpReLU
+# from 0.82 to 0.94 (64 dimensions, 512 atoms) and from 0.62 to 0.92 (64 dimensions, 1,024 atoms), for BatchTopK from
+# 0.85 to 0.93 (64 dimensions, 1,024 atoms) and from 0.80 to 0.87 (32 dimensions, 512 atoms); on the last point 3e-3
+# ended lower than 1e-3 for both (JumpReLU 0.64 against 0.77, BatchTopK 0.85 against 0.87).
+DEFAULT_LR = 1e-3
 GRIDS: dict[str, tuple[BenchPoint, ...]] = {
     "default": (
-        _point(32, 16, 2, 0.0),
-        _point(32, 4, 4, 0.05, exponent=1.0, correlated=0.25),
-        _point(64, 8, 4, 0.02, exponent=0.5, correlated=0.2),
-        _point(64, 16, 2, 0.01, exponent=0.5, train_samples=131_072),
-        _point(128, 4, 8, 0.05, correlated=0.2),
-        _point(128, 8, 6, 0.0, exponent=0.5, correlated=0.1),
-        _point(256, 4, 4, 0.01, exponent=0.5, correlated=0.2),
+        _point(32, 16, 2, 0.0, lr=DEFAULT_LR),
+        _point(32, 4, 4, 0.05, exponent=1.0, correlated=0.25, lr=DEFAULT_LR),
+        _point(64, 8, 4, 0.02, exponent=0.5, correlated=0.2, lr=DEFAULT_LR),
+        _point(64, 16, 2, 0.01, exponent=0.5, train_samples=131_072, lr=DEFAULT_LR),
+        _point(128, 4, 8, 0.05, correlated=0.2, lr=DEFAULT_LR),
+        _point(128, 8, 6, 0.0, exponent=0.5, correlated=0.1, lr=DEFAULT_LR),
+        _point(256, 4, 4, 0.01, exponent=0.5, correlated=0.2, lr=DEFAULT_LR),
     ),
     # for tests: small, and a learning rate ten times the trainer's so that a thousand steps suffice
     "quick": (_point(32, 4, 2, 0.0, correlated=0.2, train_samples=16_384, val_samples=2_048, steps=1024, lr=3e-3),),

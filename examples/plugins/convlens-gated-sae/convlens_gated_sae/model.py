@@ -45,6 +45,7 @@ class GatedSAE(SparseAutoencoder):
     def __init__(self, params):
         super().__init__(params.input_dim, params.latents)
         self.l1 = float(params.l1)
+        self.init_directions, self.seed = params.init_directions, params.seed
         atoms = random_unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)  # W_dec as rows: [L, C]
         self.decoder_bias = nn.Parameter(torch.zeros(self.input_dim))  # b_dec
@@ -90,8 +91,11 @@ class GatedSAE(SparseAutoencoder):
     # --- training -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialise_from_data(self, x, target_l0=None):
-        """Each gate's bias so that it opens on ``target L0 / latents`` of ``x`` (5 % without a target): training
-        starts near its sparsity instead of with every gate open on half the samples."""
+        """The atoms and gate rows on directions of ``x`` (unless ``init_directions`` is random), then each gate's
+        bias so that it opens on ``target L0 / latents`` of ``x`` (5 % without a target): training starts near its
+        sparsity instead of with every gate open on half the samples."""
+        if self.init_directions == "data":
+            self.start_on_data_directions_(x, self.seed, self.decoder, self.gate)
         self.gate_bias.zero_()
         pi_gate, _ = self.pre_activations(x)
         firing = min(target_l0 / self.latent_dim if target_l0 is not None else 0.05, 1.0)

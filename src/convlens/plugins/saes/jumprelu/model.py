@@ -82,6 +82,7 @@ class JumpReLUSAE(SparseAutoencoder):
         super().__init__(params.input_dim, params.latents)
         self.l0, self.pre_act, self.dead_after = params.l0, params.pre_act, params.dead_after
         self.given_threshold, self.given_bandwidth = params.threshold, params.bandwidth
+        self.init_directions, self.seed = params.init_directions, params.seed
         atoms = unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)
         self.encoder = nn.Parameter(atoms.clone())
@@ -98,6 +99,8 @@ class JumpReLUSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def initialise_from_data(self, x, target_l0=None):
+        if self.init_directions == "data":
+            self.start_on_data_directions_(x, self.seed, self.decoder, self.encoder)
         pre = self.pre_activations(x).float()
         spread = pre.std(dim=0).median().clamp_min(1e-6)
         if self.given_threshold is None:

@@ -85,6 +85,7 @@ class ReluL1SAE(SparseAutoencoder):
     def __init__(self, params):
         super().__init__(params.input_dim, params.latents)
         self.l1, self.tied, self.clip, self.weighted = params.l1, params.tied, params.clip, params.weighted
+        self.init_directions, self.seed = params.init_directions, params.seed
         atoms = unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)
         self.encoder = None if params.tied else nn.Parameter(atoms.clone())
@@ -135,8 +136,12 @@ class ReluL1SAE(SparseAutoencoder):
 
     @torch.no_grad()
     def initialise_from_data(self, x, target_l0=None):
-        """Each latent's bias so that it fires on ``target L0 / latents`` of ``x`` (5 % without a target): the
-        sparsity training starts from instead of every latent firing on half the samples."""
+        """The latents on directions of ``x`` (unless ``init_directions`` is random), then each latent's bias so that
+        it fires on ``target L0 / latents`` of ``x`` (5 % without a target): the sparsity training starts from
+        instead of every latent firing on half the samples."""
+        if self.init_directions == "data":
+            rows = (self.decoder,) if self.encoder is None else (self.decoder, self.encoder)
+            self.start_on_data_directions_(x, self.seed, *rows)
         if self.latent_bias is None:
             return
         self.latent_bias.zero_()

@@ -195,6 +195,7 @@ class TopKSAE(SparseAutoencoder):
         super().__init__(params.input_dim, params.latents)
         self.k = params.k
         self.aux_k, self.aux_coefficient, self.dead_after = params.aux_k, params.aux_coefficient, params.dead_after
+        self.init_directions, self.seed = params.init_directions, params.seed
         atoms = unit_rows(self.latent_dim, self.input_dim, params.seed)
         self.decoder = nn.Parameter(atoms)
         self.encoder = nn.Parameter(atoms.clone())
@@ -205,6 +206,12 @@ class TopKSAE(SparseAutoencoder):
     @property
     def sparsity(self):
         return {"k": self.k}
+
+    @torch.no_grad()
+    def initialise_from_data(self, x, target_l0=None):
+        """The latents on directions of ``x`` unless ``init_directions`` is random."""
+        if self.init_directions == "data":
+            self.start_on_data_directions_(x, self.seed, self.decoder, self.encoder)
 
     def _kept(self, centred: torch.Tensor, pre: torch.Tensor, count: int, candidates: torch.Tensor | None = None):
         """(values after ReLU, bags) of each row's ``count`` largest pre-activations (among ``candidates``)."""
