@@ -52,9 +52,10 @@ def bench_sae_command(
     """Train every installed SAE plugin on planted dictionaries and score how well it recovers them.
 
     Each grid point plants unit-norm atoms (power-law frequencies, correlated groups, noise); every SAE gets its
-    default parameters, as many latents as atoms, and k or a target L0 equal to the true L0. Writes bench.json,
-    bench.png (and .svg) and index.html: MMCS, share of atoms recovered at cosine 0.9, dead latents, variance
-    explained and wall time per grid point and SAE. A plugin that fails gets its error in the table.
+    default parameters, twice as many latents as atoms, and k or a target L0 equal to the true L0; training runs
+    20,480 steps of 64 at a learning rate of 1e-3 on the default grid. Writes bench.json, bench.png (and .svg) and
+    index.html: MMCS, share of atoms recovered at cosine 0.9, dead latents, variance explained and wall time per grid
+    point and SAE. A plugin that fails gets its error in the table.
     """
     from pathlib import Path
 
