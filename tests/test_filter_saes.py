@@ -17,20 +17,13 @@ from convlens.cli import cli
 from convlens.sae.filter_stores import filtered_beat_baseline, gaussian_smooth, share_below
 from convlens.sae.training import split_count
 from convlens.workflow.recipes import load_recipe
+from test_pipeline import SHAPES_TINY_CNN, run_cli, write_recipe
 
 FILTERS = ["magnitude", "median", "uniform"]
-RECIPE = """
-title = "filter saes"
-seed = 3
-
-[data]
-shapes = { n = 160, size = 32, seed = 1 }
-
-[model]
-name = "tiny-cnn"
-params = { input_size = 32, width = 8, blocks = 4 }
-layer = "block3"
-
+RECIPE = (
+    '\ntitle = "filter saes"'
+    + SHAPES_TINY_CNN
+    + """
 [extract]
 filters = ["magnitude", "median", "uniform"]
 compare = false
@@ -50,16 +43,7 @@ latents = 0
 selective = 0
 frequent = 0
 """
-
-
-def write_recipe(folder: Path, text: str = RECIPE) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.toml").write_text(text)
-    return folder / "recipe.toml"
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5, 7.0])

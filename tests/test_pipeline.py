@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from convlens.cli import cli
 from convlens.workflow.recipes import RecipeError, load_recipe
 
-TINY_RECIPE = """
-title = "tiny"
+# a tiny-cnn on 160 generated shapes, its block 3 studied: the start of the recipes of the pipeline tests
+SHAPES_TINY_CNN = """
 seed = 3
 
 [data]
@@ -33,7 +33,11 @@ shapes = { n = 160, size = 32, seed = 1 }
 name = "tiny-cnn"
 params = { input_size = 32, width = 8, blocks = 4 }
 layer = "block3"
-train = { epochs = 3, batch_size = 32 }
+"""
+TINY_RECIPE = (
+    '\ntitle = "tiny"'
+    + SHAPES_TINY_CNN
+    + """train = { epochs = 3, batch_size = 32 }
 
 [extract]
 filters = ["magnitude", "median"]
@@ -68,6 +72,7 @@ k = 2
 [visualize.gradcam]
 map_layer = "block2"
 """
+)
 
 
 def write_recipe(folder: Path, text: str = TINY_RECIPE, name: str = "recipe.toml") -> Path:
