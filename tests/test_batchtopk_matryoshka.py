@@ -106,6 +106,22 @@ def test_batchtopk_keeps_k_times_the_batch_and_equals_a_dense_reference_with_aux
     assert_gradients_equal(sae, reference)
 
 
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+def test_the_warm_up_keeps_each_samples_k_largest_then_the_batchs(name):
+    sae = random_sae(name, aux_k=0, topk_warmup=0.3)
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pre = dense_preactivations(sae, x).detach()
+    sae.training_progress = 0.29  # the trainer's share of the steps done
+    output = sae(x)
+    torch.testing.assert_close(output.latents, dense_top_k(pre, 3))
+    assert int(sae.threshold_batches) == 0  # the inference threshold learns from the batch-wide choice only
+    sae.training_progress = 0.3
+    output = sae(x)
+    torch.testing.assert_close(output.latents, dense_batch_top_k(pre, 3))
+    assert (output.latents != 0).sum(dim=1).unique().numel() > 1  # samples keep different counts now
+    assert int(sae.threshold_batches) == 1
+
+
 PATTERNS = [(300, "tied rows"), (1000, "tied rows"), (300, "tied latents"), (1000, "sampled rows larger")]
 
 
@@ -234,7 +250,8 @@ def test_both_pass_the_contract_checks_and_a_matryoshka_trains_from_the_cli(plan
     result = CliRunner().invoke(cli, arguments)
     assert result.exit_code == 0, result.output
     loaded = convlens.load_sae(tmp_path / "run" / "sae.safetensors")
-    assert loaded.prefixes == (4, 8, 16) and int(loaded.threshold_batches) == 3
+    # steps 0 and 1 of 3 in the warm-up (each sample's k largest), step 2 the batch's: one batch set the threshold
+    assert loaded.prefixes == (4, 8, 16) and int(loaded.threshold_batches) == 1
 
 
 def test_matryoshka_prefix_sizes_are_geometric_by_default_and_must_increase():

@@ -56,6 +56,23 @@ def test_the_learning_rate_warms_up_and_decays_and_the_penalty_warms_up():
     torch.testing.assert_close(sae(x).losses["l1"], 0.4 * full)
 
 
+def test_the_trainer_tells_the_sae_its_progress_before_each_step(planted, tmp_path):
+    store, _ = planted
+    seen = []
+    sae, record = build_sae("batchtopk", {"latent_dim": 64, "k": 4}, store.dim, 0)
+    settings = SAETrainingParams(steps=40, batch_size=64, log_every=40)
+    train_sae(
+        sae,
+        record,
+        store,
+        tmp_path / "run",
+        settings,
+        progress=False,
+        on_step=lambda step: seen.append(sae.training_progress),
+    )
+    assert seen == [step / 40 for step in range(40)]
+
+
 def test_data_directions_are_distinct_unit_training_rows_never_zero_ones():
     rows = torch.randn(40, 6, dtype=torch.float64)
     rows[[3, 17]] = 0
@@ -117,7 +134,12 @@ def test_the_target_l0_is_reached_with_default_parameters(planted, tmp_path, nam
 
 
 @pytest.mark.slow
-def test_a_resumed_run_with_a_target_ends_where_the_uninterrupted_run_does(planted, tmp_path):
+@pytest.mark.parametrize(
+    "name, params",
+    # jumprelu checkpointed at step 40 of its 60-step warm-up, interrupted after it
+    [("relu-l1", {}), ("jumprelu", {"topk_warmup": 0.5})],
+)
+def test_a_resumed_run_with_a_target_ends_where_the_uninterrupted_run_does(planted, tmp_path, name, params):
     store, data = planted
     settings = {"steps": 120, "checkpoint_every": 40, "log_every": 40, "target_l0": data.true_l0}
 
@@ -126,11 +148,11 @@ def test_a_resumed_run_with_a_target_ends_where_the_uninterrupted_run_does(plant
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        trained(store, "relu-l1", tmp_path / "resumed", on_step=interrupt, **settings)
-    sae, record = build_sae("relu-l1", {"latent_dim": 256}, store.dim, 0)
-    params = SAETrainingParams(**{"batch_size": 256, "lr": 1e-3, "normalize_input": True, **settings})
-    resumed = train_sae(sae, record, store, tmp_path / "resumed", params, resume=True, progress=False)
-    straight, summary = trained(store, "relu-l1", tmp_path / "straight", **settings)
+        trained(store, name, tmp_path / "resumed", params, on_step=interrupt, **settings)
+    sae, record = build_sae(name, {"latent_dim": 256, **params}, store.dim, 0)
+    training = SAETrainingParams(**{"batch_size": 256, "lr": 1e-3, "normalize_input": True, **settings})
+    resumed = train_sae(sae, record, store, tmp_path / "resumed", training, resume=True, progress=False)
+    straight, summary = trained(store, name, tmp_path / "straight", params, **settings)
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(sae.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert resumed["schedule"] == summary["schedule"]

@@ -141,6 +141,40 @@ def test_jumprelu_thresholds_move_and_l0_falls_as_the_penalty_rises(planted, tmp
     assert l0[1] < l0[0]
 
 
+def test_jumprelu_warms_up_as_topk_then_starts_every_threshold_at_the_batches_kth_largest():
+    torch.manual_seed(0)
+    sae = convlens.registry.create("sae", "jumprelu", input_dim=8, latent_dim=32, topk_warmup=0.25).double()
+    sae.initialise_from_data(torch.randn(256, 8, dtype=torch.float64), target_l0=3.0)
+    before = sae.log_threshold.detach().clone()
+    batches = [torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = torch.zeros((), dtype=torch.float64)
+    for number, x in enumerate(batches):
+        sae.training_progress = number / 16  # in the warm-up: each sample's 3 largest, no threshold, no penalty
+        pre = ((x - sae.decoder_bias) @ sae.encoder.T + sae.encoder_bias).detach()
+        output = sae(x)
+        top = pre.topk(3, dim=1)
+        torch.testing.assert_close(output.latents, torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()))
+        assert set(output.losses) == {"reconstruction", "l0_penalty"} and float(output.losses["l0_penalty"]) == 0
+        output.loss.backward()
+        assert sae.log_threshold.grad is None
+        kth = pre.reshape(-1).topk(3 * 16).values[-1]
+        expected += max(1 / (number + 1), 0.01) * (kth - expected)
+    torch.testing.assert_close(sae.log_threshold.detach(), before)
+    torch.testing.assert_close(sae.warmup_threshold, expected)
+
+    sae.training_progress = 0.25  # the warm-up is over: every threshold starts at the average
+    x = batches[0]
+    pre = ((x - sae.decoder_bias) @ sae.encoder.T + sae.encoder_bias).detach()
+    output = sae(x)
+    torch.testing.assert_close(sae.threshold, expected.expand(32))
+    torch.testing.assert_close(output.latents, pre * (pre > expected))
+    assert "l0_penalty" in output.losses and bool(sae.warmed_up)
+    loaded = convlens.registry.create("sae", "jumprelu", input_dim=8, latent_dim=32).double()
+    loaded.load_state_dict(sae.state_dict())
+    loaded.training_progress = 0.0  # a saved SAE whose warm-up ended does not warm up again
+    torch.testing.assert_close(loaded(x).latents, output.latents)
+
+
 def test_tied_relu_l1_keeps_w_enc_equal_to_w_dec_transposed(planted, tmp_path):
     store, _ = planted
     sae, _ = train(store, "relu-l1", tmp_path / "tied", steps=100, tied=True)

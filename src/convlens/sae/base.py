@@ -111,6 +111,9 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         self.latent_dim = latent_dim
         #: a float or a 0-d tensor on the SAE's device; not saved (it only shapes training)
         self.penalty_scale: float | torch.Tensor = 1.0
+        #: the share of the training run's steps done before the step now running, set by the trainer before each
+        #: step; 1.0 outside a run. A plugin may change how it trains with it (BatchTopK's per-sample warm-up)
+        self.training_progress: float = 1.0
         self.register_buffer("input_mean", torch.zeros(input_dim))
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("samples_since_fired", torch.zeros(latent_dim, dtype=torch.int64))

@@ -99,7 +99,9 @@ class TrainingSchedule:
         return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
     def before_step(self, step: int) -> None:
-        """Set the learning rate and the penalty's weight for the step ``step`` (0-based) about to run."""
+        """Set the learning rate, the SAE's training progress and the penalty's weight for the step ``step``
+        (0-based) about to run."""
+        self.sae.training_progress = step / self.total_steps
         for group in self.optimizer.param_groups:
             factor = self.lr_factor(step, decays=group.get("lr_decay", True))
             group["lr"] = self.params.lr * factor * group.get("lr_scale", 1.0)

@@ -21,6 +21,13 @@ class BatchTopKParams(TopKParams):
         help="rate of the running mean that gives the inference threshold (the mean over the first 1/rate batches, "
         "then an exponential moving average)",
     )
+    topk_warmup: float = param(
+        0.5,
+        min=0.0,
+        max=1.0,
+        help="share of the training steps at the start that keep each sample's k largest (TopK) before the batch's "
+        "k x B largest: from random directions, the batch-wide choice settles on mixtures of features",
+    )
 
 
 @hookimpl

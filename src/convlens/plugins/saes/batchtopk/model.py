@@ -9,6 +9,16 @@ depend on its batch. theta estimates the expected smallest positive kept activat
 sec. 3): the running mean over the first 1 / threshold_lr training batches, then an exponential moving average at
 that rate, so it follows the encoder as it trains. Until a training batch has set theta, inference keeps the batch's
 top k x B as training does. AuxK as topk's.
+
+Warm-up: over the first ``topk_warmup`` share of the training steps each sample keeps its own k largest (TopK),
+the batch-wide choice only after. Chosen by measurement, on planted dictionaries of the ``convlens bench sae``
+default grid: from random directions the batch-wide choice settles on mixtures of atoms where the dictionary is most
+superposed (32 dimensions, 512 atoms, 2 active: MMCS 0.87, Matryoshka 0.82; 64 dimensions, 1,024 atoms: 0.93, 0.90),
+while TopK recovers them (0.997, 0.988); with half of the steps per sample first, BatchTopK recovers them too
+(0.989, 0.996; Matryoshka 0.957, 0.993; with 30 %: 0.986, 0.990; Matryoshka 0.939, 0.988). On convolutional
+activations the warm-up did not cost variance explained (2,000 steps, tiny-cnn's block 3 on shapes /
+efficientnet-lite0's block 3 on 20 photos: 0.858 -> 0.865 / 0.704 -> 0.713, Matryoshka 0.859 -> 0.864 / 0.713 ->
+0.720).
 """
 
 from __future__ import annotations
@@ -59,13 +69,15 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, params):
         super().__init__(params)
-        self.threshold_lr = params.threshold_lr
+        self.threshold_lr, self.topk_warmup = params.threshold_lr, params.topk_warmup
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64))
 
     def _select(self, centred: torch.Tensor, pre: torch.Tensor):
         """Training (and inference before any training batch): the batch's k x B largest pre-activations, each
-        training batch moving theta; inference: those above theta."""
+        training batch moving theta (in the warm-up: each sample's k largest); inference: those above theta."""
+        if self.training and self.training_progress < self.topk_warmup:
+            return self._each_samples_largest(centred, pre)
         if not self.training and bool(self.threshold_batches):
             flat = (pre > self.threshold).reshape(-1).nonzero().squeeze(1)
             return self._ragged(centred, pre.reshape(-1).take(flat), flat, len(pre))
@@ -73,6 +85,12 @@ class BatchTopKSAE(TopKSAE):
         if self.training:
             self._update_threshold(top)
         return self._ragged(centred, top, flat, len(pre))
+
+    def _each_samples_largest(self, centred: torch.Tensor, pre: torch.Tensor):
+        """(values after ReLU, bags) of each sample's k largest pre-activations, ordered by latent."""
+        top, index = pre.topk(self.k, dim=-1, sorted=False)
+        index, order = index.sort(dim=1)
+        return self._gathered(centred, top.gather(1, order), LatentBags(index, self.latent_dim))
 
     def _ragged(self, centred: torch.Tensor, top: torch.Tensor, flat: torch.Tensor, rows: int):
         """(values after ReLU, bags) of the kept pre-activations ``top`` at row-major ``flat`` indices."""

@@ -37,6 +37,14 @@ class JumpReLUParams(SAEParams):
     dead_after: int = param(
         50_000, min=1, help="a latent is dead for the pre-activation loss after this many samples without firing"
     )
+    topk_warmup: float = param(
+        0.3,
+        min=0.0,
+        max=1.0,
+        help="share of the training steps at the start in which each sample keeps its k largest pre-activations (k: "
+        "the target L0), without thresholds or penalty; then every threshold starts where the batch's k x B largest "
+        "ended (0: thresholds from the first step)",
+    )
 
 
 @hookimpl

@@ -65,9 +65,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         group are contiguous)."""
         if self.activation == "batchtopk":
             return super()._select(centred, pre)
-        top, index = pre.topk(self.k, dim=-1, sorted=False)
-        index, order = index.sort(dim=1)
-        return self._gathered(centred, top.gather(1, order), LatentBags(index, self.latent_dim))
+        return self._each_samples_largest(centred, pre)
 
     def prefix_parts(self, values: torch.Tensor, bags: LatentBags) -> torch.Tensor:
         """``[B, n, D]``: per sample, the decode of its kept latents of each prefix group [m_{j-1}, m_j)."""
