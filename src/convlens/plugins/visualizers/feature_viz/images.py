@@ -97,8 +97,10 @@ class ImageParameterisation(abc.ABC):
         """RGB ``[B, 3, H, W]`` in [0, 1]."""
 
     @abc.abstractmethod
-    def blur_(self, sigma: float) -> None:
-        """Blur every image by a Gaussian of standard deviation ``sigma`` pixels, in place on the parameters."""
+    def blur_(self, sigma: float, chunk: int | None = None) -> None:
+        """Blur every image by a Gaussian of standard deviation ``sigma`` pixels, in place on the parameters;
+        where the blur is a convolution, always on ``chunk`` images at a time (the last chunk padded), so an image
+        comes out the same in any batch (default: all at once)."""
 
 
 class PixelImage(ImageParameterisation):
@@ -108,9 +110,12 @@ class PixelImage(ImageParameterisation):
         return self.colours(self.values)
 
     @torch.no_grad()
-    def blur_(self, sigma: float) -> None:
+    def blur_(self, sigma: float, chunk: int | None = None) -> None:
         kernel = self._blur_with(sigma, lambda: gaussian_kernel(sigma).to(self.values))
-        self.values.copy_(blur(self.values, sigma, kernel))
+        size = chunk or len(self.values)
+        for part in self.values.split(size):
+            padded = torch.cat([part, part[:1].expand(size - len(part), -1, -1, -1)]) if len(part) < size else part
+            part.copy_(blur(padded, sigma, kernel)[: len(part)])
 
 
 class FourierImage(ImageParameterisation):
@@ -130,7 +135,7 @@ class FourierImage(ImageParameterisation):
         return self.colours(torch.fft.irfft2(spectrum, s=self.size, norm="ortho"))
 
     @torch.no_grad()
-    def blur_(self, sigma: float) -> None:
+    def blur_(self, sigma: float, chunk: int | None = None) -> None:
         # a Gaussian blur multiplies the spectrum by its transfer function exp(-2 pi^2 sigma^2 f^2)
         transfer = self._blur_with(
             sigma, lambda: torch.exp(-2 * math.pi**2 * sigma**2 * self.frequency.square()).unsqueeze(-1)

@@ -3,7 +3,13 @@
 A step renders the batch from its parameterisation, applies each image's random transforms, runs the model up to
 the layer (no further unless a class logit is wanted) with its weights frozen, and ascends the sum over the batch of
 each image's objective minus its total variation. Images never interact: objective ``i`` reads only image ``i``
-and the model is in eval mode, so a batch gives the images that separate runs with the same seeds give.
+and the model is in eval mode. The model (and the SAE) always take the same number of images at a time,
+:func:`model_chunk` of the settings' batch size, the last chunk padded with copies of its first image whose values
+are dropped, and so does the blur (the total variation's gradient is elementwise): convolution kernels round
+differently for different batch sizes, and Adam's normalised steps carry a difference of 1e-7 in a small gradient
+into whole pixel values, so only the same shapes give the same images. A batch so gives, bit for bit, the images
+that separate runs with the same settings and seeds give (measured: 200 steps of every preset on tiny-cnn, five
+kinds of objective; a batch of 32 costs 1.4x the unchunked step at 32 px, nothing more at 224 px).
 
 A step costs the model's forward and backward to the image and little else: the weights take no gradient, the
 transforms' matrices and the blur kernel are made once, and the host reads nothing back from the device but
@@ -213,6 +219,15 @@ def render(
     return results
 
 
+CPU_MODEL_CHUNK = 8  # on a CPU a convolution on 8 images costs about what 8 of 32 do; padding costs little
+
+
+def model_chunk(device: torch.device | str, batch_size: int) -> int:
+    """How many images every model call takes: the batch size on a GPU (padding a lone image to it costs little
+    time there), at most :data:`CPU_MODEL_CHUNK` on a CPU (where padding costs in proportion)."""
+    return batch_size if torch.device(device).type == "cuda" else min(batch_size, CPU_MODEL_CHUNK)
+
+
 def _render_batch(
     forward: LayerForward,
     objectives: list[Objective],
@@ -236,13 +251,27 @@ def _render_batch(
         settings.flip,
         settings.jitter,
     )
-    objective = BatchObjective(objectives, shapes, sae).to(device)
+    chunk = model_chunk(device, settings.batch_size)
+    chunks = [slice(start, start + chunk) for start in range(0, len(objectives), chunk)]
+    chunk_objectives = [BatchObjective(objectives[part], shapes, sae).to(device) for part in chunks]
 
     def values_of(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_chunk_values(images[part], objective) for part, objective in zip(chunks, chunk_objectives)])
+
+    def _chunk_values(images: torch.Tensor, objective: BatchObjective) -> torch.Tensor:
+        count = len(images)
+        padded = torch.cat([images, images[:1].detach().expand(chunk - count, -1, -1, -1)]) if count < chunk else images
         with autocast(device, dtype):
-            activations, logits = forward(images, objective.needs_logits)
+            activations, logits = forward(padded, objective.needs_logits)
             latents = sae.preactivations(activations) if objective.needs_latents else None
-        return objective(activations.float(), _float32(logits), _float32(latents))
+        return objective(activations[:count].float(), _float32(logits, count), _float32(latents, count))
+
+    def loss_of(images: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        """Minus the objectives plus the weighted total variation, summed over the batch."""
+        loss = -torch.cat([_chunk_values(transformed[part], o) for part, o in zip(chunks, chunk_objectives)]).sum()
+        if settings.tv_weight > 0:
+            loss = loss + settings.tv_weight * total_variation(images).sum()
+        return loss
 
     with torch.no_grad():
         start_values = values_of(image.images())
@@ -256,15 +285,13 @@ def _render_batch(
     losses = torch.empty(settings.steps, device=device)  # read back every few steps, not every step
     for step in range(settings.steps):
         images = image.images()
-        loss = -values_of(transforms(images, step)).sum()
-        if settings.tv_weight > 0:
-            loss = loss + settings.tv_weight * total_variation(images).sum()
+        loss = loss_of(images, transforms(images, step))
         losses[step] = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if settings.blur > 0:
-            image.blur_(settings.blur)
+            image.blur_(settings.blur, chunk)
         if step + 1 in settings.snapshots:
             with torch.no_grad():
                 snapshots[step + 1] = image.images().cpu()
@@ -288,8 +315,9 @@ def _render_batch(
     ]
 
 
-def _float32(value: torch.Tensor | None) -> torch.Tensor | None:
-    return None if value is None else value.float()
+def _float32(value: torch.Tensor | None, count: int | None = None) -> torch.Tensor | None:
+    """``value`` (its first ``count`` rows) in float32."""
+    return None if value is None else value[:count].float()
 
 
 def check_finite(losses: torch.Tensor, objectives: list[Objective]) -> None:
@@ -312,6 +340,16 @@ def to_pil(image: torch.Tensor):
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9@,.+-]+", "_", label.replace(" ", "")).strip("_") or "objective"
+
+
+def render_summary(entries: list[dict[str, Any]], listed: int = 8) -> str:
+    """How many renders ended above their start, naming (the first ``listed`` of) those that did not."""
+    failed = [entry["objective"] for entry in entries if not entry["reached_start"]]
+    summary = f"{len(entries) - len(failed)} of {len(entries)} renders ended above their start"
+    if failed:
+        more = f" and {len(failed) - listed} more" if len(failed) > listed else ""
+        summary += f"; not above it: {', '.join(failed[:listed])}{more}"
+    return summary
 
 
 class FeatureVisualizer(Visualizer):
@@ -386,6 +424,7 @@ class FeatureVisualizer(Visualizer):
                     "image": image_path.relative_to(out_dir).as_posix(),
                     "activation_start": rendered.start_value,
                     "activation_final": rendered.final_value,
+                    "reached_start": rendered.final_value > rendered.start_value,
                 }
                 if rendered.snapshots:
                     strip = out_dir / "snapshots" / f"{names[number]}.png"
@@ -400,7 +439,8 @@ class FeatureVisualizer(Visualizer):
                     "path": entry["image"],
                     "kind": "feature-viz",
                     "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
-                    f"start, {rendered.final_value:.3g} at the end",
+                    f"start, {rendered.final_value:.3g} at the end"
+                    + ("" if entry["reached_start"] else " (the render did not get above its start)"),
                     "small": True,
                     "activation_start": rendered.start_value,
                     "activation_final": rendered.final_value,
@@ -410,6 +450,7 @@ class FeatureVisualizer(Visualizer):
                 else:
                     figure["thumbnail"] = True
                 record["figures"].append(figure)
+            record["summary"] = render_summary(record["objectives"])
             write_json_atomic(out_dir / "feature_viz.json", record)  # complete so far, also if a later batch fails
 
         render(
