@@ -105,11 +105,13 @@ def test_the_record_says_which_renders_did_not_get_above_their_start(tmp_path):
     still = convlens.registry.create("visualizer", "feature-viz", preset="naive", steps=3, lr=0.0)  # nothing moves
     record = still.run(VisualTarget(bundle, "1", units=(0, 1)), tmp_path / "still")
     assert [entry["reached_start"] for entry in record["objectives"]] == [False, False]
+    assert [entry["attempts"] for entry in record["objectives"]] == [3, 3]  # the start and 2 retries from new seeds
     assert record["summary"] == "0 of 2 renders ended above their start; not above it: channel:0, channel:1"
-    assert all("did not get above its start" in figure["caption"] for figure in record["figures"])
+    assert all("did not get above its start; best of 3 attempts)" in figure["caption"] for figure in record["figures"])
     moving = convlens.registry.create("visualizer", "feature-viz", preset="naive", steps=3)
     record = moving.run(VisualTarget(bundle, "1", units=(0, 1)), tmp_path / "moving")
     assert record["summary"] == "2 of 2 renders ended above their start"
+    assert [entry["attempts"] for entry in record["objectives"]] == [1, 1]
     assert json.loads((tmp_path / "moving" / "feature_viz.json").read_text())["summary"] == record["summary"]
 
 
@@ -417,3 +419,37 @@ def test_a_loss_that_turns_nan_is_named_by_its_first_step_though_checked_only_ev
     with pytest.raises(ConvlensError, match=r"the objective became nan at step 30 for channel:0"):
         render(module, "0", [parse_objective("channel:0")], settings, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
     assert count_hooks(module) == 0 and all(p.requires_grad for p in module.parameters())
+
+
+def test_a_failed_render_is_run_again_from_another_seed_and_the_higher_one_kept():
+    # lr 0: nothing moves, so each attempt ends where its seed's noise starts; the kept one is the attempt whose start
+    # is highest, and a batch keeps the images of separate runs with the retries too
+    bundle = planted_model()
+    objectives = [parse_objective("channel:0"), parse_objective("channel:1")]
+    settings = RenderSettings(**{**PRESETS["naive"], "steps": 2, "lr": 0.0}, size=(SIZE, SIZE), batch_size=2)
+    runs = {
+        retries: render(
+            bundle.module,
+            "1",
+            objectives,
+            RenderSettings(**{**settings.__dict__, "retries": retries}),
+            mean=bundle.mean,
+            std=bundle.std,
+            progress=False,
+        )
+        for retries in (0, 1, 2)
+    }
+    for number in range(2):
+        values = [runs[retries][number].final_value for retries in (0, 1, 2)]
+        assert values[1] == max(values[:2]) and values[2] == max(values)
+        assert [runs[retries][number].attempts for retries in (0, 1, 2)] == [1, 2, 3]
+    alone = render(
+        bundle.module,
+        "1",
+        objectives[1:],
+        RenderSettings(**{**settings.__dict__, "retries": 2}),
+        mean=bundle.mean,
+        std=bundle.std,
+        progress=False,
+    )[0]
+    assert torch.equal(alone.image, runs[2][1].image)

@@ -115,6 +115,12 @@ class FeatureVizParams(Params):
     jitter: int | None = param(None, min=0, help="random shift up to this many pixels")
     init_std: float | None = param(None, min=0.0, help="standard deviation of the starting noise")
     snapshots: tuple[int, ...] = param((), help="steps at which to keep the image too (0: the start), e.g. 0,10,50,200")
+    retries: int = param(
+        2,
+        min=0,
+        help="a render that ends no higher than its start is run again from another seed up to this many times; "
+        "the highest is kept",
+    )
     grid: bool = param(True, help="also write every image in one grid.png")
     seed: int = param(0, help="seed; each objective's randomness derives from it and the objective's text")
 

@@ -75,6 +75,7 @@ class RenderSettings:
     batch_size: int = 32
     snapshots: tuple[int, ...] = ()
     seed: int = 0
+    retries: int = 0
 
 
 @dataclasses.dataclass
@@ -85,6 +86,11 @@ class Rendered:
     start_value: float
     final_value: float
     snapshots: dict[int, torch.Tensor]
+    attempts: int = 1
+
+    @property
+    def reached_start(self) -> bool:
+        return self.final_value > self.start_value
 
 
 FINITE_CHECK_STEPS = 25  # steps between checks that the loss is finite: each check waits for a GPU
@@ -211,6 +217,8 @@ def render(
         try:
             for batch in batches:
                 done = _render_batch(forward, batch, shapes, settings, sae, mixing, device, bar, dtype)
+                for attempt in range(1, settings.retries + 1):
+                    done = _retried(done, attempt, forward, shapes, settings, sae, mixing, device, bar, dtype)
                 results += done
                 if on_batch is not None:
                     on_batch(done)
@@ -228,6 +236,24 @@ def model_chunk(device: torch.device | str, batch_size: int) -> int:
     return batch_size if torch.device(device).type == "cuda" else min(batch_size, CPU_MODEL_CHUNK)
 
 
+def _retried(done: list[Rendered], attempt: int, forward, shapes, settings, sae, mixing, device, bar, dtype):
+    """``done`` with each render that did not get above its start rendered again from attempt ``attempt``'s seed,
+    the render with the higher final value kept."""
+    failed = [number for number, rendered in enumerate(done) if not rendered.reached_start]
+    if not failed:
+        return done
+    bar.total += settings.steps
+    bar.refresh()
+    again = _render_batch(
+        forward, [done[n].objective for n in failed], shapes, settings, sae, mixing, device, bar, dtype, attempt
+    )
+    kept = list(done)
+    for number, rendered in zip(failed, again):
+        best = rendered if rendered.final_value > done[number].final_value else done[number]
+        kept[number] = dataclasses.replace(best, attempts=attempt + 1)
+    return kept
+
+
 def _render_batch(
     forward: LayerForward,
     objectives: list[Objective],
@@ -238,8 +264,11 @@ def _render_batch(
     device,
     bar,
     dtype: str = "float32",
+    attempt: int = 0,
 ) -> list[Rendered]:
-    seeds = [derive_seed(settings.seed, "feature-viz", objective.label) for objective in objectives]
+    # a retry (attempt 1, 2, ...) starts from another seed; the first keeps the seed of the objective's text
+    keys = ("feature-viz",) if attempt == 0 else ("feature-viz", attempt)
+    seeds = [derive_seed(settings.seed, *keys, objective.label) for objective in objectives]
     generators = [torch_generator(seed) for seed in seeds]
     image = create_images(settings.parameterisation, generators, settings.size, settings.init_std, mixing, device)
     transforms = RandomTransforms(
@@ -342,6 +371,12 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9@,.+-]+", "_", label.replace(" ", "")).strip("_") or "objective"
 
 
+def _caption_notes(rendered: Rendered) -> str:
+    notes = [] if rendered.reached_start else ["the render did not get above its start"]
+    notes += [f"best of {rendered.attempts} attempts"] if rendered.attempts > 1 else []
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def render_summary(entries: list[dict[str, Any]], listed: int = 8) -> str:
     """How many renders ended above their start, naming (the first ``listed`` of) those that did not."""
     failed = [entry["objective"] for entry in entries if not entry["reached_start"]]
@@ -393,6 +428,7 @@ class FeatureVisualizer(Visualizer):
             batch_size=self.params.batch_size,
             snapshots=tuple(self.params.snapshots),
             seed=self.params.seed,
+            retries=self.params.retries,
         )
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
@@ -424,7 +460,8 @@ class FeatureVisualizer(Visualizer):
                     "image": image_path.relative_to(out_dir).as_posix(),
                     "activation_start": rendered.start_value,
                     "activation_final": rendered.final_value,
-                    "reached_start": rendered.final_value > rendered.start_value,
+                    "reached_start": rendered.reached_start,
+                    "attempts": rendered.attempts,
                 }
                 if rendered.snapshots:
                     strip = out_dir / "snapshots" / f"{names[number]}.png"
@@ -439,8 +476,7 @@ class FeatureVisualizer(Visualizer):
                     "path": entry["image"],
                     "kind": "feature-viz",
                     "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
-                    f"start, {rendered.final_value:.3g} at the end"
-                    + ("" if entry["reached_start"] else " (the render did not get above its start)"),
+                    f"start, {rendered.final_value:.3g} at the end{_caption_notes(rendered)}",
                     "small": True,
                     "activation_start": rendered.start_value,
                     "activation_final": rendered.final_value,
