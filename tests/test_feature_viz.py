@@ -13,6 +13,7 @@ from convlens import ConvlensError, ModelBundle, VisualTarget
 from convlens.cli import cli
 from convlens.models.layers import count_hooks
 from convlens.plugins.visualizers.feature_viz import PRESETS
+from convlens.plugins.visualizers.feature_viz import render as render_module
 from convlens.plugins.visualizers.feature_viz.images import (
     RandomTransforms,
     colour_mixing,
@@ -137,12 +138,15 @@ def test_high_frequency_share_of_known_images():
 
 
 @pytest.mark.parametrize("preset", ["naive", "improved", "fourier"])
-def test_a_batch_of_objectives_gives_the_images_of_separate_runs(preset):
+def test_a_batch_of_objectives_gives_the_images_of_separate_runs(preset, monkeypatch):
     bundle = convlens.registry.create("model", "tiny-cnn", input_size=32, seed=0)
     objectives = [
         parse_objective(text) for text in ("channel:0", "neuron:1@2,2", "channel:2 - 0.5*channel:3", "class:1", "layer")
     ]
+    # two images per model call: the batch of five takes three calls, the last padded; a lone one one padded call
+    monkeypatch.setattr(render_module, "CPU_MODEL_CHUNK", 2)
     settings = RenderSettings(**{**PRESETS[preset], "steps": 40}, size=(32, 32), seed=3)
+    assert render_module.model_chunk("cpu", settings.batch_size) == 2
     together = render(bundle.module, "block3", objectives, settings, mean=bundle.mean, std=bundle.std, progress=False)
     for objective, batched in zip(objectives, together, strict=True):
         alone = render(
