@@ -81,6 +81,21 @@ def test_feature_viz_on_cuda_reaches_the_cpu_objectives(small_trained_model, tmp
     assert (final > 2 * start).all()
 
 
+def test_feature_viz_diversity_transparency_and_redirection_on_cuda_match_the_cpu(small_trained_model, tmp_path):
+    """The GPU paths of the redirected ReLU (no host check of dead images), the diversity penalty and the RGBA
+    compositing against the CPU's."""
+    args = ("feature-viz", "--units", "0-3", "--steps", "40", "--seed", "2", "--preset", "fourier")
+    args += ("--diversity", "2", "--transparency", "0.3", "--redirect-steps", "40", "--objectives", "class:1 - 0.01*l2")
+    cpu = visualize(small_trained_model, tmp_path / "cpu", "cpu", *args)["objectives"]
+    gpu = visualize(small_trained_model, tmp_path / "gpu", DEVICE, *args)["objectives"]
+    start = np.array([[entry["activation_start"] for entry in side] for side in (cpu, gpu)])
+    np.testing.assert_allclose(start[1], start[0], rtol=0.02, atol=1e-3)
+    final = np.array([[entry["activation_final"] for entry in side] for side in (cpu, gpu)])
+    assert final[1].mean() == pytest.approx(final[0].mean(), rel=0.1)
+    similarity = np.array([[entry["activation_similarity"] for entry in side] for side in (cpu, gpu)])
+    assert np.abs(similarity[1] - similarity[0]).mean() < 0.1
+
+
 def test_dataset_examples_on_cuda_match_the_cpu(small_trained_model, tmp_path):
     args = ("dataset-examples", "--units", "0-7", "--k", "5")
     cpu = visualize(small_trained_model, tmp_path / "cpu", "cpu", *args)["units"]

@@ -152,12 +152,28 @@ def test_a_batch_of_objectives_gives_the_images_of_separate_runs(preset, monkeyp
         alone = render(
             bundle.module, "block3", [objective], settings, mean=bundle.mean, std=bundle.std, progress=False
         )[0]
-        # on the CPU every image goes through the model on its own: the same arithmetic alone or in a batch
+        # every model call takes two images: the same arithmetic alone or in a batch
         assert float((alone.image - batched.image).abs().max()) <= 1e-6, objective.label
         assert alone.final_value == pytest.approx(batched.final_value, rel=1e-6, abs=1e-7)
     assert len({rendered.seed for rendered in together}) == len(objectives)
     assert count_hooks(bundle.module) == 0
     assert all(p.requires_grad and p.grad is None for p in bundle.module.parameters())  # weights frozen, restored
+
+
+def test_diversity_groups_with_transparency_are_the_same_in_a_batch_or_alone(monkeypatch):
+    bundle = convlens.registry.create("model", "tiny-cnn", input_size=32, seed=0)
+    objectives = [parse_objective("channel:0"), parse_objective("class:1 - 0.01*l2")]
+    monkeypatch.setattr(render_module, "CPU_MODEL_CHUNK", 3)  # the first group straddles two model calls
+    settings = RenderSettings(
+        **{**PRESETS["fourier"], "steps": 30}, size=(32, 32), seed=1, diversity=2, transparency=0.3
+    )
+    together = render(bundle.module, "block3", objectives, settings, mean=bundle.mean, std=bundle.std, progress=False)
+    assert [(r.objective.label, r.copy) for r in together] == [(o.label, c) for o in objectives for c in (0, 1)]
+    for number, objective in enumerate(objectives):
+        alone = render(bundle.module, "block3", [objective], settings, mean=bundle.mean, std=bundle.std)
+        for batched, single in zip(together[2 * number : 2 * number + 2], alone, strict=True):
+            assert float((batched.image - single.image).abs().max()) <= 1e-6, objective.label
+            assert batched.similarity == pytest.approx(single.similarity, abs=1e-6)
 
 
 def test_objective_text_and_batched_values_match_a_direct_float64_computation():

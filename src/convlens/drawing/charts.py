@@ -23,7 +23,7 @@ def side_by_side(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
     canvas = Image.new("RGB", (width, height), "white")
     x = 0
     for image in images:
-        canvas.paste(image, (x, 0))
+        canvas.paste(image, (x, 0), image if image.mode == "RGBA" else None)  # RGBA drawn over the white
         x += image.width + gap
     return canvas
 
@@ -131,5 +131,7 @@ def grid(images: Sequence[Image.Image], columns: int, gap: int = 2, background: 
     sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), background)
     for position, picture in enumerate(images):
         row, column = divmod(position, columns)
-        sheet.paste(picture, (column * (width + gap), row * (height + gap)))
+        sheet.paste(
+            picture, (column * (width + gap), row * (height + gap)), picture if picture.mode == "RGBA" else None
+        )
     return sheet

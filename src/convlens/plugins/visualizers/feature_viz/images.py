@@ -89,12 +89,13 @@ class ImageParameterisation(abc.ABC):
 
     def colours(self, spatial: torch.Tensor) -> torch.Tensor:
         if self.mixing is not None:
-            spatial = torch.einsum("ij,bjhw->bihw", self.mixing.to(spatial), spatial)
+            rgb = torch.einsum("ij,bjhw->bihw", self.mixing.to(spatial), spatial[:, :3])
+            spatial = torch.cat([rgb, spatial[:, 3:]], dim=1)  # an alpha channel is not a colour: never mixed
         return torch.sigmoid(spatial)
 
     @abc.abstractmethod
     def images(self) -> torch.Tensor:
-        """RGB ``[B, 3, H, W]`` in [0, 1]."""
+        """RGB ``[B, 3, H, W]`` in [0, 1] (RGBA ``[B, 4, H, W]`` when made with an alpha channel)."""
 
     @abc.abstractmethod
     def blur_(self, sigma: float, chunk: int | None = None) -> None:
@@ -157,14 +158,18 @@ def create_images(
     init_std: float,
     mixing: torch.Tensor | None,
     device: torch.device,
+    channels: int = 3,
 ) -> ImageParameterisation:
-    """Starting parameters drawn per image from its own generator (on the CPU, so every device starts alike)."""
+    """Starting parameters drawn per image from its own generator (on the CPU, so every device starts alike);
+    ``channels`` 4 adds an alpha channel."""
     height, width = size
     if kind == "pixels":
-        values = torch.stack([torch.randn(3, height, width, generator=g) * init_std for g in generators])
+        values = torch.stack([torch.randn(channels, height, width, generator=g) * init_std for g in generators])
         return PixelImage(values.to(device), mixing)
     if kind == "fourier":
-        values = torch.stack([torch.randn(3, height, width // 2 + 1, 2, generator=g) * init_std for g in generators])
+        values = torch.stack(
+            [torch.randn(channels, height, width // 2 + 1, 2, generator=g) * init_std for g in generators]
+        )
         return FourierImage(values.to(device), mixing, size)
     raise ConvlensError(f"unknown parameterisation '{kind}' (pixels, fourier)")
 
@@ -237,3 +242,24 @@ def high_frequency_share(images: torch.Tensor, cutoff: float = 0.25) -> torch.Te
     power[..., 1 : -1 if grey.shape[-1] % 2 == 0 else None] *= 2  # rfft2 keeps one half of the symmetric spectrum
     high = spectrum_frequencies(*grey.shape[-2:]).to(power.device) > cutoff
     return power[..., high].sum(-1) / power.sum(dim=(-2, -1)).clamp_min(1e-12)
+
+
+class RandomBackgrounds:
+    """Per image and step, a random flat colour behind an RGBA image (002 sec. 3.6: a unit that does not care about
+    a region sees it through a transparent alpha whatever lies behind), drawn up front from each image's generator;
+    a fixed mid grey when the image is scored."""
+
+    def __init__(self, generators: list[torch.Generator], steps: int):
+        self.colours = torch.stack([torch.rand(steps, 3, generator=g) for g in generators])  # [B, steps, 3]
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, images: torch.Tensor, step: int | None) -> torch.Tensor:
+        """``images`` ``[B, 4, H, W]`` composited onto step ``step``'s colours (None: grey) as RGB ``[B, 3, H, W]``."""
+        if step is None:
+            behind = torch.full_like(images[:, :3, :1, :1], 0.5)
+        else:
+            if images.device not in self._on:
+                self._on[images.device] = self.colours.to(images.device)
+            behind = self._on[images.device][:, step, :, None, None].to(images.dtype)
+        alpha = images[:, 3:]
+        return images[:, :3] * alpha + behind * (1 - alpha)

@@ -1,26 +1,30 @@
-"""The ``feature-viz`` visualizer: optimise one image per objective, many objectives per batch.
+"""The ``feature-viz`` visualizer: optimise one image per objective (or a group of ``diversity`` images), many
+objectives per batch.
 
-A step renders the batch from its parameterisation, applies each image's random transforms, runs the model up to
-the layer (no further unless a class logit is wanted) with its weights frozen, and ascends the sum over the batch of
-each image's objective minus its total variation. Images never interact: objective ``i`` reads only image ``i``
-and the model is in eval mode. The model (and the SAE) always take the same number of images at a time,
-:func:`model_chunk` of the settings' batch size, the last chunk padded with copies of its first image whose values
-are dropped, and so does the blur (the total variation's gradient is elementwise): convolution kernels round
-differently for different batch sizes, and Adam's normalised steps carry a difference of 1e-7 in a small gradient
-into whole pixel values, so only the same shapes give the same images. A batch so gives, bit for bit, the images
-that separate runs with the same settings and seeds give (measured: 200 steps of every preset on tiny-cnn, five
-kinds of objective; a batch of 32 costs 1.4x the unchunked step at 32 px, nothing more at 224 px).
+A step renders the batch from its parameterisation (RGBA ones composited on random backgrounds), applies each
+image's random transforms, runs the model up to the layer (no further unless a class logit is wanted) with its
+weights frozen, and ascends the sum over the batch of each image's objective minus its total variation (and the
+diversity and opacity penalties). Images of different objectives never interact: objective ``i`` reads only image
+``i``, the model is in eval mode, and a group of diversity copies is never split across batches. The model (and the
+SAE) always take the same number of images at a time, :func:`model_chunk` of the settings' batch size, the last
+chunk padded with copies of its first image whose values are dropped, and so does the blur (the total variation's
+gradient is elementwise): convolution kernels round differently for different batch sizes, and Adam's normalised
+steps carry a difference of 1e-7 in a small gradient into whole pixel values, so only the same shapes give the same
+images. A batch so gives, bit for bit, the images that separate runs with the same settings and seeds give
+(measured: 200 steps of every preset on tiny-cnn, five kinds of objective; a batch of 32 costs 1.4x the unchunked
+step at 32 px, nothing more at 224 px).
 
 A step costs the model's forward and backward to the image and little else: the weights take no gradient, the
-transforms' matrices and the blur kernel are made once, and the host reads nothing back from the device but
-every few steps (whether the loss is still finite). With ``dtype`` bfloat16 or float16 the model runs under
-autocast while the image, the objective and the optimiser stay in float32.
+transforms' matrices and the blur kernel are made once, and the host reads nothing back from the device but every
+few steps (whether the loss is still finite). With ``dtype`` bfloat16 or float16 the model runs under autocast while
+the image, the objective and the optimiser stay in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,19 +51,30 @@ from convlens import (
 from . import FeatureVizParams
 from .images import (
     DEFAULT_COLOUR_COVARIANCE,
+    RandomBackgrounds,
     RandomTransforms,
     colour_mixing,
     create_images,
     estimate_colour_covariance,
     total_variation,
 )
-from .objectives import BatchObjective, Objective, Shapes, check_objective, parse_objective, unit_objectives
+from .objectives import (
+    BatchObjective,
+    Objective,
+    Shapes,
+    check_objective,
+    interpolation,
+    parse_objective,
+    unit_objectives,
+)
+from .redirect import RedirectSwitch, redirected
 
 
 @dataclasses.dataclass(frozen=True)
 class RenderSettings:
     steps: int = 200
     lr: float = 1.0
+    lr_schedule: str = "constant"  # or "cosine": from lr down to 0 over the steps
     parameterisation: str = "pixels"
     decorrelate: bool = True
     colour_covariance: tuple[tuple[float, ...], ...] = DEFAULT_COLOUR_COVARIANCE
@@ -76,17 +91,23 @@ class RenderSettings:
     snapshots: tuple[int, ...] = ()
     seed: int = 0
     retries: int = 0
+    redirect_steps: int = 0
+    diversity: int = 1  # images per objective, pushed apart
+    diversity_weight: float = 0.25
+    transparency: float = 0.0  # > 0: an alpha channel, its mean opacity penalised by this share of the objective
 
 
 @dataclasses.dataclass
 class Rendered:
     objective: Objective
     seed: int
-    image: torch.Tensor  # [3, H, W] in [0, 1], on the CPU
+    image: torch.Tensor  # [3, H, W] in [0, 1] ([4, H, W], RGBA, with transparency), on the CPU
     start_value: float
     final_value: float
     snapshots: dict[int, torch.Tensor]
     attempts: int = 1
+    copy: int = 0  # which of the objective's images (with diversity)
+    similarity: float | None = None  # with diversity: mean cosine of its layer activations with its group's others
 
     @property
     def reached_start(self) -> bool:
@@ -119,6 +140,10 @@ class LayerForward:
             self._handle.remove()
             self._handle = None
 
+    def normalised(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model takes: RGB in [0, 1] normalised by the model's mean and standard deviation."""
+        return (images - self.mean) / self.std
+
     def _record(self, _module, _inputs, output) -> None:
         self._recorded.append(first_tensor(output))
         if self._stop:
@@ -130,7 +155,7 @@ class LayerForward:
                 return self(images, with_logits)
         self._recorded, self._stop = [], not with_logits
         try:
-            logits = first_tensor(self.module((images - self.mean) / self.std))
+            logits = first_tensor(self.module(self.normalised(images)))
         except _ReachedLayer:
             logits = None
         if not self._recorded:
@@ -202,11 +227,16 @@ def render(
     )
     mixing = colour_mixing(settings.colour_covariance).to(device) if settings.decorrelate else None
     results: list[Rendered] = []
-    with frozen(module, sae), forward.attached():
+    switch = RedirectSwitch(on=False)
+    with (
+        frozen(module, sae),
+        forward.attached(),
+        redirected(module, switch) if settings.redirect_steps else contextlib.nullcontext(),
+    ):
         shapes = probe_shapes(forward, settings.size, sae, device)
         for objective in objectives:
             check_objective(objective, shapes, layer)
-        batches = [objectives[i : i + settings.batch_size] for i in range(0, len(objectives), settings.batch_size)]
+        batches = _batches(objectives, settings)
         bar = tqdm(
             total=len(batches) * settings.steps,
             desc=f"feature-viz {layer}",
@@ -214,17 +244,25 @@ def render(
             leave=False,
             disable=None if progress is None else not progress,
         )
+        renderer = _Renderer(forward, shapes, settings, sae, mixing, device, bar, dtype, switch)
         try:
             for batch in batches:
-                done = _render_batch(forward, batch, shapes, settings, sae, mixing, device, bar, dtype)
-                for attempt in range(1, settings.retries + 1):
-                    done = _retried(done, attempt, forward, shapes, settings, sae, mixing, device, bar, dtype)
+                done = renderer.batch(batch)
                 results += done
                 if on_batch is not None:
                     on_batch(done)
         finally:
             bar.close()
     return results
+
+
+def _batches(objectives: list[Objective], settings: RenderSettings) -> list[list[tuple[Objective, int]]]:
+    """The jobs ``(objective, copy)`` of each batch: ``settings.diversity`` copies of every objective, a group of
+    copies never split (a batch holds at least one group)."""
+    copies = settings.diversity
+    per_batch = max(1, settings.batch_size // copies) * copies
+    jobs = [(objective, copy) for objective in objectives for copy in range(copies)]
+    return [jobs[start : start + per_batch] for start in range(0, len(jobs), per_batch)]
 
 
 CPU_MODEL_CHUNK = 8  # on a CPU a convolution on 8 images costs about what 8 of 32 do; padding costs little
@@ -236,41 +274,128 @@ def model_chunk(device: torch.device | str, batch_size: int) -> int:
     return batch_size if torch.device(device).type == "cuda" else min(batch_size, CPU_MODEL_CHUNK)
 
 
-def _retried(done: list[Rendered], attempt: int, forward, shapes, settings, sae, mixing, device, bar, dtype):
-    """``done`` with each render that did not get above its start rendered again from attempt ``attempt``'s seed,
-    the render with the higher final value kept."""
-    failed = [number for number, rendered in enumerate(done) if not rendered.reached_start]
-    if not failed:
+@dataclasses.dataclass
+class _Renderer:
+    """What every batch of one :func:`render` call shares."""
+
+    forward: LayerForward
+    shapes: Shapes
+    settings: RenderSettings
+    sae: Any
+    mixing: torch.Tensor | None
+    device: torch.device
+    bar: Any
+    dtype: str
+    switch: RedirectSwitch
+
+    def batch(self, jobs: list[tuple[Objective, int]]) -> list[Rendered]:
+        """Each job ``(objective, copy)`` rendered, each render that did not get above its start again from another
+        seed up to ``settings.retries`` times (with diversity, its whole group), the better kept."""
+        done = _render_batch(self, jobs)
+        for attempt in range(1, self.settings.retries + 1):
+            done = self._retried(done, attempt)
         return done
-    bar.total += settings.steps
-    bar.refresh()
-    again = _render_batch(
-        forward, [done[n].objective for n in failed], shapes, settings, sae, mixing, device, bar, dtype, attempt
-    )
-    kept = list(done)
-    for number, rendered in zip(failed, again):
-        best = rendered if rendered.final_value > done[number].final_value else done[number]
-        kept[number] = dataclasses.replace(best, attempts=attempt + 1)
-    return kept
+
+    def _retried(self, done: list[Rendered], attempt: int) -> list[Rendered]:
+        copies = self.settings.diversity
+        groups = [done[start : start + copies] for start in range(0, len(done), copies)]
+        failed = [number for number, group in enumerate(groups) if not all(r.reached_start for r in group)]
+        if not failed:
+            return done
+        self.bar.total += self.settings.steps
+        self.bar.refresh()
+        again = _render_batch(self, [(r.objective, r.copy) for n in failed for r in groups[n]], attempt)
+        for position, number in enumerate(failed):
+            retried = again[position * copies : (position + 1) * copies]
+            better = _group_score(retried) > _group_score(groups[number])
+            groups[number] = [
+                dataclasses.replace(r, attempts=attempt + 1) for r in (retried if better else groups[number])
+            ]
+        return [rendered for group in groups for rendered in group]
 
 
-def _render_batch(
-    forward: LayerForward,
-    objectives: list[Objective],
-    shapes: Shapes,
-    settings: RenderSettings,
-    sae,
-    mixing,
-    device,
-    bar,
-    dtype: str = "float32",
-    attempt: int = 0,
-) -> list[Rendered]:
-    # a retry (attempt 1, 2, ...) starts from another seed; the first keeps the seed of the objective's text
+def _group_score(group: list[Rendered]) -> tuple[int, float]:
+    """How a group of renders (one without diversity) compares with a retry of it: renders above their start, then
+    the sum of the final values."""
+    return sum(r.reached_start for r in group), sum(r.final_value for r in group)
+
+
+class _ChunkedModel:
+    """The model (and the SAE) on chunks of a fixed number of images, the last padded: values of the objectives
+    and the layer's activations of every image, the same whatever batch the image is in."""
+
+    def __init__(self, renderer: _Renderer, objectives: list[Objective]):
+        self.renderer = renderer
+        self.size = model_chunk(renderer.device, renderer.settings.batch_size)
+        self.parts = [slice(start, start + self.size) for start in range(0, len(objectives), self.size)]
+        self.objectives = [
+            BatchObjective(objectives[part], renderer.shapes, renderer.sae).to(renderer.device) for part in self.parts
+        ]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objectives' values ``[B]`` and the layer's activations ``[B, C, h, w]`` of ``images``."""
+        outputs = [self._chunk(images[part], objective) for part, objective in zip(self.parts, self.objectives)]
+        return torch.cat([values for values, _ in outputs]), torch.cat([acts for _, acts in outputs])
+
+    def _chunk(self, images: torch.Tensor, objective: BatchObjective) -> tuple[torch.Tensor, torch.Tensor]:
+        renderer, count = self.renderer, len(images)
+        padding = self.size - count
+        padded = torch.cat([images, images[:1].detach().expand(padding, -1, -1, -1)]) if padding else images
+        with autocast(renderer.device, renderer.dtype):
+            activations, logits = renderer.forward(padded, objective.needs_logits)
+            latents = renderer.sae.preactivations(activations) if objective.needs_latents else None
+        activations = activations[:count].float()
+        inputs = renderer.forward.normalised(images) if objective.needs_inputs else None
+        return objective(activations, _float32(logits, count), _float32(latents, count), inputs), activations
+
+
+def diversity_penalty(values: torch.Tensor, activations: torch.Tensor, copies: int) -> torch.Tensor:
+    """Per image ``[B]``: the mean cosine similarity of its layer's Gram matrix with those of the other images of its
+    group (``copies`` consecutive images of one objective; lucid's diversity objective, 002 sec. 3.4), times the
+    size of its objective's value (held constant), so that the weight is a share of the objective whatever the
+    unit's scale."""
+    if copies < 2:
+        return values.new_zeros(len(values))
+    flat = activations.flatten(2)
+    grams = torch.nn.functional.normalize((flat @ flat.transpose(1, 2)).flatten(1), dim=1)
+    grams = grams.view(-1, copies, grams.shape[1])
+    similarity = grams @ grams.transpose(1, 2)
+    others = (similarity.sum(-1) - similarity.diagonal(dim1=1, dim2=2)) / (copies - 1)
+    return values.detach().abs() * others.flatten()
+
+
+def activation_similarity(activations: torch.Tensor, copies: int) -> list[float | None]:
+    """Per image, the mean cosine similarity of its flattened layer activations with those of the other images of
+    its group (None without diversity)."""
+    if copies < 2:
+        return [None] * len(activations)
+    flat = torch.nn.functional.normalize(activations.flatten(1), dim=1).view(-1, copies, activations[0].numel())
+    similarity = flat @ flat.transpose(1, 2)
+    others = (similarity.sum(-1) - similarity.diagonal(dim1=1, dim2=2)) / (copies - 1)
+    return others.flatten().tolist()
+
+
+def _seed(settings: RenderSettings, attempt: int, objective: Objective, copy: int) -> int:
+    """The first attempt at the first copy keeps the seed of the objective's text; retries and copies take others."""
     keys = ("feature-viz",) if attempt == 0 else ("feature-viz", attempt)
-    seeds = [derive_seed(settings.seed, *keys, objective.label) for objective in objectives]
+    return derive_seed(settings.seed, *keys, objective.seed_key or objective.label, *(("copy", copy) if copy else ()))
+
+
+def _render_batch(renderer: _Renderer, jobs: list[tuple[Objective, int]], attempt: int = 0) -> list[Rendered]:
+    settings, device = renderer.settings, renderer.device
+    objectives = [objective for objective, _ in jobs]
+    seeds = [_seed(settings, attempt, objective, copy) for objective, copy in jobs]
     generators = [torch_generator(seed) for seed in seeds]
-    image = create_images(settings.parameterisation, generators, settings.size, settings.init_std, mixing, device)
+    transparent = settings.transparency > 0
+    image = create_images(
+        settings.parameterisation,
+        generators,
+        settings.size,
+        settings.init_std,
+        renderer.mixing,
+        device,
+        channels=4 if transparent else 3,
+    )
     transforms = RandomTransforms(
         generators,
         settings.steps,
@@ -280,68 +405,100 @@ def _render_batch(
         settings.flip,
         settings.jitter,
     )
-    chunk = model_chunk(device, settings.batch_size)
-    chunks = [slice(start, start + chunk) for start in range(0, len(objectives), chunk)]
-    chunk_objectives = [BatchObjective(objectives[part], shapes, sae).to(device) for part in chunks]
+    model = _ChunkedModel(renderer, objectives)
+    backgrounds = RandomBackgrounds(generators, settings.steps) if transparent else None
 
-    def values_of(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_chunk_values(images[part], objective) for part, objective in zip(chunks, chunk_objectives)])
+    def rgb(images: torch.Tensor, step: int | None) -> torch.Tensor:
+        """What the model sees: the images, RGBA ones on step ``step``'s backgrounds (None: mid grey)."""
+        return images if backgrounds is None else backgrounds(images, step)
 
-    def _chunk_values(images: torch.Tensor, objective: BatchObjective) -> torch.Tensor:
-        count = len(images)
-        padded = torch.cat([images, images[:1].detach().expand(chunk - count, -1, -1, -1)]) if count < chunk else images
-        with autocast(device, dtype):
-            activations, logits = forward(padded, objective.needs_logits)
-            latents = sae.preactivations(activations) if objective.needs_latents else None
-        return objective(activations[:count].float(), _float32(logits, count), _float32(latents, count))
-
-    def loss_of(images: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
-        """Minus the objectives plus the weighted total variation, summed over the batch."""
-        loss = -torch.cat([_chunk_values(transformed[part], o) for part, o in zip(chunks, chunk_objectives)]).sum()
+    def loss_of(images: torch.Tensor, step: int) -> torch.Tensor:
+        """Minus the objectives plus the weighted diversity penalty, opacity and total variation, summed over the
+        batch."""
+        values, activations = model(transforms(rgb(images, step), step))
+        loss = -values.sum()
+        if settings.diversity > 1:
+            penalty = diversity_penalty(values, activations, settings.diversity)
+            loss = loss + settings.diversity_weight * penalty.sum()
+        if transparent:
+            opacity = images[:, 3].mean(dim=(1, 2))
+            loss = loss + settings.transparency * (values.detach().abs() * opacity).sum()
         if settings.tv_weight > 0:
             loss = loss + settings.tv_weight * total_variation(images).sum()
         return loss
 
     with torch.no_grad():
-        start_values = values_of(image.images())
+        start_values = model(rgb(image.images(), None))[0]
     # one kernel per step on a GPU instead of a dozen; on the CPU the default, bit for bit as before
     fused = {"fused": True} if torch.device(device).type == "cuda" else {}
     optimizer = torch.optim.Adam(image.parameters(), lr=settings.lr, **fused)
+    schedule = learning_rates(settings)
     snapshots: dict[int, torch.Tensor] = {}
     if 0 in settings.snapshots:
         with torch.no_grad():
             snapshots[0] = image.images().cpu()
     losses = torch.empty(settings.steps, device=device)  # read back every few steps, not every step
     for step in range(settings.steps):
-        images = image.images()
-        loss = loss_of(images, transforms(images, step))
+        renderer.switch.on = step < settings.redirect_steps
+        for group in optimizer.param_groups:
+            group["lr"] = schedule[step]
+        loss = loss_of(image.images(), step)
         losses[step] = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if settings.blur > 0:
-            image.blur_(settings.blur, chunk)
+            image.blur_(settings.blur, model.size)
         if step + 1 in settings.snapshots:
             with torch.no_grad():
                 snapshots[step + 1] = image.images().cpu()
         if (step + 1) % FINITE_CHECK_STEPS == 0 or step + 1 == settings.steps:
             check_finite(losses[: step + 1], objectives)
-        bar.update(1)
+        renderer.bar.update(1)
+    renderer.switch.on = False
     with torch.no_grad():
         final = image.images()
-        final_values = values_of(final)
+        final_values, final_activations = model(rgb(final, None))
+    similarity = activation_similarity(final_activations, settings.diversity)
     final = final.cpu()
     return [
         Rendered(
-            o,
+            objective,
             seed,
             final[i],
             float(start_values[i]),
             float(final_values[i]),
             {step: shots[i] for step, shots in snapshots.items()},
+            copy=copy,
+            similarity=similarity[i],
         )
-        for i, (o, seed) in enumerate(zip(objectives, seeds))
+        for i, ((objective, copy), seed) in enumerate(zip(jobs, seeds))
     ]
+
+
+def learning_rates(settings: RenderSettings) -> list[float]:
+    """The learning rate of every step: constant, or a cosine from ``lr`` down to 0 over the steps."""
+    if settings.lr_schedule == "constant":
+        return [settings.lr] * settings.steps
+    if settings.lr_schedule == "cosine":
+        return [settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps)) for step in range(settings.steps)]
+    raise ConvlensError(f"unknown learning-rate schedule '{settings.lr_schedule}' (constant, cosine)")
+
+
+def image_activations(
+    module: nn.Module, layer: str, image: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """The layer's activations ``[C, h, w]`` for one image ``[3, H, W]`` in [0, 1] (the model in eval mode)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    forward = LayerForward(
+        module,
+        resolve_layer(module, layer),
+        torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, device=device).view(1, 3, 1, 1),
+    )
+    with frozen(module), torch.no_grad():
+        activations, _ = forward(image.unsqueeze(0).to(device), with_logits=False)
+    return first_tensor(activations)[0].float().cpu()
 
 
 def _float32(value: torch.Tensor | None, count: int | None = None) -> torch.Tensor | None:
@@ -364,7 +521,7 @@ def to_pil(image: torch.Tensor):
     from PIL import Image
 
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(pixels, mode="RGB")
+    return Image.fromarray(pixels, mode="RGBA" if len(image) == 4 else "RGB")
 
 
 def slug(label: str) -> str:
@@ -403,15 +560,36 @@ class FeatureVisualizer(Visualizer):
 
     def objectives(self, target: VisualTarget) -> list[Objective]:
         params = self.params
-        chosen = (
-            []
-            if not target.units and params.objective != "layer"
-            else unit_objectives(params.objective, tuple(target.units), params.position, target.sae is not None)
-        )
+        if params.objective in ("inversion", "caricature"):
+            chosen = [self.image_objective(target)]
+        elif not target.units and params.objective != "layer":
+            chosen = []
+        else:
+            chosen = unit_objectives(params.objective, tuple(target.units), params.position, target.sae is not None)
         chosen += [parse_objective(text) for text in params.objectives.split(";") if text.strip()]
+        if params.interpolate:
+            ends = [parse_objective(text) for text in params.interpolate.split(";") if text.strip()]
+            if len(ends) != 2:
+                raise ConvlensError(f"--interpolate takes two objectives separated by ';', got '{params.interpolate}'")
+            chosen += interpolation(*ends, params.frames)
         if not chosen:
             raise ConvlensError("nothing to visualise: give units (--units) or objectives (--objectives)")
         return chosen
+
+    def image_objective(self, target: VisualTarget) -> Objective:
+        """The inversion or caricature of ``params.image``'s activations at the layer, at the render size."""
+        from convlens import Preprocessing, open_rgb
+
+        if not self.params.image:
+            raise ConvlensError(f"the {self.params.objective} objective needs a photo: give --image PATH")
+        bundle = target.model
+        size = (self.params.size,) * 2 if self.params.size else tuple(bundle.input_size)
+        preprocessing = Preprocessing(size, tuple(bundle.mean), tuple(bundle.std), bundle.crop_fraction)
+        pixels = preprocessing.eval_pixels(open_rgb(self.params.image)).float() / 255
+        activations = image_activations(bundle.module, target.layer, pixels, mean=bundle.mean, std=bundle.std)
+        if self.params.objective == "inversion":
+            return Objective.inversion(activations)
+        return Objective.caricature(activations, self.params.cosine_power)
 
     def settings(self, target: VisualTarget) -> RenderSettings:
         resolved = self.params.resolved()
@@ -429,12 +607,20 @@ class FeatureVisualizer(Visualizer):
             snapshots=tuple(self.params.snapshots),
             seed=self.params.seed,
             retries=self.params.retries,
+            diversity=self.params.diversity,
+            diversity_weight=self.params.diversity_weight,
+            transparency=self.params.transparency,
         )
 
     def run(self, target: VisualTarget, out_dir: Path) -> dict[str, Any]:
         out_dir = Path(out_dir)
         objectives, settings = self.objectives(target), self.settings(target)
-        names = [f"{number:03d}-{slug(o.label)}" for number, o in enumerate(objectives)]
+        copies = settings.diversity
+        names = [
+            f"{number:03d}-{slug(o.label)}" + (f"-{copy}" if copies > 1 else "")
+            for number, o in enumerate(objectives)
+            for copy in range(copies)
+        ]
         record: dict[str, Any] = {
             "visualizer": self.name,
             "layer": target.layer,
@@ -445,12 +631,12 @@ class FeatureVisualizer(Visualizer):
             "objectives": [],
             "figures": [],
         }
-        from_units = tuple(target.units) if self.params.objective != "layer" else ()
+        from_units = tuple(target.units) if self.params.objective not in ("layer", "inversion", "caricature") else ()
         written: list[Rendered] = []
 
         def write(batch: list[Rendered]) -> None:
             for rendered in batch:
-                number = len(written)
+                number, objective_number = len(written), len(written) // copies
                 written.append(rendered)
                 image_path = out_dir / "images" / f"{names[number]}.png"
                 save_png(to_pil(rendered.image), image_path)
@@ -463,6 +649,8 @@ class FeatureVisualizer(Visualizer):
                     "reached_start": rendered.reached_start,
                     "attempts": rendered.attempts,
                 }
+                if copies > 1:
+                    entry.update(copy=rendered.copy, activation_similarity=rendered.similarity)
                 if rendered.snapshots:
                     strip = out_dir / "snapshots" / f"{names[number]}.png"
                     save_png(side_by_side([to_pil(shot) for shot in rendered.snapshots.values()]), strip)
@@ -472,7 +660,7 @@ class FeatureVisualizer(Visualizer):
                     }
                 record["objectives"].append(entry)
                 figure = {
-                    "unit": from_units[number] if number < len(from_units) else number,
+                    "unit": from_units[objective_number] if objective_number < len(from_units) else objective_number,
                     "path": entry["image"],
                     "kind": "feature-viz",
                     "caption": f"{rendered.objective.label}: activation {rendered.start_value:.3g} at the "
@@ -481,9 +669,9 @@ class FeatureVisualizer(Visualizer):
                     "activation_start": rendered.start_value,
                     "activation_final": rendered.final_value,
                 }
-                if number >= len(from_units):
+                if objective_number >= len(from_units):
                     figure["unit_kind"] = "objective"
-                else:
+                elif rendered.copy == 0:
                     figure["thumbnail"] = True
                 record["figures"].append(figure)
             record["summary"] = render_summary(record["objectives"])
