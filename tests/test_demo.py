@@ -83,6 +83,9 @@ def test_the_demo_overview_pictures_the_top_and_the_most_selective_units_of_ever
         cards = gallery.split(f'data-group="{label}">')[1].split("</div>")[0]
         pictured = [int(part.split('"')[0]) for part in cards.split('data-unit="')[1:]]
         assert len(pictured) >= 8 and cards.count("<img ") == len(pictured)
+        assert cards.count(" at the start, ") == len(pictured)  # every feature-viz thumbnail shows its score
+        flags = [card.startswith("small flagged") for card in cards.split('<figure class="')[1:]]
+        assert flags == sorted(flags)  # flagged renders come last
         alive = [u for u in group["units"] if not u["dead"] and u["best_concept"]]
         selective = sorted(alive, key=lambda u: (-u["best_concept"]["auroc"], u["rank"]))[:3]
         assert {u["unit"] for u in selective} <= set(pictured), label

@@ -711,7 +711,9 @@ class Overview:
             "says how many of each.</p>"
         ]
         for group in groups:
-            cards = [self.gallery_card(group, unit) for unit in group.visualised]
+            # the pictures worth reading first; a flagged render (it failed to reach its target) after them
+            ordered = sorted(group.visualised, key=lambda unit: bool(group.flags.get(unit)))
+            cards = [self.gallery_card(group, unit) for unit in ordered]
             gallery = f'<div class="figures gallery" data-group="{esc(group.label)}">' + "".join(cards) + "</div>"
             parts.append(f"<h3>{esc(group.title)}</h3>" + gallery)
         return "\n".join(parts)
@@ -727,6 +729,8 @@ class Overview:
         if stats is not None and stats.best is not None and stats.best.attribute:
             lines.append(f"{stats.best.attribute}={stats.best.value}, AUROC {fmt(stats.best.auroc)}")
         lines.append(", ".join(reasons) or "visualised")
+        if picture is not None and picture.kind == "feature-viz" and picture.caption:
+            lines.append(picture.caption.split(": ", 1)[-1])  # the render's score: its start and final activation
         flagged = group.flags.get(unit)
         if flagged:
             lines.append("flagged: the render failed")
