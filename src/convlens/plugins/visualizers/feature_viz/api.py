@@ -16,9 +16,13 @@ from convlens.plugins.visualizers.feature_viz.directions import (
 )
 
 _LAZY = {
-    **dict.fromkeys(("Objective", "unit_objectives"), "convlens.plugins.visualizers.feature_viz.objectives"),
     **dict.fromkeys(
-        ("RenderSettings", "Rendered", "render", "to_pil"), "convlens.plugins.visualizers.feature_viz.render"
+        ("Objective", "interpolation", "parse_objective", "unit_objectives"),
+        "convlens.plugins.visualizers.feature_viz.objectives",
+    ),
+    **dict.fromkeys(
+        ("RenderSettings", "Rendered", "image_activations", "render", "to_pil"),
+        "convlens.plugins.visualizers.feature_viz.render",
     ),
 }
 
