@@ -19,7 +19,18 @@ from convlens.core.component_registry import Registry
 from helpers import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_FILTERS = ["active-count", "gradcam", "magnitude", "max", "median", "uniform"]
+BUILTIN_FILTERS = [
+    "active-count",
+    "eigencam",
+    "gradcam",
+    "hirescam",
+    "layercam",
+    "magnitude",
+    "max",
+    "median",
+    "uniform",
+    "xgradcam",
+]
 
 
 def filter_plugin(*names, fail_after=None):

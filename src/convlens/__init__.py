@@ -135,11 +135,31 @@ _LAZY: dict[str, str] = {
             "AttributionParams",
             "AttributionVisualizer",
             "ExplainTarget",
+            "GradientCAMVisualizer",
             "GradientMapFilter",
+            "GradientMapFilterParams",
             "scaled_to_unit",
             "target_gradients",
         ),
         "convlens.attribution.base",
+    ),
+    **dict.fromkeys(
+        (
+            "BASELINES",
+            "InputAttribution",
+            "baseline_images",
+            "InputAttributionParams",
+            "REDUCTIONS",
+            "guided_input_gradients",
+            "guided_relus",
+            "input_gradients",
+            "reduce_channels",
+        ),
+        "convlens.attribution.input_maps",
+    ),
+    **dict.fromkeys(
+        ("Scorer", "chunked_scores", "index_chunks", "for_rows", "target_scorer", "with_classes"),
+        "convlens.attribution.scores",
     ),
     **dict.fromkeys(("CascadeResult", "cascading_randomisation"), "convlens.attribution.sanity_checks"),
     "explained_predictions": "convlens.attribution.predictions",
@@ -206,12 +226,33 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         AttributionParams,
         AttributionVisualizer,
         ExplainTarget,
+        GradientCAMVisualizer,
         GradientMapFilter,
+        GradientMapFilterParams,
         scaled_to_unit,
         target_gradients,
     )
+    from convlens.attribution.input_maps import (
+        BASELINES,
+        REDUCTIONS,
+        InputAttribution,
+        InputAttributionParams,
+        baseline_images,
+        guided_input_gradients,
+        guided_relus,
+        input_gradients,
+        reduce_channels,
+    )
     from convlens.attribution.predictions import explained_predictions
     from convlens.attribution.sanity_checks import CascadeResult, cascading_randomisation
+    from convlens.attribution.scores import (
+        Scorer,
+        chunked_scores,
+        for_rows,
+        index_chunks,
+        target_scorer,
+        with_classes,
+    )
     from convlens.data.concepts import ConceptSet, load_concepts
     from convlens.data.image_visualizer import ImageVisualizer
     from convlens.data.images import (

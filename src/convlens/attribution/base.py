@@ -50,6 +50,15 @@ class AttributionParams(Params):
     alpha: float = param(0.5, min=0.0, max=1.0, help="opacity of the heat map drawn over each image")
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientMapFilterParams(Params):
+    """Parameters of an activation filter weighted by a class's gradient map (:class:`GradientMapFilter`)."""
+
+    class_index: Optional[int] = param(
+        None, help="explain this class for every image (default: the label, or the predicted class)", min=0
+    )
+
+
 @dataclasses.dataclass
 class ExplainTarget:
     """Per image, the scalar an attribution explains: a class logit (``classes``; ``None``: the predicted class),
@@ -458,6 +467,20 @@ class AttributionVisualizer(ImageVisualizer):
         relative = f"overlays/{entry['position']:05d}-{Path(entry['image']).stem}{suffix}.png"
         save_png(overlay, out_dir / relative)
         return relative
+
+
+class GradientCAMVisualizer(AttributionVisualizer):
+    """A class activation map computed from a layer's activations and the target's gradient to them (Grad-CAM and
+    its variants): subclasses implement :meth:`maps`; only the gradients from the target back to the layer are
+    computed."""
+
+    @abc.abstractmethod
+    def maps(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Maps ``[N, H, W]`` from activations and gradients ``[N, C, H, W]``."""
+
+    def attribute(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
+        captured = target_gradients(model, images, layer, target)
+        return self.maps(captured.activations[layer], captured.gradients[layer])
 
 
 def input_peaks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

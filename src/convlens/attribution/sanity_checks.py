@@ -1,11 +1,12 @@
-"""Sanity checks for attribution maps: cascading model-parameter randomisation (Adebayo et al. 2018; course
-notes 002 sec. 6.3, Figure 29).
+"""Sanity checks for attribution maps: cascading and independent model-parameter randomisation (Adebayo et al.
+2018; course notes 002 sec. 6.3, Figure 29).
 
 Starting from the trained model, the parameters of one block after another are re-initialised, from the output
 down to the input, and the attribution maps of the same images (explaining the classes the trained model
 predicted) are compared with the trained model's maps by Spearman rank correlation, per image. A method that
 explains the model should lose that correlation as the blocks it depends on are randomised; an input-only method
-such as an edge detector keeps a correlation of 1. The model passed in is never changed: a deep copy is randomised.
+such as an edge detector keeps a correlation of 1. The independent variant re-initialises one block at a time,
+each in a fresh copy of the trained model. The model passed in is never changed: deep copies are randomised.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,27 +102,82 @@ def cascading_randomisation(
 
     ``classes`` (default: the trained model's predictions) stay the explained targets at every step.
     """
+
+    def cascade(module: nn.Module, steps: list[str]) -> Iterator[nn.Module]:
+        for step, name in enumerate(steps):
+            randomise_(module.get_submodule(name), derive_seed(seed, step))
+            yield module
+
+    return _randomisation_check(
+        model, methods, images, layer, depth, classes, progress, cascade, "cascading randomisation"
+    )
+
+
+def independent_randomisation(
+    model: ModelBundle,
+    methods: Sequence[AttributionVisualizer],
+    images: torch.Tensor,
+    layer: str,
+    *,
+    depth: int = 1,
+    seed: int = 0,
+    classes: torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> list[CascadeResult]:
+    """Independent layer randomisation (Adebayo et al. 2018, sec. 3): each step re-initialises only its own block,
+    in a fresh copy of the trained model, with the seed the cascade gives that block; the maps are compared with the
+    trained model's as in :func:`cascading_randomisation` (steps: ``"none"``, then each block, output first)."""
+
+    def independent(module: nn.Module, steps: list[str]) -> Iterator[nn.Module]:
+        for step, name in enumerate(steps):
+            copied = copy.deepcopy(module)
+            randomise_(copied.get_submodule(name), derive_seed(seed, step))
+            yield copied
+
+    return _randomisation_check(
+        model, methods, images, layer, depth, classes, progress, independent, "independent randomisation"
+    )
+
+
+def _randomisation_check(
+    model: ModelBundle,
+    methods: Sequence[AttributionVisualizer],
+    images: torch.Tensor,
+    layer: str,
+    depth: int,
+    classes: torch.Tensor | None,
+    progress: bool | None,
+    randomised_models: Callable[[nn.Module, list[str]], Iterator[nn.Module]],
+    description: str,
+) -> list[CascadeResult]:
+    """The maps of the trained model (a deep copy), then of each model ``randomised_models(copy, steps)`` yields,
+    one per step, explaining ``classes`` (default: the trained model's predictions); and their Spearman correlation
+    with the trained model's maps, per image."""
     from tqdm.auto import tqdm
 
-    module = copy.deepcopy(model.module).eval()
-    randomised = dataclasses.replace(model, module=module)
-    steps = randomisation_steps(module, depth)
+    trained = copy.deepcopy(model.module).eval()
+    steps = randomisation_steps(trained, depth)
     if classes is None:
         with torch.no_grad():
-            classes = module(images).argmax(dim=1)
+            classes = trained(images).argmax(dim=1)
     target = ExplainTarget(classes=classes)
-    maps: list[list[torch.Tensor]] = [[method.explain(randomised, images, layer, target).cpu()] for method in methods]
-    bar = tqdm(
-        steps,
-        desc="cascading randomisation",
+
+    def explain_all(module: nn.Module) -> list[torch.Tensor]:
+        bundle = dataclasses.replace(model, module=module)
+        return [method.explain(bundle, images, layer, target).cpu() for method in methods]
+
+    maps = [[first] for first in explain_all(trained)]
+    disable = None if progress is None else not progress
+    for module in tqdm(
+        randomised_models(trained, steps),
+        desc=description,
         unit="block",
         leave=False,
-        disable=None if progress is None else not progress,
-    )
-    for step, name in enumerate(bar):
-        randomise_(module.get_submodule(name), derive_seed(seed, step))
-        for kept, method in zip(maps, methods):
-            kept.append(method.explain(randomised, images, layer, target).cpu())
+        total=len(steps),
+        disable=disable,
+    ):
+        for kept, step_maps in zip(maps, explain_all(module)):
+            kept.append(step_maps)
     results = []
     for kept, method in zip(maps, methods):
         stacked = torch.stack(kept)

@@ -1,5 +1,5 @@
-"""Gradient saliency (Simonyan et al. 2014; course notes 002 sec. 6.1): |d target / d input|, the largest over
-the colour channels, per input pixel. One of the two methods that pass the sanity checks of Adebayo et al.
+"""Gradient saliency (Simonyan et al. 2014; course notes 002 sec. 6.1): |d target / d input|, by default the
+largest over the colour channels, per input pixel. One of the two methods that pass the sanity checks of Adebayo et al.
 (002 sec. 6.3). The target is a class logit, or a unit (a channel, or an SAE latent) summed over its layer's
 positions; the forward pass then stops at that layer."""
 
@@ -7,25 +7,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convlens import AttributionParams, AttributionVisualizer, ExplainTarget, VisualizerSpec, hookimpl, target_gradients
+from convlens import (
+    REDUCTIONS,
+    ExplainTarget,
+    InputAttribution,
+    InputAttributionParams,
+    VisualizerSpec,
+    hookimpl,
+    param,
+)
+from convlens import input_gradients as target_input_gradients
 
 
 @dataclass(frozen=True)
-class SaliencyParams(AttributionParams):
-    pass
+class SaliencyParams(InputAttributionParams):
+    reduction: str = param(
+        "abs-max",
+        choices=REDUCTIONS,
+        help="map per pixel from its colour channels' |gradient|: abs-max (the largest, Simonyan et al.), "
+        "abs-sum, sum or positive (their sum)",
+    )
 
 
-class SaliencyVisualizer(AttributionVisualizer):
+class SaliencyVisualizer(InputAttribution):
     name = "saliency"
 
     def __init__(self, params: SaliencyParams | None = None):
         super().__init__(params or SaliencyParams())
 
-    def attribute(self, model, images, layer: str, target: ExplainTarget):
-        from convlens import INPUT
-
-        captured = target_gradients(model, images, None, target.read_at(layer))
-        return captured.gradients[INPUT].abs().amax(dim=1)
+    def input_attribution(self, model, images, layer: str, target: ExplainTarget):
+        """|d target / d input| per input value, captum's ``Saliency`` (``abs=True``)."""
+        return target_input_gradients(model, images, layer, target).abs()
 
 
 @hookimpl
