@@ -134,9 +134,11 @@ def test_linear_imputation_matches_pytorch_grad_cam():
 def test_linear_imputation_says_when_it_does_not_converge(monkeypatch):
     from convlens.attribution import metrics
 
-    monkeypatch.setattr(metrics, "CG_TOLERANCE", 0.0)  # a residual of exactly 0 is never reached
-    with pytest.raises(ConvlensError, match="did not converge in 260 conjugate-gradient iterations"):
-        linear_imputation(random_images(1, 8, seed=0), torch.rand(8, 8) > 0.5)
+    monkeypatch.setattr(metrics, "CG_ITERATIONS_PER_SIDE", 0)  # 100 iterations; one kept pixel needs hundreds
+    keep = torch.zeros(64, 64, dtype=torch.bool)
+    keep[5, 7] = True
+    with pytest.raises(ConvlensError, match="did not converge in 100 conjugate-gradient iterations"):
+        linear_imputation(random_images(1, 64, seed=0), keep)
 
 
 @pytest.fixture

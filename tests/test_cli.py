@@ -33,7 +33,8 @@ def test_list_filters_with_distribution(run):
     result = run("list", "filter")
     assert result.exit_code == 0
     rows = [line.split()[:3] for line in result.output.splitlines()[1:]]
-    names = ("active-count", "gradcam", "magnitude", "max", "median", "uniform")
+    names = ("active-count", "eigencam", "gradcam", "hirescam", "layercam", "magnitude", "max", "median", "uniform")
+    names = (*names, "xgradcam")
     # the Grad-CAM++ example package, installed by the README's install command, adds its own filter
     assert [row for row in rows if row[2] == "convlens"] == [["filter", n, "convlens"] for n in names]
     assert [row for row in rows if row[2] != "convlens"] == [["filter", "gradcam++", "convlens-gradcam-pp"]]

@@ -96,7 +96,7 @@ def test_good_components_pass(kinds):
     sae = check_component("sae", "tiny-relu", latent_dim=20)
     assert sae.latent_dim == 20
     check_component("visualizer", "mean-map")
-    assert kinds.plugins()[-1].counts == {"model": 2, "filter": 0, "sae": 1, "visualizer": 1}
+    assert kinds.plugins()[-1].counts == {"model": 2, "filter": 0, "sae": 1, "visualizer": 1, "metric": 0}
 
 
 def test_broken_model_is_named(kinds):

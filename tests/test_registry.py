@@ -62,7 +62,7 @@ def test_fallback_module_list_matches_pyproject_entry_points():
     assert sorted(declared.values()) == sorted(plugin_loading.BUILTIN_MODULES)
     for module in plugin_loading.BUILTIN_MODULES:
         module = importlib.import_module(module)
-        assert any(hasattr(module, f"register_{kind}s") for kind in ("model", "filter", "sae", "visualizer"))
+        assert any(hasattr(module, f"register_{kind}s") for kind in ("model", "filter", "sae", "visualizer", "metric"))
 
 
 def test_fallback_loads_builtins_without_metadata(monkeypatch):

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from convlens import registry
 from convlens._version import __version__
-from convlens.core.component_registry import Component, FilterSpec, ModelSpec, SAESpec, VisualizerSpec
+from convlens.core.component_registry import Component, FilterSpec, MetricSpec, ModelSpec, SAESpec, VisualizerSpec
 from convlens.core.contracts import (
     ActivationFilter,
+    AttributionMetric,
     FilterContext,
+    MetricCase,
     ModelBundle,
     Outputs,
     SAEParams,
@@ -161,8 +163,23 @@ _LAZY: dict[str, str] = {
         ("Scorer", "chunked_scores", "index_chunks", "for_rows", "target_scorer", "with_classes"),
         "convlens.attribution.scores",
     ),
-    **dict.fromkeys(("CascadeResult", "cascading_randomisation"), "convlens.attribution.sanity_checks"),
+    **dict.fromkeys(
+        ("CascadeResult", "cascading_randomisation", "independent_randomisation"), "convlens.attribution.sanity_checks"
+    ),
+    **dict.fromkeys(
+        (
+            "deletion_insertion",
+            "mask_energy",
+            "maps_at_input",
+            "mean_interval",
+            "relevance_rank_accuracy",
+            "road",
+        ),
+        "convlens.attribution.metrics",
+    ),
     "explained_predictions": "convlens.attribution.predictions",
+    "input_peaks": "convlens.attribution.base",
+    "rowwise_spearman": "convlens.runtime.rank_statistics",
     # units
     **dict.fromkeys(("chosen_units", "layer_maps"), "convlens.units.maps"),
     "unit_statistics": "convlens.units.statistics",
@@ -184,10 +201,13 @@ __all__ = [
     "FilterSpec",
     "SAESpec",
     "VisualizerSpec",
+    "MetricSpec",
     "SAEParams",
     "ModelBundle",
     "ActivationFilter",
     "FilterContext",
+    "AttributionMetric",
+    "MetricCase",
     "Visualizer",
     "VisualTarget",
     "Visualization",
@@ -229,6 +249,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         GradientCAMVisualizer,
         GradientMapFilter,
         GradientMapFilterParams,
+        input_peaks,
         scaled_to_unit,
         target_gradients,
     )
@@ -243,8 +264,16 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
         input_gradients,
         reduce_channels,
     )
+    from convlens.attribution.metrics import (
+        deletion_insertion,
+        maps_at_input,
+        mask_energy,
+        mean_interval,
+        relevance_rank_accuracy,
+        road,
+    )
     from convlens.attribution.predictions import explained_predictions
-    from convlens.attribution.sanity_checks import CascadeResult, cascading_randomisation
+    from convlens.attribution.sanity_checks import CascadeResult, cascading_randomisation, independent_randomisation
     from convlens.attribution.scores import (
         Scorer,
         chunked_scores,
@@ -304,6 +333,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from convlens.report.run_folder import RunFolder
     from convlens.runtime.device import resolve_device
     from convlens.runtime.precision import COMPUTE_DTYPES, autocast, channels_last
+    from convlens.runtime.rank_statistics import rowwise_spearman
     from convlens.runtime.run_records import write_json_atomic
     from convlens.runtime.seeding import derive_seed, torch_generator
     from convlens.runtime.tensor_files import save_tensors_atomic

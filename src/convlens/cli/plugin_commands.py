@@ -14,7 +14,13 @@ from convlens.core.loader import BUDGET_ENV, canonical_dist, installed_plugin_di
 
 from .output import echo_json, echo_table
 
-_KIND_COLUMNS = {"model": "MODELS", "filter": "FILTERS", "sae": "SAES", "visualizer": "VISUALIZERS"}
+_KIND_COLUMNS = {
+    "model": "MODELS",
+    "filter": "FILTERS",
+    "sae": "SAES",
+    "visualizer": "VISUALIZERS",
+    "metric": "METRICS",
+}
 
 
 @click.command()

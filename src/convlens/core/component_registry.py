@@ -30,7 +30,7 @@ from convlens.core.errors import (
 from convlens.core.params import NoParams, Params, coerce, parameter_specs
 from convlens.core.params import describe as describe_params
 
-KINDS = ("model", "filter", "sae", "visualizer")
+KINDS = ("model", "filter", "sae", "visualizer", "metric")
 _HOOK_FOR_KIND = {kind: f"register_{kind}s" for kind in KINDS}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -98,7 +98,18 @@ class VisualizerSpec(ComponentSpec):
     kind: ClassVar[str] = "visualizer"
 
 
-_SPEC_FOR_KIND = {"model": ModelSpec, "filter": FilterSpec, "sae": SAESpec, "visualizer": VisualizerSpec}
+@dataclasses.dataclass(frozen=True)
+class MetricSpec(ComponentSpec):
+    kind: ClassVar[str] = "metric"
+
+
+_SPEC_FOR_KIND = {
+    "model": ModelSpec,
+    "filter": FilterSpec,
+    "sae": SAESpec,
+    "visualizer": VisualizerSpec,
+    "metric": MetricSpec,
+}
 
 
 @dataclasses.dataclass(frozen=True)

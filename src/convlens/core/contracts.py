@@ -1,5 +1,5 @@
-"""What a model, a filter and a visualizer object must provide (the SAE base is :class:`convlens.SparseAutoencoder`,
-in the sae stage).
+"""What a model, a filter, a visualizer and an attribution metric object must provide (the SAE base is
+:class:`convlens.SparseAutoencoder`, in the sae stage).
 
 :meth:`Visualizer.visualize` returns a run's results in memory as well as in files: :func:`capture_outputs` reads
 back every picture, tensor file and JSON record written into its output folder, whoever wrote it.
@@ -238,6 +238,52 @@ class Visualizer(abc.ABC):
         # the record as its JSON file holds it (tuples as lists); a value JSON cannot hold is kept as its text
         written = json.loads(json.dumps(record, default=str))
         return Visualization(self.name, written, outputs.images, outputs.tensors, outputs.records, out_dir)
+
+
+@dataclasses.dataclass
+class MetricCase:
+    """What an attribution metric scores: ``method`` (an attribution visualizer) explained ``images`` (normalised,
+    ``[N, C, H, W]``) of ``model`` at ``layer`` for ``target`` (an ``ExplainTarget`` with its classes fixed), giving
+    ``maps`` ``[N, h, w]``. ``masks`` (bool ``[N, H, W]`` at the input's size) are the objects' foreground, when the
+    data has them; ``shuffled_model`` is the same architecture trained on the same images with shuffled labels,
+    when one was trained. Perturbation metrics score copies ``batch_size`` at a time; ``seed`` seeds any draw."""
+
+    model: ModelBundle
+    method: Any
+    images: torch.Tensor
+    layer: str
+    target: Any
+    maps: torch.Tensor
+    masks: torch.Tensor | None = None
+    shuffled_model: ModelBundle | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+
+class AttributionMetric(abc.ABC):
+    """Scores an attribution method's maps, one value per image (:meth:`score`)."""
+
+    name: str = "metric"
+    #: Whether a larger value means a better attribution (a more faithful or better localised one, or one that
+    #: depends more on the model: the randomisation checks report a correlation, where lower is better).
+    higher_is_better: bool = True
+    #: Set when :meth:`score` reads ``case.masks``; without masks the metric does not apply.
+    needs_masks: bool = False
+    #: Set when :meth:`score` reads ``case.shuffled_model``; without one the metric does not apply.
+    needs_shuffled_model: bool = False
+
+    def __init__(self, params: Any = None):
+        self.params = params
+
+    @abc.abstractmethod
+    def score(self, case: MetricCase) -> torch.Tensor:
+        """Per image, the metric's value ``[N]`` (NaN where it is undefined)."""
+
+    def applies_to(self, case: MetricCase) -> bool:
+        """Whether ``case`` carries what the metric needs."""
+        return (case.masks is not None or not self.needs_masks) and (
+            case.shuffled_model is not None or not self.needs_shuffled_model
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A plugin is a module (or any object) with functions marked ``@convlens.hookimpl`` whose names match the
 specs below; a distribution exposes it through an entry point in the group ``convlens``. Each
 ``register_<kind>s`` hook receives a ``register`` callable and calls it once per component with a spec
-record (:class:`~convlens.core.component_registry.ModelSpec`, ``FilterSpec``, ``SAESpec`` or ``VisualizerSpec``).
+record (:class:`~convlens.core.component_registry.ModelSpec`, ``FilterSpec``, ``SAESpec``, ``VisualizerSpec`` or
+``MetricSpec``).
 A spec's ``factory`` is called as ``factory(params)`` with the validated parameter dataclass and may be a
 lazy ``"module:attr"`` string, so that listing plugins and ``--help`` never import torch.
 """
@@ -64,6 +65,18 @@ def register_visualizers(register: Callable[[Any], None]) -> None:
     ``visualizer.run(target, out_dir)`` takes a :class:`~convlens.core.contracts.VisualTarget` (model
     bundle, layer, units, optionally an SAE) and writes PNG images plus a JSON record into ``out_dir``,
     returning that record as a dict.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[Any], None]) -> None:
+    """Register attribution metrics by calling ``register(MetricSpec(...))``.
+
+    Contract: ``factory(params)`` returns a :class:`convlens.core.contracts.AttributionMetric`. Called as
+    ``metric.score(case)`` with a :class:`~convlens.core.contracts.MetricCase` (the model, the images, one
+    attribution method and its maps of them, the explained classes; foreground masks and a model trained on shuffled
+    labels when the data gives them), it returns one value per image ``[N]``, NaN where the image has none. It
+    declares whether higher is better and whether it needs the masks or the shuffled-label model.
     """
 
 

@@ -103,17 +103,32 @@ class BarPanel:
     key: str = ""
 
 
-Panel = LinePanel | BarPanel
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IntervalPanel:
+    """One point per label from the top with its interval ``[low, high]`` as a whisker (an estimate and its
+    confidence interval); the value axis fits the intervals."""
+
+    labels: Sequence[str]
+    values: Sequence[float]
+    lows: Sequence[float]
+    highs: Sequence[float]
+    title: str
+    xlabel: str
+    colour: tuple[int, int, int] = PALETTE[0]
+    key: str = ""
 
 
-def save_chart(panels: Panel | Sequence[Panel], path: str | Path) -> tuple[Path, Path]:
-    """Draw ``panels`` side by side and write ``path`` (PNG) and the same name with ``.svg``, each through a
-    temporary file and a rename; returns both paths."""
+Panel = LinePanel | BarPanel | IntervalPanel
+
+
+def save_chart(panels: Panel | Sequence[Panel], path: str | Path, columns: int | None = None) -> tuple[Path, Path]:
+    """Draw ``panels`` side by side (``columns`` per row; default: all in one row) and write ``path`` (PNG) and the
+    same name with ``.svg``, each through a temporary file and a rename; returns both paths."""
     png = Path(path).with_suffix(".png")
     svg = png.with_suffix(".svg")
     png.parent.mkdir(parents=True, exist_ok=True)
     with _styled():
-        figure = draw(panels)
+        figure = draw(panels, columns)
         _write_atomic(svg, _render(figure, "svg"))
         _write_atomic(png, _render(figure, "png"))
     return png, svg
@@ -158,26 +173,29 @@ def bar_chart(
     return chart_image(panel, size)
 
 
-def draw(panels: Panel | Sequence[Panel]) -> Figure:
-    """A matplotlib figure of ``panels`` side by side (call inside :func:`_styled` for the chart style)."""
+def draw(panels: Panel | Sequence[Panel], columns: int | None = None) -> Figure:
+    """A matplotlib figure of ``panels`` side by side, ``columns`` per row (default: one row); call inside
+    :func:`_styled` for the chart style."""
     from matplotlib.figure import Figure
 
-    panels = [panels] if isinstance(panels, (LinePanel, BarPanel)) else list(panels)
+    panels = [panels] if isinstance(panels, (LinePanel, BarPanel, IntervalPanel)) else list(panels)
     if not panels:
         raise ValueError("a chart needs at least one panel")
+    columns = min(columns or len(panels), len(panels))
+    rows = -(-len(panels) // columns)
     sizes = [_panel_size(panel) for panel in panels]
-    figure = Figure(
-        figsize=(sum(width for width, _ in sizes), max(height for _, height in sizes)),
-        dpi=PNG_DPI,
-        layout="constrained",
-    )
-    grid = figure.add_gridspec(1, len(panels), width_ratios=[width for width, _ in sizes])
+    width = max(sum(w for w, _ in sizes[row * columns : (row + 1) * columns]) for row in range(rows))
+    figure = Figure(figsize=(width, max(h for _, h in sizes) * rows), dpi=PNG_DPI, layout="constrained")
+    ratios = [max(w for w, _ in sizes[column::columns]) for column in range(columns)]
+    grid = figure.add_gridspec(rows, columns, width_ratios=ratios)
     for number, (panel, key) in enumerate(zip(panels, _unique_keys(panels))):
-        axes = figure.add_subplot(grid[0, number], gid=f"chart-{key}")
+        axes = figure.add_subplot(grid[number // columns, number % columns], gid=f"chart-{key}")
         axes.patch.set_gid(f"chart-{key}-area")
         axes.set_title(textwrap.fill(panel.title, max(int(sizes[number][0] / TITLE_PER_CHARACTER), 20)))
         if isinstance(panel, LinePanel):
             _draw_lines(axes, panel, key)
+        elif isinstance(panel, IntervalPanel):
+            _draw_intervals(axes, panel)
         else:
             _draw_bars(axes, panel)
     return figure
@@ -233,9 +251,28 @@ def _draw_bars(axes: Axes, panel: BarPanel) -> None:
     axes.set_xlabel(panel.xlabel)
 
 
+def _draw_intervals(axes: Axes, panel: IntervalPanel) -> None:
+    points = [
+        (label, float(value), float(low), float(high))
+        for label, value, low, high in zip(panel.labels, panel.values, panel.lows, panel.highs)
+        if _finite(value) and _finite(low) and _finite(high)
+    ]
+    if not points:
+        axes.text(0.5, 0.5, "no finite values", transform=axes.transAxes, ha="center", va="center")
+        return
+    positions = list(range(len(points)))
+    values = [value for _, value, _, _ in points]
+    whiskers = [[value - low for _, value, low, _ in points], [high - value for _, value, _, high in points]]
+    axes.errorbar(values, positions, xerr=whiskers, fmt="o", color=_hex(panel.colour), capsize=3)
+    axes.set_yticks(positions, [label for label, _, _, _ in points])
+    axes.invert_yaxis()
+    axes.grid(False, axis="y")
+    axes.set_xlabel(panel.xlabel)
+
+
 def _panel_size(panel: Panel) -> tuple[float, float]:
     """(width, height) in inches: room for the plot, and for the legend or the bar labels beside it."""
-    if isinstance(panel, BarPanel):
+    if isinstance(panel, (BarPanel, IntervalPanel)):
         longest_label = max([len(str(label)) for label in panel.labels] + [4])
         return 3.4 + LEGEND_PER_CHARACTER * longest_label, 1.1 + 0.26 * max(len(panel.labels), 1)
     names = [name for name in panel.finite_series() if name not in panel.faint]

@@ -19,7 +19,6 @@ from convlens import (
     AttributionParams,
     AttributionVisualizer,
     VisualizerSpec,
-    activations_at,
     chunked_scores,
     hookimpl,
     param,
@@ -71,6 +70,8 @@ def ablation_weights(model, images, layer, activations, target, batch_size):
 def ablationcam_maps(model, images, layer, target, batch_size=64):
     """Ablation-CAM maps ``[N, h, w]`` in [0, 1] at ``layer``."""
     import torch
+
+    from convlens import activations_at
 
     target = with_classes(model, images, target.read_at(layer))
     with torch.no_grad():

@@ -19,7 +19,6 @@ from convlens import (
     AttributionVisualizer,
     FilterSpec,
     VisualizerSpec,
-    activations_at,
     hookimpl,
     scaled_to_unit,
 )
@@ -58,6 +57,8 @@ class EigenCAM(AttributionVisualizer):
         super().__init__(params or EigenCAMParams())
 
     def attribute(self, model, images, layer, target):
+        from convlens import activations_at
+
         return eigencam_maps(activations_at(model.module, images, layer).activations[layer])
 
 

@@ -15,7 +15,6 @@ from convlens import (
     AttributionParams,
     AttributionVisualizer,
     VisualizerSpec,
-    activations_at,
     chunked_scores,
     hookimpl,
     param,
@@ -63,6 +62,8 @@ def scorecam_weights(model, images, activations, target, batch_size):
 def scorecam_maps(model, images, layer, target, batch_size=64):
     """Score-CAM maps ``[N, h, w]`` in [0, 1] at ``layer``."""
     import torch
+
+    from convlens import activations_at
 
     target = with_classes(model, images, target.read_at(layer))
     with torch.no_grad():

@@ -1,0 +1,84 @@
+"""``convlens bench attribution``: every installed method (the Grad-CAM++ example included) on every metric, with
+intervals, JSON, charts and a page that opens in Chromium; and the planted truths of shapes: object masks rank a
+random map below every gradient method, and a network trained on shuffled labels changes Grad-CAM's maps but not
+the Sobel baseline (those run in test_attribution.py, on its trained network)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from convlens.cli import cli
+
+NEW_METHODS = {
+    "hirescam", "layercam", "xgradcam", "eigencam", "scorecam", "ablationcam", "integrated-gradients",
+    "input-x-gradient", "smoothgrad", "guided-backprop", "guided-gradcam", "occlusion",
+}  # fmt: skip
+METRICS = {
+    "deletion", "insertion", "road", "mask-energy", "relevance-rank", "pointing-game", "cascading-randomisation",
+    "independent-randomisation", "data-randomisation",
+}  # fmt: skip
+
+
+def bench(*args):
+    result = CliRunner().invoke(cli, ["bench", "attribution", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{") :])
+
+
+@pytest.fixture(scope="module")
+def small_bench(small_trained_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    record = bench("--model", small_trained_model.model, "--data", small_trained_model.data, "--max-images", 8,
+                   "--layer", "block3", "--out", out)  # fmt: skip
+    return record, out
+
+
+@pytest.mark.slow
+def test_bench_scores_every_installed_method_on_every_metric(small_bench):
+    record, out = small_bench
+    methods = {row["method"]: row for row in record["methods"]}
+    assert NEW_METHODS | {"gradcam", "saliency", "gradcam++"} <= set(methods), sorted(methods)
+    assert methods["gradcam++"]["dist"] == "convlens-gradcam-pp"
+    assert all(row["error"] is None and row["forward_ratio"] > 0 for row in methods.values())
+    assert record["masks"] and record["shuffled_model"] and len(record["images"]) == 8
+    assert {m["name"] for m in record["metrics"] if m["applies"]} >= METRICS
+    rows = {(row["method"], row["metric"]): row for row in record["results"]}
+    for method in methods:
+        for metric in METRICS:
+            row = rows[(method, metric)]
+            assert row["error"] is None, row
+            finite = [v for v in row["values"] if math.isfinite(v)]
+            if finite:  # a method whose maps are constant has no rank correlation
+                assert row["low"] <= row["mean"] <= row["high"] and row["n"] == len(finite)
+    assert rows[("edge-detector", "cascading-randomisation")]["mean"] == pytest.approx(1.0)
+    assert {"bench.json", "bench.png", "bench.svg", "maps.png", "index.html"} <= {p.name for p in out.iterdir()}
+    page = (out / "index.html").read_text()
+    assert page.count('data-metric="mask-energy"') == len(methods) and "gradcam++" in page
+
+
+@pytest.mark.slow
+def test_bench_page_opens_in_chromium(small_bench, tmp_path):
+    from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
+
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    record, out = small_bench
+    problems, requests = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = watched_page(browser, problems, requests)
+            page.goto((out / "index.html").as_uri())
+            page.wait_for_load_state("load")
+            assert page.evaluate(BROKEN_IMAGES) == []
+            assert page.locator("#attribution-scores tbody tr").count() == len(record["methods"])
+            assert page.locator("#attribution-scores td.best").count() >= len(METRICS)
+        finally:
+            browser.close()
+    assert problems == [] and all(url.startswith("file://") for url in requests)
