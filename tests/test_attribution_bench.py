@@ -82,3 +82,56 @@ def test_bench_page_opens_in_chromium(small_bench, tmp_path):
         finally:
             browser.close()
     assert problems == [] and all(url.startswith("file://") for url in requests)
+
+
+BENCH_RECIPE = """
+title = "bench"
+seed = 3
+
+[data]
+shapes = { n = 160, size = 32, seed = 1 }
+
+[model]
+name = "tiny-cnn"
+params = { input_size = 32, width = 8, blocks = 4 }
+layer = "block3"
+train = { epochs = 3, batch_size = 32 }
+
+[extract]
+filters = ["magnitude"]
+per_image = 2
+
+[evaluate]
+enabled = false
+
+[visualize]
+units = 0
+latents = 0
+visualizers = ["dataset-examples"]
+
+[attribution_bench]
+enabled = true
+methods = "gradcam, saliency, random-map"
+metrics = "mask-energy, deletion, data-randomisation"
+max_images = 8
+"""
+
+
+@pytest.mark.slow
+def test_a_recipe_step_runs_the_bench_and_the_report_shows_its_table(tmp_path):
+    from convlens.workflow.recipes import RecipeError, load_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(BENCH_RECIPE.replace('"mask-energy,', '"mask-energi,'))
+    with pytest.raises(RecipeError, match=r"\[attribution_bench\] metrics: unknown metric 'mask-energi'"):
+        load_recipe(recipe)
+    recipe.write_text(BENCH_RECIPE)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "attribution-bench" / "bench.json").read_text())
+    assert [row["method"] for row in record["methods"]] == ["gradcam", "saliency", "random-map"]
+    assert record["shuffled_model"] and {row["metric"] for row in record["results"]} == {
+        "mask-energy", "deletion", "data-randomisation"
+    }  # fmt: skip
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert 'id="attribution-scores"' in page and page.count('data-metric="deletion"') == 3

@@ -256,6 +256,9 @@ class AttributionVisualizer(ImageVisualizer):
     """
 
     explains_units_on_images = True
+    #: What the method costs, in passes through the model (e.g. "1 forward, 1 backward to the input"), shown by
+    #: ``convlens bench attribution`` beside its measured time.
+    cost: str = ""
 
     @abc.abstractmethod
     def attribute(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:

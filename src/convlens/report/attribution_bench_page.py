@@ -55,32 +55,36 @@ def _facts(record: dict[str, Any]) -> list[tuple[str, str]]:
 
 def scores_table(record: dict[str, Any]) -> str:
     """Methods by metrics, each cell ``mean [low, high]`` (``data-metric`` the metric, ``data-value`` the mean)."""
-    metrics = [m for m in record["metrics"] if m["applies"]]
-    results = {(row["method"], row["metric"]): row for row in record["results"]}
-    best = {m["name"]: _best(record, m) for m in metrics}
+    metrics = [m for m in record.get("metrics", []) if m.get("applies")]
+    results = {(row.get("method"), row.get("metric")): row for row in record.get("results", [])}
+    best = {m.get("name"): _best(record, m) for m in metrics}
     rows = []
-    for method in record["methods"]:
-        cells = [f"<td>{esc(method['method'])}</td>"]
+    for method in record.get("methods", []):
+        cells = [f"<td>{esc(method.get('method'))}</td>"]
         for m in metrics:
-            row = results.get((method["method"], m["name"]), {})
-            cells.append(_score_cell(row, m["name"], best[m["name"]] == method["method"]))
+            row = results.get((method.get("method"), m.get("name")), {})
+            cells.append(_score_cell(row, str(m.get("name")), best[m.get("name")] == method.get("method")))
         rows.append(cells)
-    arrows = [f"{m['name']} {'↑' if m['higher_is_better'] else '↓'}" for m in metrics]
+    arrows = [f"{m.get('name')} {'↑' if m.get('higher_is_better', True) else '↓'}" for m in metrics]
     return table(["method", *arrows], rows, numeric=list(range(1, len(metrics) + 1)), id="attribution-scores")
 
 
 def _best(record: dict[str, Any], metric_record: dict[str, Any]) -> str | None:
-    rows = [r for r in record["results"] if r["metric"] == metric_record["name"] and r.get("mean") is not None]
+    rows = [
+        r
+        for r in record.get("results", [])
+        if r.get("metric") == metric_record.get("name") and isinstance(r.get("mean"), (int, float))
+    ]
     if not rows:
         return None
-    sign = 1 if metric_record["higher_is_better"] else -1
-    return max(rows, key=lambda row: sign * row["mean"])["method"]
+    sign = 1 if metric_record.get("higher_is_better", True) else -1
+    return max(rows, key=lambda row: sign * row["mean"]).get("method")
 
 
 def _score_cell(row: dict[str, Any], name: str, best: bool) -> str:
     if row.get("error"):
         return f'<td class="error" title="{esc(row["error"])}">error</td>'
-    if row.get("mean") is None:
+    if not all(isinstance(row.get(key), (int, float)) for key in ("mean", "low", "high")):
         return cell("-")
     shown = f"{fmt(row['mean'])} [{fmt(row['low'])}, {fmt(row['high'])}]"
     mark = " best" if best else ""

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from convlens.report.attribution_bench_page import scores_table
 from convlens.report.links import Links
 from convlens.report.pages import Content, cell, esc, facts, fmt, metric, note, raw, table
 from convlens.report.run_folder import (
+    AttributionBench,
     FilterComparison,
     FilterSaes,
     ForegroundPrecision,
@@ -209,7 +211,29 @@ class Overview:
             sections.append(("predictions", "Predictions", self.predictions_section(self.run.predictions)))
         if self.run.sanity is not None:
             sections.append(("sanity", "Sanity check", self.sanity_section(self.run.sanity)))
+        if self.run.attribution_bench is not None:
+            bench = self.run.attribution_bench
+            sections.append(("attribution-bench", "Attribution methods", self.attribution_bench_section(bench)))
         return sections
+
+    def attribution_bench_section(self, bench: AttributionBench) -> str:
+        record = bench.record
+        parts = [
+            f"<p>Every installed attribution method scored on every metric that applies (<code>convlens bench "
+            f"attribution</code>), at <code>{esc(shown(record.get('layer'), '?'))}</code> on "
+            f"{esc(len(record.get('images') or []))} images: the mean per image with its bootstrap interval; "
+            "the best of each metric in bold.</p>",
+            scores_table(record),
+        ]
+        figures = [self.links.picture(self.path, bench.chart, "each metric's mean and interval per method")]
+        figures.append(self.links.picture(self.path, bench.maps, "each method's maps of the first images"))
+        parts.append(figures_row([figure for figure in figures if figure]))
+        if bench.page is not None:
+            parts.append(
+                f'<p><a href="{esc(self.links.image_url(self.path, bench.page))}">The benchmark page</a> '
+                "also lists each method's cost.</p>"
+            )
+        return "\n".join(parts)
 
     def predictions_section(self, predictions: Predictions) -> str:
         parts = [

@@ -20,6 +20,7 @@ from convlens.core.errors import ConvlensError
 from convlens.data.images import resolves_inside, shown
 from convlens.report.run_folder import (
     CNN_GROUP,
+    AttributionBench,
     ClassAccuracy,
     Concept,
     Example,
@@ -201,6 +202,7 @@ class _Reader:
         run.filter_saes = self.filter_saes(pipeline.get("filter_saes"))
         run.predictions = self.predictions(pipeline.get("predictions"))
         run.sanity = self.sanity(pipeline.get("sanity"))
+        run.attribution_bench = self.attribution_bench(pipeline.get("attribution_bench"))
         groups: dict[str, Group] = {}
         run.statistics = self.statistics(pipeline.get("statistics"), groups)
         self.visualizations(as_dict(pipeline.get("visualizations")), groups)
@@ -532,6 +534,25 @@ class _Reader:
             spearman=spearman,
             chart=self.image_in(path.parent, figures.get("spearman")),
             cascades=[picture for picture in cascades if picture is not None],
+        )
+
+    def attribution_bench(self, relative: Any) -> AttributionBench | None:
+        path = self.path(relative) if relative else None
+        record = self.read_json(path, "attribution benchmark") if path is not None else None
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(key), list) for key in ("methods", "metrics", "results")
+        ):
+            return None
+        record["methods"] = [row for row in record["methods"] if isinstance(row, dict) and "method" in row]
+        record["metrics"] = [row for row in record["metrics"] if isinstance(row, dict) and "name" in row]
+        record["results"] = [row for row in record["results"] if isinstance(row, dict)]
+        figures = as_dict(record.get("figures"))
+        page = path.parent / "index.html"
+        return AttributionBench(
+            record=record,
+            chart=self.image_in(path.parent, figures.get("chart")),
+            maps=self.image_in(path.parent, figures.get("maps")),
+            page=page if page.is_file() else None,
         )
 
     # units: statistics and visualizer runs

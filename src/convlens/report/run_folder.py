@@ -363,6 +363,16 @@ class Predictions:
 
 
 @dataclasses.dataclass
+class AttributionBench:
+    """``bench attribution``'s record (bench.json) and its figures and page."""
+
+    record: dict[str, Any]
+    chart: Path | None
+    maps: Path | None
+    page: Path | None
+
+
+@dataclasses.dataclass
 class SanityCheck:
     """Cascading randomisation: the mean Spearman per method and step, and the figures."""
 
@@ -399,6 +409,7 @@ class RunFolder:
     filter_saes: FilterSaes | None = None
     predictions: Predictions | None = None
     sanity: SanityCheck | None = None
+    attribution_bench: AttributionBench | None = None
     statistics: Statistics | None = None
     groups: dict[str, Group] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)

@@ -27,6 +27,7 @@ from convlens.units.selection import UnitChoice, choose_units
 from convlens.workflow.recipes import Recipe
 
 STEP_RECORDS = "steps"
+BENCH_FOLDER = "attribution-bench"
 #: the options of ``convlens visualize`` itself: a visualizer parameter of the same name is offered as --viz-NAME
 VISUALIZE_COMMAND_OPTIONS = frozenset(
     ("model", "layer", "units", "sae", "data", "out", "o", "device", "dtype", "force", "json")
@@ -254,6 +255,9 @@ class PipelineRun:
         if recipe.sanity.enabled:
             inputs = {**base, "sanity": recipe.sanity.to_dict()}
             steps.append(Step("sanity-check", ["sanity"], inputs, model_steps, self._sanity_check))
+        if recipe.attribution_bench.enabled:
+            inputs = {**base, "attribution_bench": recipe.attribution_bench.to_dict()}
+            steps.append(Step("attribution-bench", [BENCH_FOLDER], inputs, model_steps, self._attribution_bench))
         steps.append(
             Step(
                 "statistics",
@@ -352,6 +356,7 @@ class PipelineRun:
             "filter_saes": FILTER_SAES if recipe.filter_saes is not None else None,
             "predictions": "predictions/predictions.json" if recipe.predictions.enabled else None,
             "sanity": "sanity/sanity_check.json" if recipe.sanity.enabled else None,
+            "attribution_bench": f"{BENCH_FOLDER}/bench.json" if recipe.attribution_bench.enabled else None,
             "statistics": "statistics",
             "visualizations": {},
         }
@@ -750,6 +755,41 @@ class PipelineRun:
             f"{m} {v:.2f}" if v is not None else f"{m} n/a" for m, v in record["fully_randomised"].items()
         )
         self.echo(f"  Spearman with the original maps once every block is randomised: {finals}")
+        return {}
+
+    def _attribution_bench(self) -> dict[str, Any]:
+        from convlens.attribution.bench import (
+            BenchSettings,
+            run_attribution_bench,
+            train_on_shuffled_labels,
+            write_bench,
+        )
+        from convlens.report.attribution_bench_page import write_attribution_bench_page
+
+        section = self.recipe.attribution_bench
+        bundle, record = self.bundle()
+        out = self.run_dir / BENCH_FOLDER
+        twin = None
+        if section.shuffled_labels and self.recipe.training is not None:
+            self.echo("  training the model again on shuffled labels (data randomisation)")
+            shuffled = out / "shuffled-labels"
+            twin = train_on_shuffled_labels(
+                self.run_dir / "model", shuffled, seed=self.recipe.seed, device=self.device, progress=self.progress
+            )
+        settings = BenchSettings(
+            layer=section.layer or None,
+            max_images=section.max_images,
+            batch_size=section.batch_size,
+            methods=section.names("methods"),
+            metrics=section.names("metrics"),
+            seed=self.recipe.seed,
+        )
+        summary = run_attribution_bench(
+            bundle, self.data_dir, settings, shuffled_model=twin, model_name=record["name"], device=self.device
+        )
+        write_attribution_bench_page(write_bench(summary, out), out)
+        applied = sum(metric["applies"] for metric in summary["metrics"])
+        self.echo(f"  scored {len(summary['methods'])} attribution methods on {applied} metrics: {out}/index.html")
         return {}
 
     def _train_sae(self, entry: Any) -> dict[str, Any]:

@@ -105,6 +105,22 @@ class SanitySection(Params):
 
 
 @dataclasses.dataclass(frozen=True)
+class AttributionBenchSection(Params):
+    enabled: bool = param(False, help="score the attribution methods on every metric (convlens bench attribution)")
+    methods: str = param("", help="comma-separated attribution visualizers (default: every installed one)")
+    metrics: str = param("", help="comma-separated metrics (default: every installed one)")
+    layer: str = param("", help="the layer the maps are taken at (default: the model's default layer)")
+    max_images: int = param(32, min=2, help="the first images of the folder")
+    batch_size: int = param(16, min=1, help="images per pass")
+    shuffled_labels: bool = param(
+        True, help="when the recipe trains the model, train it again on shuffled labels for data randomisation"
+    )
+
+    def names(self, field: str) -> tuple[str, ...]:
+        return tuple(name.strip() for name in getattr(self, field).split(",") if name.strip())
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateSection(Params):
     enabled: bool = param(True, help="splice every SAE into the model and measure top-1 and KL")
     max_images: Optional[int] = param(None, min=1, help="a seeded subset of this many images")
@@ -238,6 +254,7 @@ class Recipe:
     report: ReportSection
     predictions: PredictionsSection = PredictionsSection()
     sanity: SanitySection = SanitySection()
+    attribution_bench: AttributionBenchSection = AttributionBenchSection()
     dtype: str = "float32"  # compute precision (autocast) of the steps that run the model on images
     warnings: WarningsSection = WarningsSection()
     filter_saes: FilterSAEs | None = None
@@ -265,6 +282,7 @@ class Recipe:
             "report": self.report.to_dict(),
             "predictions": self.predictions.to_dict(),
             "sanity": self.sanity.to_dict(),
+            "attribution_bench": self.attribution_bench.to_dict(),
             "warnings": self.warnings.to_dict(),
             "filter_saes": self.filter_saes.to_dict() if self.filter_saes else None,
         }
@@ -286,6 +304,7 @@ TOP_LEVEL = (
     "report",
     "predictions",
     "sanity",
+    "attribution_bench",
     "warnings",
     "filter_saes",
 )
@@ -485,6 +504,9 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
     report = _section(ReportSection, _table(raw, "report", ""), "[report]")
     predictions = _section(PredictionsSection, _table(raw, "predictions", ""), "[predictions]")
     sanity = _section(SanitySection, _table(raw, "sanity", ""), "[sanity]")
+    attribution_bench = _section(AttributionBenchSection, _table(raw, "attribution_bench", ""), "[attribution_bench]")
+    if attribution_bench.enabled:
+        _check_bench_section(module, attribution_bench)
     warnings = _section(WarningsSection, _table(raw, "warnings", ""), "[warnings]")
     for name, section in (("predictions", predictions), ("sanity", sanity)):
         if section.enabled:
@@ -513,10 +535,26 @@ def _validate(raw: dict[str, Any], text: str, base: Path) -> Recipe:
         report=report,
         predictions=predictions,
         sanity=sanity,
+        attribution_bench=attribution_bench,
         dtype=dtype,
         warnings=warnings,
         filter_saes=filter_saes,
     )
+
+
+def _check_bench_section(module: Any, section: AttributionBenchSection) -> None:
+    """The methods and metrics [attribution_bench] names are installed, its layer is the model's."""
+    from convlens.core.component_registry import default_registry
+
+    registry = default_registry()
+    for kind, field in (("visualizer", "methods"), ("metric", "metrics")):
+        for name in section.names(field):
+            try:
+                registry.get(kind, name)
+            except ConvlensError as exc:
+                raise RecipeError(f"[attribution_bench] {field}: {exc}") from None
+    if section.layer:
+        _check_layer(module, section.layer, "[attribution_bench] layer")
 
 
 def _check_attribution_section(module: Any, section: Any, name: str) -> None:

@@ -47,6 +47,7 @@ def gradcam_pp_maps(activations, gradients):
 
 class GradCAMPlusPlusVisualizer(AttributionVisualizer):
     name = "gradcam++"
+    cost = "1 forward, 1 backward from the target to the layer"
 
     def __init__(self, params=None):
         from convlens_gradcam_pp import GradCAMPlusPlusVisualizerParams

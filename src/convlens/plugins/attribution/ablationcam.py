@@ -82,6 +82,7 @@ def ablationcam_maps(model, images, layer, target, batch_size=64):
 
 class AblationCAM(AttributionVisualizer):
     name = NAME
+    cost = "1 forward, then channels x images forwards with one channel ablated"
 
     def __init__(self, params: AblationCAMParams | None = None):
         super().__init__(params or AblationCAMParams())

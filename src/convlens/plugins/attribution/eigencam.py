@@ -52,6 +52,7 @@ class EigenCAMParams(AttributionParams):
 
 class EigenCAM(AttributionVisualizer):
     name = NAME
+    cost = "1 forward to the layer, 1 SVD per image"
 
     def __init__(self, params: EigenCAMParams | None = None):
         super().__init__(params or EigenCAMParams())

@@ -20,6 +20,7 @@ class GuidedBackpropParams(InputAttributionParams):
 
 class GuidedBackprop(InputAttribution):
     name = NAME
+    cost = "1 forward, 1 guided backward to the input"
 
     def __init__(self, params: GuidedBackpropParams | None = None):
         super().__init__(params or GuidedBackpropParams())

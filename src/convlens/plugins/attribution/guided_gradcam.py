@@ -42,6 +42,7 @@ def guided_gradcam(model, images, layer, target):
 
 class GuidedGradCAM(InputAttribution):
     name = NAME
+    cost = "2 forwards, 1 backward to the layer and 1 guided backward to the input"
 
     def __init__(self, params: GuidedGradCAMParams | None = None):
         super().__init__(params or GuidedGradCAMParams())

@@ -33,6 +33,7 @@ class HiResCAMParams(AttributionParams):
 
 class HiResCAM(GradientCAMVisualizer):
     name = NAME
+    cost = "1 forward, 1 backward from the target to the layer"
 
     def __init__(self, params: HiResCAMParams | None = None):
         super().__init__(params or HiResCAMParams())

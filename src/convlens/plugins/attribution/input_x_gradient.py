@@ -18,6 +18,7 @@ class InputXGradientParams(InputAttributionParams):
 
 class InputXGradient(InputAttribution):
     name = NAME
+    cost = "1 forward, 1 backward to the input"
 
     def __init__(self, params: InputXGradientParams | None = None):
         super().__init__(params or InputXGradientParams())

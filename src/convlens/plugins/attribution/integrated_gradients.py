@@ -82,6 +82,7 @@ def integrated_gradients(
 
 class IntegratedGradients(InputAttribution):
     name = NAME
+    cost = "steps forwards and backwards to the input per image"
 
     def __init__(self, params: IntegratedGradientsParams | None = None):
         super().__init__(params or IntegratedGradientsParams())

@@ -33,6 +33,7 @@ class LayerCAMParams(AttributionParams):
 
 class LayerCAM(GradientCAMVisualizer):
     name = NAME
+    cost = "1 forward, 1 backward from the target to the layer"
 
     def __init__(self, params: LayerCAMParams | None = None):
         super().__init__(params or LayerCAMParams())

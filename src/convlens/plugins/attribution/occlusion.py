@@ -92,6 +92,7 @@ def occlusion(model, images, layer, target, *, window=16, stride=8, baseline="ze
 
 class Occlusion(InputAttribution):
     name = NAME
+    cost = "1 forward, then window positions x images forwards"
 
     def __init__(self, params: OcclusionParams | None = None):
         super().__init__(params or OcclusionParams())

@@ -37,6 +37,7 @@ def random_maps(images, seed):
 
 class RandomMap(AttributionVisualizer):
     name = NAME
+    cost = "no pass through the model"
 
     def __init__(self, params: RandomMapParams | None = None):
         super().__init__(params or RandomMapParams())

@@ -74,6 +74,7 @@ def scorecam_maps(model, images, layer, target, batch_size=64):
 
 class ScoreCAM(AttributionVisualizer):
     name = NAME
+    cost = "1 forward to the layer, then channels x images forwards of masked images"
 
     def __init__(self, params: ScoreCAMParams | None = None):
         super().__init__(params or ScoreCAMParams())

@@ -63,6 +63,7 @@ def combined(attributions, samples, nt_type):
 
 class SmoothGrad(InputAttribution):
     name = NAME
+    cost = "samples x the base method"
 
     def __init__(self, params: SmoothGradParams | None = None):
         super().__init__(params or SmoothGradParams())

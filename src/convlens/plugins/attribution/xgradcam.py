@@ -40,6 +40,7 @@ class XGradCAMParams(AttributionParams):
 
 class XGradCAM(GradientCAMVisualizer):
     name = NAME
+    cost = "1 forward, 1 backward from the target to the layer"
 
     def __init__(self, params: XGradCAMParams | None = None):
         super().__init__(params or XGradCAMParams())

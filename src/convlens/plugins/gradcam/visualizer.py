@@ -22,6 +22,7 @@ class GradCAMVisualizerParams(AttributionParams):
 
 class GradCAMVisualizer(AttributionVisualizer):
     name = "gradcam"
+    cost = "1 forward, 1 backward from the target to the layer"
 
     def __init__(self, params: GradCAMVisualizerParams | None = None):
         super().__init__(params or GradCAMVisualizerParams())

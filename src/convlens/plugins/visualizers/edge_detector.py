@@ -19,6 +19,7 @@ class EdgeDetectorParams(AttributionParams):
 
 class EdgeDetector(AttributionVisualizer):
     name = "edge-detector"
+    cost = "no pass through the model"
 
     def __init__(self, params: EdgeDetectorParams | None = None):
         super().__init__(params or EdgeDetectorParams())

@@ -31,6 +31,7 @@ class SaliencyParams(InputAttributionParams):
 
 class SaliencyVisualizer(InputAttribution):
     name = "saliency"
+    cost = "1 forward, 1 backward to the input"
 
     def __init__(self, params: SaliencyParams | None = None):
         super().__init__(params or SaliencyParams())
