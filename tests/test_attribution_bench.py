@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from convlens.cli import cli
+from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, requires_chromium, watched_page
 
 NEW_METHODS = {
     "hirescam", "layercam", "xgradcam", "eigencam", "scorecam", "ablationcam", "integrated-gradients",
@@ -61,11 +62,8 @@ def test_bench_scores_every_installed_method_on_every_metric(small_bench):
 
 
 @pytest.mark.slow
+@requires_chromium
 def test_bench_page_opens_in_chromium(small_bench, tmp_path):
-    from test_report_browser import ARGS, BROKEN_IMAGES, CHROMIUM, watched_page
-
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed")
     from playwright.sync_api import sync_playwright
 
     record, out = small_bench

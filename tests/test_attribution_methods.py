@@ -191,11 +191,13 @@ def test_input_attributions_match_captum(case, method):
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_smoothgrad_matches_captum_noise_tunnel(case, nt_type):
     """SmoothGrad around saliency and Integrated Gradients against captum's NoiseTunnel, the same noise drawn from
-    the same seed, one image at a time (captum's noise level is one number per call)."""
+    the same seed, one image at a time (captum's noise level is one number per call): the first image explained
+    for its predicted class, the second for the fixed class."""
     import captum.attr as attr
 
     name, bundle, layers, images = case
-    classes = class_targets(bundle, images)["predicted"]
+    settings = class_targets(bundle, images)
+    classes = torch.stack([settings["predicted"][0], settings["fixed"][1]])
     for base, peer in [("saliency", attr.Saliency), ("integrated-gradients", attr.IntegratedGradients)]:
         smoothgrad = convlens.registry.create(
             "visualizer", "smoothgrad", base=base, samples=4, noise_level=0.15, nt_type=nt_type, seed=3

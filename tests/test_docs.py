@@ -23,6 +23,7 @@ def test_every_hookspec_is_documented_with_its_signature():
         "register_filters",
         "register_saes",
         "register_visualizers",
+        "register_metrics",
         "register_commands",
     }
     for name, fn in specs.items():

@@ -226,6 +226,12 @@ SMALL_SETTINGS = {
     "dissection": dict(examples=1, figures=2),
     "factorise": dict(steps=2, size=32, iterations=20, top_units=2, overlay_size=64),
     "feature-viz": dict(steps=2, size=32),
+    # one pass per channel, image and unit: fewer images, and maps at a 24-channel layer
+    "ablationcam": dict(max_images=1, map_layer="_blocks.2"),
+    "scorecam": dict(max_images=1, map_layer="_blocks.2"),
+    "integrated-gradients": dict(steps=4, max_images=2),
+    "smoothgrad": dict(samples=2, max_images=2),
+    "occlusion": dict(window=112, stride=112, max_images=2),
 }
 # why a method may refuse the photographs, in its own words; given what it asks for (shapes with concept masks), it
 # then has to run
