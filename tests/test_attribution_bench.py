@@ -33,7 +33,7 @@ def bench(*args):
 @pytest.fixture(scope="module")
 def small_bench(small_trained_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    record = bench("--model", small_trained_model.model, "--data", small_trained_model.data, "--max-images", 8,
+    record = bench("--model", small_trained_model.model, "--data", small_trained_model.data, "--max-images", 6,
                    "--layer", "block3", "--out", out)  # fmt: skip
     return record, out
 
@@ -45,7 +45,7 @@ def test_bench_scores_every_installed_method_on_every_metric(small_bench):
     assert NEW_METHODS | {"gradcam", "saliency", "gradcam++"} <= set(methods), sorted(methods)
     assert methods["gradcam++"]["dist"] == "convlens-gradcam-pp"
     assert all(row["error"] is None and row["forward_ratio"] > 0 for row in methods.values())
-    assert record["masks"] and record["shuffled_model"] and len(record["images"]) == 8
+    assert record["masks"] and record["shuffled_model"] and len(record["images"]) == 6
     assert {m["name"] for m in record["metrics"] if m["applies"]} >= METRICS
     rows = {(row["method"], row["metric"]): row for row in record["results"]}
     for method in methods:

@@ -30,12 +30,14 @@ FIXED_CLASS = 3
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    """(name, bundle, layers, images [2, 3, S, S]) per model; efficientnet-lite0 needs the `real` extra."""
+    """(name, bundle, layers, images [N, 3, S, S]) per model; efficientnet-lite0 needs the `real` extra."""
     name = request.param
     make, layers, size = MODELS[name]
     bundle = request.getfixturevalue("efficientnet_lite0") if make is None else make()
     bundle.module.eval()
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    # two images test the batching; the largest network (the dearest on 2 CPU cores) explains one
+    count = 1 if name == "efficientnet-lite0" else 2
+    images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(7))
     return name, bundle, layers, images
 
 
@@ -137,7 +139,8 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_its_fixed_sign(case):
         ours = explained("eigencam", bundle, torch.as_tensor(images), layer, None)
         assert_matches(ours, scale_cam_image(np.maximum(signed, 0)), f"EigenCAM {name} {layer}")
         peer = peer_cam(EigenCAM, bundle, layer, images, [0, 0], activations.shape[2:])
-        assert_matches(rescaled(ours)[agrees], peer[agrees], f"EigenCAM {name} {layer} (same sign)")
+        if agrees.any():
+            assert_matches(rescaled(ours)[agrees], peer[agrees], f"EigenCAM {name} {layer} (same sign)")
 
 
 def captum_model(module):
@@ -191,13 +194,14 @@ def test_input_attributions_match_captum(case, method):
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_smoothgrad_matches_captum_noise_tunnel(case, nt_type):
     """SmoothGrad around saliency and Integrated Gradients against captum's NoiseTunnel, the same noise drawn from
-    the same seed, one image at a time (captum's noise level is one number per call): the first image explained
-    for its predicted class, the second for the fixed class."""
+    the same seed, on the first image (captum's noise level is one number per call), explained for its predicted
+    class and for the fixed class."""
     import captum.attr as attr
 
     name, bundle, layers, images = case
-    settings = class_targets(bundle, images)
-    classes = torch.stack([settings["predicted"][0], settings["fixed"][1]])
+    settings = class_targets(bundle, images[:1])
+    classes = torch.cat([settings["predicted"], settings["fixed"]])
+    images = images[:1].expand(2, -1, -1, -1)
     for base, peer in [("saliency", attr.Saliency), ("integrated-gradients", attr.IntegratedGradients)]:
         smoothgrad = convlens.registry.create(
             "visualizer", "smoothgrad", base=base, samples=4, noise_level=0.15, nt_type=nt_type, seed=3
