@@ -87,23 +87,12 @@ def read_images(model: ModelBundle, data: str | Path, count: int) -> BenchImages
     """The first ``count`` readable images of ``data`` as the model's inputs, their labels and, when the folder
     has a ``concepts.json`` covering all of them, their foreground masks."""
     from convlens.data.concepts import load_concepts
-    from convlens.data.images import Preprocessing, SkipLog, images_at
-    from convlens.data.loading import ImageDataset, image_batches
+    from convlens.data.images import Preprocessing, images_at
+    from convlens.data.loading import first_images
 
     index = images_at(data)
     preprocessing = Preprocessing.of(model)
-    skip_log = SkipLog(index.root)
-    batch = next(
-        image_batches(
-            ImageDataset(index, preprocessing),
-            batch_size=count,
-            skip_log=skip_log,
-            order=range(min(count, len(index))),
-        ),
-        None,
-    )
-    if batch is None:
-        raise ConvlensError(f"none of the first {count} images under {index.root} could be read")
+    batch = first_images(index, preprocessing, count)
     positions = [int(p) for p in batch.positions]
     labels = torch.tensor([index.labels[p] for p in positions]) if index.labels is not None else None
     masks = None

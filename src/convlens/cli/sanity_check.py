@@ -82,7 +82,7 @@ def sanity_check_command(
     from convlens.attribution.base import AttributionVisualizer
     from convlens.attribution.sanity_checks import cascade_figures, cascade_record, cascading_randomisation
     from convlens.data.images import Preprocessing, SkipLog, images_at
-    from convlens.data.loading import ImageDataset, image_batches
+    from convlens.data.loading import first_images
     from convlens.runtime.device import resolve_device
     from convlens.runtime.run_records import versions, write_json_atomic
 
@@ -104,17 +104,7 @@ def sanity_check_command(
     index = images_at(data)
     preprocessing = Preprocessing.of(bundle)
     skip_log = SkipLog(index.root)
-    batch = next(
-        image_batches(
-            ImageDataset(index, preprocessing),
-            batch_size=max_images,
-            skip_log=skip_log,
-            order=range(min(max_images, len(index))),
-        ),
-        None,
-    )
-    if batch is None:
-        raise ConvlensError(f"none of the first {max_images} images under {index.root} could be read")
+    batch = first_images(index, preprocessing, max_images, skip_log)
     out_dir = Path(out) if out else default_run_folder(f"sanity-check-{spec.name}-{layer}")
     click.get_current_context().with_resource(output_lock(out_dir, command="sanity-check"))
     images = batch.images.to(target_device)

@@ -359,6 +359,22 @@ def _batch_parts(order: Sequence[int], batch_size: int, part_size: int, drop_las
     return [[batch[start : start + part_size] for start in range(0, len(batch), part_size)] for batch in batches]
 
 
+def first_images(
+    index: ImageIndex, preprocessing: Preprocessing, count: int, skip_log: SkipLog | None = None, device: Any = None
+) -> ImageBatch:
+    """The readable ones among the first ``count`` images of ``index`` as one batch of model inputs (on
+    ``device``); one clear error when none of them can be read."""
+    skip_log = skip_log if skip_log is not None else SkipLog(index.root)
+    order = range(min(count, len(index)))
+    batches = image_batches(
+        ImageDataset(index, preprocessing), batch_size=count, skip_log=skip_log, order=order, device=device
+    )
+    batch = next(batches, None)
+    if batch is None:
+        raise ConvlensError(f"none of the first {count} images under {index.root} could be read")
+    return batch
+
+
 def image_batches(
     dataset: ImageDataset,
     *,

@@ -676,14 +676,12 @@ class PipelineRun:
         """The first ``count`` readable images of the data as model inputs on the device, their names and their
         pictures as the model sees them."""
         from convlens.data.images import Preprocessing, SkipLog
-        from convlens.data.loading import ImageDataset, image_batches
+        from convlens.data.loading import first_images
 
         bundle, _ = self.bundle()
         index = self.index()
         preprocessing = Preprocessing.of(bundle)
-        dataset = ImageDataset(index, preprocessing)
-        order = range(min(count, len(index)))
-        batch = next(image_batches(dataset, batch_size=count, skip_log=SkipLog(), order=order, device=self.device))
+        batch = first_images(index, preprocessing, count, SkipLog(), device=self.device)
         names = [index.relative(index.paths[int(position)]) for position in batch.positions]
         return batch, names, [preprocessing.to_pil(image) for image in batch.images.cpu()]
 
