@@ -102,3 +102,31 @@ def test_cam_filters_weigh_patches_by_the_visualizers_maps(name):
         predicted = bundle.module(images).argmax(1)
     maps = convlens.registry.create("visualizer", name).explain(bundle, images, "block3", ExplainTarget(predicted))
     torch.testing.assert_close(weights, maps)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "occlusion"])
+def test_perturbation_methods_score_every_target_in_the_same_passes(unit_case, method):
+    """Several classes, or several units of one layer, share the forward passes of the changed copies and get the
+    maps they get one at a time; a mix of classes and units falls back to one set of passes each."""
+    bundle, images, _ = unit_case
+    visualizer = convlens.registry.create("visualizer", method)
+    calls = []
+    handle = bundle.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    classes = [ExplainTarget(classes=torch.tensor([0, 1, 2])), ExplainTarget(classes=torch.tensor([3, 3, 3]))]
+    units = [ExplainTarget(layer=UNIT_LAYER, channel=channel) for channel in (0, 5, 9)]
+    mixed = [classes[0], units[0]]
+    try:
+        visualizer.explain(bundle, images, MAP_LAYER, classes[0])  # warm-up: the layer call counts are cached
+        for group in (classes, units, mixed):
+            calls.clear()
+            together = visualizer.explain_targets(bundle, images, MAP_LAYER, group)
+            shared = len(calls)
+            calls.clear()
+            separate = torch.stack([visualizer.explain(bundle, images, MAP_LAYER, t) for t in group], dim=1)
+            torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+            if group is mixed:
+                assert shared == len(calls)
+            else:
+                assert shared * len(group) <= len(calls) + 2 * len(group), (shared, len(calls))
+    finally:
+        handle.remove()

@@ -160,7 +160,16 @@ _LAZY: dict[str, str] = {
         "convlens.attribution.input_maps",
     ),
     **dict.fromkeys(
-        ("Scorer", "chunked_scores", "index_chunks", "for_rows", "target_scorer", "with_classes"),
+        (
+            "PerturbationAttribution",
+            "Scorer",
+            "chunked_scores",
+            "for_rows",
+            "index_chunks",
+            "shared_scorer",
+            "target_scorer",
+            "with_classes",
+        ),
         "convlens.attribution.scores",
     ),
     **dict.fromkeys(
@@ -275,10 +284,12 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from convlens.attribution.predictions import explained_predictions
     from convlens.attribution.sanity_checks import CascadeResult, cascading_randomisation, independent_randomisation
     from convlens.attribution.scores import (
+        PerturbationAttribution,
         Scorer,
         chunked_scores,
         for_rows,
         index_chunks,
+        shared_scorer,
         target_scorer,
         with_classes,
     )

@@ -264,6 +264,33 @@ class AttributionVisualizer(ImageVisualizer):
     def attribute(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
         """Maps ``[N, h, w]`` (any resolution: the layer's grid or the input's) for normalised ``images``."""
 
+    def attribute_targets(
+        self, model: ModelBundle, images: torch.Tensor, layer: str, targets: Sequence[ExplainTarget]
+    ) -> torch.Tensor:
+        """Maps ``[N, T, h, w]`` of several targets of the same images. By default :meth:`attribute` once per
+        target; a method whose passes serve every target at once (a perturbation method: one forward pass of a
+        changed copy scores all of them) overrides this."""
+        import torch
+
+        return torch.stack([self.explain(model, images, layer, target) for target in targets], dim=1)
+
+    def explain_targets(
+        self, model: ModelBundle, images: torch.Tensor, layer: str, targets: Sequence[ExplainTarget]
+    ) -> torch.Tensor:
+        """:meth:`attribute_targets`, detached and in float32, checked: ``[N, T, h, w]``."""
+        import torch
+
+        from convlens.models.layers import full_precision
+
+        maps = self.attribute_targets(model, images, layer, targets)
+        expected = (images.shape[0], len(targets))
+        if not isinstance(maps, torch.Tensor) or maps.ndim != 4 or tuple(maps.shape[:2]) != expected:
+            shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+            raise ContractError(f"attribution '{self.name}' returned {shape} for {len(targets)} targets")
+        if not math.isfinite(float(maps.detach().sum(dtype=torch.float64))):
+            raise ConvlensError(f"attribution '{self.name}' produced NaN or infinite values at layer '{layer}'")
+        return full_precision(maps.detach())
+
     def explain(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
         """:meth:`attribute`, detached and in float32 (also under autocast), with its output checked against the
         contract."""
@@ -347,11 +374,8 @@ class AttributionVisualizer(ImageVisualizer):
                     f"{probabilities.shape[1]} classes"
                 )
             with autocast(device, target.dtype):
-                maps = [
-                    self.explain(model, images, map_layer, explain or ExplainTarget(classes=classes))
-                    for explain in explained
-                ]
-            maps = torch.stack(maps, dim=1).cpu()  # [B, targets, h, w]
+                targets = [explain or ExplainTarget(classes=classes) for explain in explained]
+                maps = self.explain_targets(model, images, map_layer, targets).cpu()  # [B, targets, h, w]
             peaks = input_peaks(maps, tuple(images.shape[2:]))
             for row in range(len(batch)):
                 position = int(batch.positions[row])

@@ -8,11 +8,12 @@ target first (the prediction on the unchanged images), so that every copy is sco
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from convlens.attribution.base import ExplainTarget
+from convlens.attribution.base import AttributionVisualizer, ExplainTarget
 from convlens.core.contracts import ModelBundle
 from convlens.core.errors import ContractError, ConvlensError
 
@@ -83,6 +84,42 @@ def target_scorer(model: ModelBundle, target: ExplainTarget, *, probability: boo
     return unit_scores
 
 
+def shared_scorer(model: ModelBundle, targets: Sequence[ExplainTarget]) -> Scorer | None:
+    """A scorer of several targets at once, ``[B, T]`` from one forward pass per copy: all class targets (classes
+    fixed), or units all read at one layer (the pass stops there); ``None`` for a mix, which needs a pass each."""
+    import torch
+
+    from convlens.models.layers import activations_at, full_precision
+
+    kinds = {target.kind == "class" for target in targets}
+    if kinds == {True}:
+        if any(target.classes is None for target in targets):
+            raise ContractError("score class targets with their classes fixed (with_classes)")
+        classes = torch.stack([target.classes for target in targets], dim=1)  # type: ignore[misc]
+
+        def class_scores(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                logits = full_precision(model.module(images))
+            chosen = classes.to(logits.device)[rows.to(logits.device)]
+            if int(chosen.max()) >= logits.shape[1] or int(chosen.min()) < 0:
+                raise ConvlensError(f"target classes must lie in 0..{logits.shape[1] - 1}")
+            return logits.gather(1, chosen)
+
+        return class_scores
+    layers = {target.layer for target in targets}
+    if kinds != {False} or len(layers) != 1 or None in layers:
+        return None
+    (layer,) = layers
+    values = [target.unit_values(layer) for target in targets]
+
+    def unit_scores(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            output = full_precision(activations_at(model.module, images, layer).activations[layer])
+        return torch.stack([value(output) for value in values], dim=1)
+
+    return unit_scores
+
+
 def chunked_scores(
     scorer: Scorer,
     count: int,
@@ -111,3 +148,28 @@ def index_chunks(count: int, batch_size: int, device: torch.device | None = None
 
     for start in range(0, count, batch_size):
         yield torch.arange(start, min(start + batch_size, count), device=device)
+
+
+class PerturbationAttribution(AttributionVisualizer):
+    """A method that scores changed copies of the images without gradients: one forward pass of a copy scores every
+    target at once, so several targets of the same images (classes, or units of one layer) share the passes.
+    Subclasses implement :meth:`attribute_shared`."""
+
+    @abc.abstractmethod
+    def attribute_shared(
+        self, model: ModelBundle, images: torch.Tensor, layer: str, targets: Sequence[ExplainTarget], scorer: Scorer
+    ) -> torch.Tensor:
+        """Maps ``[N, T, h, w]`` of ``targets`` (classes fixed, units read at their layer), ``scorer`` giving
+        ``[B, T]`` scores of copies."""
+
+    def attribute(self, model: ModelBundle, images: torch.Tensor, layer: str, target: ExplainTarget) -> torch.Tensor:
+        return self.attribute_targets(model, images, layer, [target])[:, 0]
+
+    def attribute_targets(
+        self, model: ModelBundle, images: torch.Tensor, layer: str, targets: Sequence[ExplainTarget]
+    ) -> torch.Tensor:
+        fixed = [with_classes(model, images, target.read_at(layer)) for target in targets]
+        scorer = shared_scorer(model, fixed)
+        if scorer is None:  # a mix of targets: one set of passes each
+            return super().attribute_targets(model, images, layer, targets)
+        return self.attribute_shared(model, images, layer, fixed, scorer)

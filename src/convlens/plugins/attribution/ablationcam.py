@@ -7,7 +7,8 @@ writes ``min - 1e7``; convlens always writes the paper's zero, so on layers with
 EfficientNet's linear block outputs) the two differ by design.
 
 Cost: one forward pass, then ``N x C`` forward passes with one channel ablated each, ``perturbation_batch`` at a
-time; the layers before the ablated one run again in each (a generic module cannot be resumed halfway).
+time, scoring every target (several classes, or units of one layer) at once; the layers before the ablated one run
+again in each (a generic module cannot be resumed halfway).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from dataclasses import dataclass
 
 from convlens import (
     AttributionParams,
-    AttributionVisualizer,
+    PerturbationAttribution,
     VisualizerSpec,
     chunked_scores,
     hookimpl,
     param,
     scaled_to_unit,
-    target_scorer,
-    with_classes,
 )
 
 NAME = "ablationcam"
@@ -45,13 +44,12 @@ def replaced_output(module, layer, outputs):
         handle.remove()
 
 
-def ablation_weights(model, images, layer, activations, target, batch_size):
-    """The channel weights ``[N, C]``: the target's relative drop with each channel set to zero."""
+def ablation_weights(model, images, layer, activations, scorer, batch_size):
+    """The channel weights ``[N, T, C]``: each target's relative drop with each channel set to zero."""
     import torch
 
-    scorer = target_scorer(model, target)
     count, channels = images.shape[0], activations.shape[1]
-    original = scorer(images, torch.arange(count, device=images.device)).float()
+    original = scorer(images, torch.arange(count, device=images.device)).float()  # [N, T]
     ablated_output = [None]
 
     def ablated(indices):
@@ -63,32 +61,32 @@ def ablation_weights(model, images, layer, activations, target, batch_size):
 
     with replaced_output(model.module, layer, ablated_output):
         scores = chunked_scores(scorer, count * channels, ablated, batch_size, images.device)
-    scores = scores.view(count, channels)
-    return (original[:, None] - scores) / original[:, None]
+    scores = scores.view(count, channels, -1).transpose(1, 2)  # [N, T, C]
+    return (original[:, :, None] - scores) / original[:, :, None]
 
 
-def ablationcam_maps(model, images, layer, target, batch_size=64):
-    """Ablation-CAM maps ``[N, h, w]`` in [0, 1] at ``layer``."""
+def ablationcam_maps(model, images, layer, scorer, batch_size=64):
+    """Ablation-CAM maps ``[N, T, h, w]`` in [0, 1] at ``layer`` of the targets ``scorer`` scores."""
     import torch
 
     from convlens import activations_at
 
-    target = with_classes(model, images, target.read_at(layer))
     with torch.no_grad():
         activations = activations_at(model.module, images, layer).activations[layer]
-        weights = ablation_weights(model, images, layer, activations, target, batch_size)
-    return scaled_to_unit((weights[:, :, None, None] * activations.float()).sum(dim=1).clamp_min(0))
+        weights = ablation_weights(model, images, layer, activations, scorer, batch_size)
+    cams = torch.einsum("ntc,nchw->nthw", weights, activations.float()).clamp_min(0)
+    return scaled_to_unit(cams.flatten(0, 1)).view_as(cams)
 
 
-class AblationCAM(AttributionVisualizer):
+class AblationCAM(PerturbationAttribution):
     name = NAME
-    cost = "1 forward, then channels x images forwards with one channel ablated"
+    cost = "1 forward, then channels x images forwards with one channel ablated (shared by all targets)"
 
     def __init__(self, params: AblationCAMParams | None = None):
         super().__init__(params or AblationCAMParams())
 
-    def attribute(self, model, images, layer, target):
-        return ablationcam_maps(model, images, layer, target, self.params.perturbation_batch)
+    def attribute_shared(self, model, images, layer, targets, scorer):
+        return ablationcam_maps(model, images, layer, scorer, self.params.perturbation_batch)
 
 
 @hookimpl

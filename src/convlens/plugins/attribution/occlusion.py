@@ -4,7 +4,8 @@ that cover it. The last window of a row or column is cut at the image's edge; ev
 captum's ``Occlusion`` with ``sliding_window_shapes=(C, window, window)`` and ``strides=(C, stride, stride)``.
 
 Cost: one forward pass plus one per window position and image, ``(ceil((H - window) / stride) + 1) x
-(ceil((W - window) / stride) + 1)`` per image, ``perturbation_batch`` at a time.
+(ceil((W - window) / stride) + 1)`` per image, ``perturbation_batch`` at a time; each pass scores every target
+(several classes, or units of one layer) at once.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from convlens import (
     ConvlensError,
     InputAttribution,
     InputAttributionParams,
+    PerturbationAttribution,
     VisualizerSpec,
     baseline_images,
     chunked_scores,
     hookimpl,
     param,
-    target_scorer,
+    reduce_channels,
+    shared_scorer,
     with_classes,
 )
 
@@ -59,20 +62,19 @@ def window_masks(ys, xs, window, size):
     return (inside(ys, window, size[0])[:, :, None] & inside(xs, window, size[1])[:, None, :])[:, None].float()
 
 
-def occlusion(model, images, layer, target, *, window=16, stride=8, baseline="zero", batch_size=64):
-    """Attributions ``[N, C, H, W]``: per pixel, the mean score drop over the windows covering it."""
+def occlusion(model, images, scorer, *, window=16, stride=8, baseline="zero", batch_size=64):
+    """Attributions ``[N, T, C, H, W]`` of the targets ``scorer`` scores: per pixel, the mean score drop over the
+    windows covering it."""
     import torch
 
-    target = with_classes(model, images, target.read_at(layer))
-    scorer = target_scorer(model, target)
     count, size = images.shape[0], tuple(images.shape[2:])
     fill = baseline_images(model, images, baseline)
     starts_y = torch.tensor(window_starts(size[0], window, stride), device=images.device)
     starts_x = torch.tensor(window_starts(size[1], window, stride), device=images.device)
     ys, xs = (grid.flatten() for grid in torch.meshgrid(starts_y, starts_x, indexing="ij"))
     positions = len(ys)
-    original = scorer(images, torch.arange(count, device=images.device)).float()
-    drops = torch.zeros(count, 1, *size, device=images.device)
+    original = scorer(images, torch.arange(count, device=images.device)).float()  # [N, T]
+    drops = torch.zeros(count, original.shape[1], *size, device=images.device)
     chunk_masks = {}
 
     def occluded(indices):
@@ -82,33 +84,34 @@ def occlusion(model, images, layer, target, *, window=16, stride=8, baseline="ze
 
     def scored(copies, rows):
         scores = scorer(copies, rows)
-        drops.index_add_(0, rows, (original[rows] - scores.float()).view(-1, 1, 1, 1) * chunk_masks[0])
+        drops.index_add_(0, rows, (original[rows] - scores.float())[:, :, None, None] * chunk_masks[0])
         return scores
 
     chunked_scores(scored, count * positions, occluded, batch_size, images.device)
     coverage = inside(starts_y, window, size[0]).sum(dim=0)[:, None] * inside(starts_x, window, size[1]).sum(dim=0)
-    return (drops / coverage).expand(-1, images.shape[1], -1, -1).contiguous()
+    return (drops / coverage)[:, :, None].expand(-1, -1, images.shape[1], -1, -1).contiguous()
 
 
-class Occlusion(InputAttribution):
+class Occlusion(PerturbationAttribution, InputAttribution):
     name = NAME
-    cost = "1 forward, then window positions x images forwards"
+    cost = "1 forward, then window positions x images forwards (shared by all targets)"
 
     def __init__(self, params: OcclusionParams | None = None):
         super().__init__(params or OcclusionParams())
 
-    def input_attribution(self, model, images, layer, target):
+    def occlusion(self, model, images, scorer):
         p = self.params
-        return occlusion(
-            model,
-            images,
-            layer,
-            target,
-            window=p.window,
-            stride=p.stride,
-            baseline=p.baseline,
-            batch_size=p.perturbation_batch,
-        )
+        batch = p.perturbation_batch
+        return occlusion(model, images, scorer, window=p.window, stride=p.stride, baseline=p.baseline, batch_size=batch)
+
+    def input_attribution(self, model, images, layer, target):
+        target = with_classes(model, images, target.read_at(layer))
+        return self.occlusion(model, images, shared_scorer(model, [target]))[:, 0]
+
+    def attribute_shared(self, model, images, layer, targets, scorer):
+        attributions = self.occlusion(model, images, scorer)  # [N, T, C, H, W]
+        maps = reduce_channels(attributions.flatten(0, 1), self.params.reduction)
+        return maps.view(*attributions.shape[:2], *maps.shape[1:])
 
 
 @hookimpl

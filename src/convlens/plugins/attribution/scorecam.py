@@ -4,7 +4,8 @@ the channels: ``ReLU(sum_k softmax_k(y(x * M_k)) A_k)``, scaled per image to [0,
 logit (or a unit by its summed value), as pytorch-grad-cam does. No gradients.
 
 Cost: one forward pass to the layer, then ``N x C`` forward passes of masked images, ``perturbation_batch`` at a
-time (``C`` the layer's channels): about ``N x C / perturbation_batch`` batched forwards.
+time (``C`` the layer's channels): about ``N x C / perturbation_batch`` batched forwards, which score every target
+(several classes, or units of one layer) at once.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from dataclasses import dataclass
 
 from convlens import (
     AttributionParams,
-    AttributionVisualizer,
+    PerturbationAttribution,
     VisualizerSpec,
     chunked_scores,
     hookimpl,
     param,
     scaled_to_unit,
-    target_scorer,
-    with_classes,
 )
 
 NAME = "scorecam"
@@ -45,9 +44,8 @@ def channel_masks(activations, rows, channels, size):
     return (upsampled - low) / (high - low + RANGE_EPSILON)
 
 
-def scorecam_weights(model, images, activations, target, batch_size):
-    """The channel weights ``[N, C]``: the softmax over channels of the target's score on each masked image."""
-    scorer = target_scorer(model, target)
+def scorecam_weights(images, activations, scorer, batch_size):
+    """The channel weights ``[N, T, C]``: per target, the softmax over channels of its score on each masked image."""
     channels = activations.shape[1]
 
     def masked(indices):
@@ -55,32 +53,32 @@ def scorecam_weights(model, images, activations, target, batch_size):
         return images[rows] * channel_masks(activations, rows, picked, images.shape[2:]).to(images.dtype), rows
 
     count = images.shape[0] * channels
-    scores = chunked_scores(scorer, count, masked, batch_size, images.device)
-    return scores.view(images.shape[0], channels).softmax(dim=1)
+    scores = chunked_scores(scorer, count, masked, batch_size, images.device)  # [N x C, T]
+    return scores.view(images.shape[0], channels, -1).transpose(1, 2).softmax(dim=2)
 
 
-def scorecam_maps(model, images, layer, target, batch_size=64):
-    """Score-CAM maps ``[N, h, w]`` in [0, 1] at ``layer``."""
+def scorecam_maps(model, images, layer, scorer, batch_size=64):
+    """Score-CAM maps ``[N, T, h, w]`` in [0, 1] at ``layer`` of the targets ``scorer`` scores."""
     import torch
 
     from convlens import activations_at
 
-    target = with_classes(model, images, target.read_at(layer))
     with torch.no_grad():
         activations = activations_at(model.module, images, layer).activations[layer].float()
-        weights = scorecam_weights(model, images, activations, target, batch_size)
-    return scaled_to_unit((weights[:, :, None, None] * activations).sum(dim=1).clamp_min(0))
+        weights = scorecam_weights(images, activations, scorer, batch_size)
+    cams = torch.einsum("ntc,nchw->nthw", weights, activations).clamp_min(0)
+    return scaled_to_unit(cams.flatten(0, 1)).view_as(cams)
 
 
-class ScoreCAM(AttributionVisualizer):
+class ScoreCAM(PerturbationAttribution):
     name = NAME
-    cost = "1 forward to the layer, then channels x images forwards of masked images"
+    cost = "1 forward to the layer, then channels x images forwards of masked images (shared by all targets)"
 
     def __init__(self, params: ScoreCAMParams | None = None):
         super().__init__(params or ScoreCAMParams())
 
-    def attribute(self, model, images, layer, target):
-        return scorecam_maps(model, images, layer, target, self.params.perturbation_batch)
+    def attribute_shared(self, model, images, layer, targets, scorer):
+        return scorecam_maps(model, images, layer, scorer, self.params.perturbation_batch)
 
 
 @hookimpl
