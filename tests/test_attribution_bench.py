@@ -133,3 +133,20 @@ def test_a_recipe_step_runs_the_bench_and_the_report_shows_its_table(tmp_path):
     }  # fmt: skip
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert 'id="attribution-scores"' in page and page.count('data-metric="deletion"') == 3
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--method", "saliencyy"), "unknown visualizer 'saliencyy'; did you mean 'saliency'?"),
+        (("--method", "dataset-examples"), "visualizer 'dataset-examples' is not an attribution method"),
+        (("--metric", "roadd"), "unknown metric 'roadd'; did you mean 'road'?"),
+        (("--layer", "blok3"), "has no layer 'blok3'"),
+    ],
+)
+def test_bench_refuses_a_wrong_name_before_any_training(small_trained_model, tmp_path, option, message):
+    out = tmp_path / "out"
+    arguments = ["bench", "attribution", "--model", str(small_trained_model.model), "--data"]
+    result = CliRunner().invoke(cli, [*arguments, str(small_trained_model.data), *option, "--out", str(out)])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (out / "shuffled-labels").exists()

@@ -226,7 +226,15 @@ def bench_attribution_command(
     """
     from pathlib import Path
 
-    from convlens.attribution.bench import BenchSettings, run_attribution_bench, train_on_shuffled_labels, write_bench
+    from convlens.attribution.bench import (
+        BenchSettings,
+        attribution_methods,
+        attribution_metrics,
+        run_attribution_bench,
+        train_on_shuffled_labels,
+        write_bench,
+    )
+    from convlens.models.layers import resolve_layer
     from convlens.models.loading import load_model as load_run
     from convlens.report.attribution_bench_page import write_attribution_bench_page
     from convlens.runtime.device import resolve_device
@@ -234,6 +242,10 @@ def bench_attribution_command(
 
     resolved = resolve_device(device)
     bundle, model_record = load_model(model_name, options)
+    attribution_methods(methods)  # wrong names and a wrong layer fail here, before any training
+    attribution_metrics(metrics)
+    if layer:
+        resolve_layer(bundle.module, layer, model_record["name"])
     folder = Path(out) if out else default_run_folder("bench-attribution")
     click.get_current_context().with_resource(output_lock(folder, command="bench attribution"))
     twin = None
